@@ -1,0 +1,3 @@
+from dafar.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""Typed errors of the dafar package.
+
+Every public entry point raises a subclass of :class:`DafarError` (or ``ValueError``/``TypeError``
+subclasses for bad arguments), with a message that names the file, option or epoch at fault.
+The CLI maps them to exit codes, so scripts can tell a user error from a bug.
+"""
+from __future__ import annotations
+
+
+class DafarError(Exception):
+    """Base class of all errors raised on purpose by dafar."""
+
+    exit_code = 1
+
+
+class ConfigError(DafarError, ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+    exit_code = 2
+
+
+class DataError(DafarError):
+    """A data set is missing, truncated, corrupt or of the wrong shape."""
+
+    exit_code = 3
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """Data files are missing and could not be downloaded."""
+
+
+class DataCorruptError(DataError):
+    """A data file exists but its content is wrong (magic, shape, hash, decode)."""
+
+
+class RunFolderError(DafarError):
+    """A run folder is missing, incomplete or inconsistent with its manifest."""
+
+    exit_code = 4
+
+
+class ManifestError(RunFolderError):
+    """The manifest is missing, unreadable, edited or lacks a field."""
+
+
+class HashMismatchError(ManifestError):
+    """A file's sha256 differs from the one the manifest recorded."""
+
+
+class WeightsError(RunFolderError):
+    """A weights file does not match the architecture the manifest describes."""
+
+
+class TrainingError(DafarError):
+    """Training could not continue (non-finite loss, resume mismatch)."""
+
+    exit_code = 5
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class InputValidationError(DafarError, ValueError):
+    """An input array has the wrong shape, dtype or range, or holds non-finite values."""
+
+    exit_code = 2
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; the message names the pip extra to install."""
+
+
+def require(module: str, extra: str, purpose: str = ""):
+    """Import ``module`` or raise :class:`MissingExtraError` naming ``pip install 'dafar[extra]'``."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - exercised by the no-extra test via a fake name
+        what = f" for {purpose}" if purpose else ""
+        raise MissingExtraError(
+            f"'{module}' is needed{what} but is not installed: pip install 'dafar[{extra}]'"
+        ) from exc

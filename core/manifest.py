@@ -1,0 +1,180 @@
+"""The run folder and its manifest.
+
+A run folder (``runs/<name>/``) holds everything one trained defence needs downstream: weights
+(safetensors), the training log, metrics, later the exported and quantized models, and
+``manifest.json``, which records shapes, layout, normalization, thresholds, versions and the
+sha256 of every file.  Each stage reads the previous stage's artifacts through
+:func:`load_manifest`, which refuses a folder whose files differ from what the manifest recorded.
+
+The manifest carries a hash of its own canonical content (``manifest_sha256``).  That does not
+stop a determined attacker (who can recompute it), but it does catch a hand-edited threshold or a
+half-written file: an edited manifest is refused with a message naming it rather than silently
+used.  Writes go to a temporary name and are renamed into place, so an interrupted stage never
+leaves a half-written manifest behind.
+
+Standard library only: the device-side runtime reads manifests too.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from dafar.errors import HashMismatchError, ManifestError, RunFolderError
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SCHEMA_VERSION",
+    "sha256_file",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "manifest_digest",
+    "write_manifest",
+    "read_manifest",
+    "load_manifest",
+    "verify_files",
+    "file_entry",
+    "get_field",
+]
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+
+
+def _canonical(obj: dict) -> bytes:
+    body = {k: v for k, v in obj.items() if k != "manifest_sha256"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's canonical JSON, without its own ``manifest_sha256`` field."""
+    return hashlib.sha256(_canonical(manifest)).hexdigest()
+
+
+def file_entry(run_dir: str | os.PathLike, relpath: str, role: str, **extra: Any) -> dict:
+    """A ``files`` entry of the manifest for ``run_dir/relpath``: sha256, size and role."""
+    p = Path(run_dir) / relpath
+    if not p.is_file():
+        raise RunFolderError(f"{p} does not exist; cannot record it in the manifest")
+    return {"sha256": sha256_file(p), "bytes": p.stat().st_size, "role": role, **extra}
+
+
+def write_manifest(run_dir: str | os.PathLike, manifest: dict) -> dict:
+    """Stamp ``manifest`` with its digest and write it atomically to ``run_dir/manifest.json``."""
+    m = dict(manifest)
+    m.setdefault("schema_version", SCHEMA_VERSION)
+    try:
+        m["manifest_sha256"] = manifest_digest(m)
+    except ValueError as exc:  # NaN/inf would make the JSON unreadable elsewhere
+        raise ManifestError(f"manifest for {run_dir} holds a non-finite number: {exc}") from exc
+    atomic_write_json(Path(run_dir) / MANIFEST_NAME, m)
+    return m
+
+
+def read_manifest(run_dir: str | os.PathLike) -> dict:
+    """Read and self-check ``run_dir/manifest.json`` (no file hashes checked)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunFolderError(f"run folder {run_dir} does not exist")
+    path = run_dir / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path} is missing: {run_dir} is not a complete dafar run folder")
+    try:
+        m = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path} is unreadable or not JSON: {exc}") from exc
+    if not isinstance(m, dict):
+        raise ManifestError(f"{path} does not hold a JSON object")
+    if m.get("schema_version") != SCHEMA_VERSION:
+        raise ManifestError(f"{path}: schema_version {m.get('schema_version')!r}, this dafar reads {SCHEMA_VERSION}")
+    stamped = m.get("manifest_sha256")
+    try:
+        actual = manifest_digest(m)
+    except ValueError as exc:
+        raise ManifestError(f"{path} holds a non-finite number: {exc}") from exc
+    if stamped != actual:
+        raise ManifestError(
+            f"{path} was edited after dafar wrote it (manifest_sha256 {str(stamped)[:12]}... != "
+            f"{actual[:12]}...); refusing to use thresholds or hashes from it"
+        )
+    return m
+
+
+def verify_files(run_dir: str | os.PathLike, manifest: dict, names: Iterable[str] | None = None) -> None:
+    """Check the sha256 of the named files (default: every file) against the manifest."""
+    run_dir = Path(run_dir)
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise ManifestError(f"{run_dir / MANIFEST_NAME} has no 'files' table")
+    for rel in names if names is not None else files:
+        entry = files.get(rel)
+        if entry is None:
+            raise ManifestError(f"{run_dir / MANIFEST_NAME} does not list {rel}")
+        p = run_dir / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ManifestError(f"{run_dir / MANIFEST_NAME} lists a path outside the run folder: {rel}")
+        if not p.is_file():
+            raise RunFolderError(f"{p} is listed in the manifest but missing")
+        digest = sha256_file(p)
+        if digest != entry.get("sha256"):
+            raise HashMismatchError(
+                f"{p}: sha256 {digest[:16]}... differs from the manifest's {str(entry.get('sha256'))[:16]}... "
+                "(file corrupted, swapped or edited)"
+            )
+
+
+def load_manifest(run_dir: str | os.PathLike, verify: bool | Iterable[str] = True) -> dict:
+    """Read the manifest and verify file hashes (all files, a subset by name, or none)."""
+    m = read_manifest(run_dir)
+    if verify is True:
+        verify_files(run_dir, m)
+    elif verify:
+        verify_files(run_dir, m, list(verify))
+    return m
+
+
+def get_field(manifest: dict, dotted: str, run_dir: str | os.PathLike | None = None) -> Any:
+    """``manifest['a']['b']`` for ``'a.b'``, with an error naming the missing field."""
+    cur: Any = manifest
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            where = f"{Path(run_dir) / MANIFEST_NAME}" if run_dir else "the manifest"
+            raise ManifestError(f"{where} lacks the field '{dotted}'")
+        cur = cur[part]
+    return cur

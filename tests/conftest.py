@@ -1,0 +1,75 @@
+"""Shared fixtures.  Real data come from ``../shared/data`` beside the checkout (or
+``$DAFAR_SHARED_DATA``); tests that need them skip with a reason when it is absent."""
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("DAFAR_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch, tmp_path_factory):
+    # Never touch the network or the user's cache from tests.
+    monkeypatch.setenv("DAFAR_OFFLINE", "1")
+    monkeypatch.delenv("DAFAR_DATA_DIR", raising=False)
+    monkeypatch.setenv("DAFAR_CACHE_DIR", str(_session_cache(tmp_path_factory)))
+
+
+_CACHE: list[Path] = []
+
+
+def _session_cache(factory) -> Path:
+    # One cache per session so the (slow) CIFAR-10 JPEG decode happens once.
+    if not _CACHE:
+        env = os.environ.get("DAFAR_TEST_CACHE_DIR")
+        _CACHE.append(Path(env) if env else factory.mktemp("dafar-cache"))
+    return _CACHE[0]
+
+
+@pytest.fixture
+def shared_mnist() -> Path:
+    p = SHARED_DATA / "mnist"
+    if not (p / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"real MNIST not found at {p} (set DAFAR_SHARED_DATA)")
+    return p
+
+
+@pytest.fixture
+def shared_cifar() -> Path:
+    p = SHARED_DATA / "cifar10-jpg"
+    if not p.is_dir() or not any(p.iterdir()):
+        pytest.skip(f"CIFAR-10 (JPEG q75) not found at {p} (set DAFAR_SHARED_DATA)")
+    return p
+
+
+def write_idx(path: Path, arr: np.ndarray, gz: bool = True, magic: int | None = None) -> Path:
+    """Write ``arr`` (uint8) as an IDX file, optionally gzip-compressed."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    magic = 0x0800 + arr.ndim if magic is None else magic
+    raw = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in arr.shape) + arr.tobytes()
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(raw))
+    else:
+        path.write_bytes(raw)
+    return path
+
+
+def make_image_folder(root: Path, classes, per_class: int = 2, size=(32, 32), splits=("train", "test"), seed=0) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for c in classes:
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"{i:04d}.png")
+    return root

@@ -1,0 +1,65 @@
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dafar.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_help_does_not_import_heavy_modules():
+    code = ("import sys; from dafar.cli import build_parser; build_parser().format_help();"
+            "import dafar.data, dafar.manifest, dafar.threshold;"
+            "bad=[m for m in ('torch','tensorflow','onnxruntime','matplotlib') if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_console_script_help():
+    exe = Path(sys.executable).with_name("dafar")
+    if not exe.exists():
+        pytest.skip("the dafar console script is not installed beside this interpreter")
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout
+
+
+def test_bad_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--dataset", "imagenet", "--out", "x"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["frobnicate"])
+    assert e.value.code == 2
+
+
+def test_invalid_config_value_exit_2(tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path / "r"), "--epochs", "0"]) == 2
+    assert "epochs must be a positive integer" in capsys.readouterr().err
+
+
+def test_missing_run_folder(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "nope")]) == 4
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_missing_data_exit_3(tmp_path, capsys):
+    code = main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r"),
+                 "--no-download", "--quiet"])
+    assert code == 3
+    assert "cifar-10-python.tar.gz" in capsys.readouterr().err
+
+
+def test_readme_commands_and_ci_agree():
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, re.S)
+    assert blocks, "README has no command block"
+    first = [line for line in blocks[0].splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert len(first) == 2, f"README must start with exactly two set-up commands, found {first}"
+    main_cmd, test_cmd = first
+    assert "dafar" in main_cmd and "pytest" in test_cmd
+    ci = (REPO / ".ci" / "run").read_text()
+    assert test_cmd.strip() in ci, ".ci/run must run README's test command verbatim"

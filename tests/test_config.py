@@ -1,0 +1,47 @@
+import pytest
+
+from dafar.errors import ConfigError
+from dafar.train.config import Profile, TrainConfig
+from dafar.train.models import Unpool
+
+
+def test_profiles():
+    q = TrainConfig.for_profile("mnist", "quick")
+    p = TrainConfig.for_profile("mnist", "paper")
+    assert q.profile is Profile.QUICK and not q.train_victim and q.z == 3.0
+    assert p.train_victim and p.epochs > q.epochs
+    c = TrainConfig.for_profile("cifar10", "paper")
+    assert c.z == 2.0 and c.augment
+    assert TrainConfig.for_profile("mnist", "quick", epochs=4, unpool="maxunpool").unpool is Unpool.MAXUNPOOL
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(epochs=0), "epochs"),
+    (dict(batch_size=-1), "batch_size"),
+    (dict(lr=0.0), "lr"),
+    (dict(lr=float("nan")), "lr"),
+    (dict(z=-1.0), "z must be"),
+    (dict(target_fprs=(0.0,)), "target_fprs"),
+    (dict(unpool="bilinear"), "unpool"),
+    (dict(dataset="imagenet"), "dataset"),
+    (dict(device="tpu"), "device"),
+    (dict(train_limit=1), "train_limit"),
+    (dict(train_limit=100, batch_size=128), "exceeds train_limit"),
+    (dict(augment=True), "flipping digits"),
+    (dict(recon_weight=0.0), "recon_weight"),
+])
+def test_validation(kw, msg):
+    with pytest.raises(ConfigError, match=msg):
+        TrainConfig(**kw)
+
+
+def test_unknown_override():
+    with pytest.raises(ConfigError, match="unknown training options: colour"):
+        TrainConfig.for_profile("mnist", "quick", colour="red")
+
+
+def test_frozen_and_round_trip():
+    cfg = TrainConfig.for_profile("mnist", "paper", seed=5)
+    with pytest.raises(Exception):
+        cfg.seed = 3  # type: ignore[misc]
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg

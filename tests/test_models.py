@@ -1,0 +1,85 @@
+import pytest
+import torch
+import torch.nn.functional as Fn
+
+from dafar.train.models import ARCHS, Unpool, build_dafar, build_victim, l2_per_sample, mask_unpool
+
+
+def _count(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+@pytest.mark.parametrize("unpool", ["mask", "maxunpool"])
+def test_shapes(dataset, unpool):
+    spec = ARCHS[dataset]
+    net = build_dafar(dataset, unpool).eval()
+    x = torch.rand(3, *spec.input_shape) * 2 - 1
+    feats = net.E(x)
+    c2 = spec.enc_channels[-1]
+    assert feats.z.shape == (3, c2, spec.height // 4, spec.width // 4)
+    assert [p.pre.shape[-1] for p in feats.pools] == [spec.width, spec.width // 2]
+    logits, recon = net(x)
+    assert logits.shape == (3, 10) and recon.shape == x.shape
+    assert recon.abs().max() <= 1  # Tanh output
+    assert net.purified_logits(recon).shape == (3, 10)
+    assert net.C(x - recon).shape == x.shape
+    assert net.l2_score(x, recon).shape == (3,) and net.ae_score(x, recon).shape == (3,)
+    assert build_victim(dataset)(x).shape == (3, 10)
+
+
+def test_parameter_counts_follow_the_tables():
+    m = build_dafar("mnist")
+    conv = lambda ci, co, k=3: ci * co * k * k + co  # noqa: E731
+    lin = lambda i, o: i * o + o  # noqa: E731
+    assert _count(m.E) == conv(1, 32) + conv(32, 32) + conv(32, 64) + conv(64, 64)
+    assert _count(m.F) == lin(64 * 7 * 7, 200) + lin(200, 200) + lin(200, 10)
+    assert _count(m.C) == lin(784, 256) + lin(256, 32) + lin(32, 256) + lin(256, 784)
+    c = build_dafar("cifar10")
+    assert _count(c.E) == conv(3, 96) + 2 * conv(96, 96) + conv(96, 192) + 2 * conv(192, 192)
+    assert _count(c.F) == conv(192, 192) + conv(192, 192, 1) + conv(192, 10, 1) + lin(640, 200) + lin(200, 200) + lin(200, 10)
+    assert _count(c.C) == lin(3072, 512) + lin(512, 64) + lin(64, 512) + lin(512, 3072)
+    # ConvTranspose(ci, co) holds ci*co*9 weights and co biases
+    convt = lambda ci, co: ci * co * 9 + co  # noqa: E731
+    assert _count(m.D) == convt(64, 64) + convt(64, 32) + convt(32, 32) + convt(32, 1)
+    assert _count(c.D) == 2 * convt(192, 192) + convt(192, 96) + 2 * convt(96, 96) + convt(96, 3)
+
+
+def test_mask_unpool_equals_maxunpool_without_ties():
+    torch.manual_seed(0)
+    pre = torch.randn(4, 8, 16, 16)  # continuous values: no ties within a window
+    pooled, idx = Fn.max_pool2d(pre, 2, 2, return_indices=True)
+    h = torch.randn_like(pooled)
+    want = Fn.max_unpool2d(h, idx, 2, 2, output_size=pre.shape[-2:])
+    assert torch.equal(mask_unpool(h, pre, pooled), want)
+
+
+def test_mask_unpool_tie_rule():
+    # one window with a repeated non-zero maximum, one all-zero window
+    pre = torch.tensor([[[[2.0, 2.0, 0.0, 0.0], [1.0, 0.5, 0.0, 0.0]]]])
+    pooled, idx = Fn.max_pool2d(pre, 2, 2, return_indices=True)
+    h = torch.tensor([[[[5.0, 7.0]]]])
+    out = mask_unpool(h, pre, pooled)
+    # every tied maximum position receives the value (MaxUnpool: only the first)
+    assert out[0, 0, 0, :2].tolist() == [5.0, 5.0] and out[0, 0, 1, :2].tolist() == [0.0, 0.0]
+    ref = Fn.max_unpool2d(h, idx, 2, 2, output_size=pre.shape[-2:])
+    assert ref[0, 0, 0, :2].tolist() == [5.0, 0.0]
+    # all-zero window (post-ReLU background): every position ties, so h is spread like nearest upsampling
+    assert out[0, 0, :, 2:].eq(7.0).all()
+    assert ref[0, 0, :, 2:].flatten().tolist() == [7.0, 0.0, 0.0, 0.0]
+
+
+def test_gradients_flow_through_the_unpool_to_the_decoder_input():
+    net = build_dafar("mnist")
+    x = (torch.rand(2, 1, 28, 28) * 2 - 1).requires_grad_()
+    _, recon = net(x)
+    l2_per_sample(x - recon).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in net.D.parameters())
+    assert all(p.grad is not None for p in net.E.parameters())
+
+
+def test_unpool_enum_rejects_unknown():
+    with pytest.raises(ValueError):
+        build_dafar("mnist", "bilinear")
+    assert Unpool("mask") is Unpool.MASK

@@ -1,0 +1,180 @@
+"""End-to-end training on a few hundred images: the run folder, its checks, resume and failure paths."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dafar.cli import main
+from dafar.errors import NonFiniteLossError, RunFolderError
+from dafar.manifest import load_manifest, sha256_file
+from dafar.train import trainer as trainer_mod
+from dafar.train.config import TrainConfig
+from dafar.train.models import build_dafar
+from dafar.train.trainer import to_model_scale, train
+from dafar.train.weights import load_into
+
+pytestmark = pytest.mark.slow
+
+TINY = dict(train_limit=256, test_limit=200, val_size=300, batch_size=64, detector_epochs=1, threads=2)
+
+
+def _tiny(**kw):
+    return TrainConfig.for_profile("mnist", "quick", **{**TINY, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    code = main(["train", "--out", str(run), "--train-limit", "256", "--test-limit", "200", "--val-size", "300",
+                 "--batch-size", "64", "--epochs", "2", "--detector-epochs", "1", "--victim", "--quiet",
+                 "--threads", "2"])
+    assert code == 0
+    return run
+
+
+def test_run_folder_is_complete_and_verified(tiny_run, capsys):
+    m = load_manifest(tiny_run)  # verifies every file hash
+    assert {"weights/E.safetensors", "weights/F.safetensors", "weights/D.safetensors", "weights/C.safetensors",
+            "weights/victim_only.safetensors", "metrics.json", "train_log.jsonl", "config.json",
+            "scores.npz"} <= set(m["files"])
+    assert m["input"]["shape"] == [1, 28, 28] and m["input"]["layout"] == "NCHW"
+    assert m["input"]["normalization"]["mean"] == [0.5]
+    assert m["architecture"]["unpool"] == "mask"
+    for det in ("l2", "autoencoder"):
+        th = m["thresholds"][det]
+        assert th["default"] == "mean+zstd@z=3"
+        assert {"mean+zstd@z=3", "quantile@fpr=0.01"} <= set(th["rules"])
+        for rule in th["rules"].values():
+            assert np.isfinite(rule["alpha"]) and 0 <= rule["test_fpr"] <= 1
+    assert m["dataset"]["sizes"] == {"train": 256, "val": 300, "test": 200}
+    assert m["versions"]["torch"].startswith("2.13")
+    log = [json.loads(line) for line in (tiny_run / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["phase"], r["epoch"]) for r in log] == [("joint", 0), ("joint", 1), ("detector", 0), ("victim", 0),
+                                                       ("victim", 1)]
+    assert (tiny_run / "report.md").exists() and (tiny_run / "plots" / "training.png").exists()
+    assert main(["info", str(tiny_run)]) == 0
+    assert "verified" in capsys.readouterr().out
+
+
+def test_weights_reproduce_the_recorded_metrics(tiny_run):
+    m = load_manifest(tiny_run)
+    net = build_dafar("mnist").eval()
+    for name in "EFDC":
+        load_into(getattr(net, name), tiny_run / f"weights/{name}.safetensors")
+    from dafar.data import load_mnist
+
+    test = load_mnist(None).test.subset(slice(0, 200))
+    with torch.no_grad():
+        x = to_model_scale(torch.from_numpy(test.images.copy()))
+        logits, recon = net(x)
+        acc = (logits.argmax(1).numpy() == test.labels).mean()
+        l2 = net.l2_score(x, recon).numpy()
+    assert acc == pytest.approx(m["metrics"]["victim_test_acc"])
+    with np.load(tiny_run / "scores.npz") as z:
+        np.testing.assert_allclose(l2, z["test_l2"], rtol=1e-4, atol=1e-5)
+    alpha = m["thresholds"]["l2"]["rules"]["mean+zstd@z=3"]["alpha"]
+    assert np.mean(l2 > alpha) == pytest.approx(m["metrics"]["l2_test_fpr"], abs=1 / 200)
+
+
+def test_tampered_weights_are_refused(tiny_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(tiny_run, run)
+    p = run / "weights" / "D.safetensors"
+    raw = bytearray(p.read_bytes())
+    raw[-5] ^= 0xFF
+    p.write_bytes(bytes(raw))
+    assert main(["info", str(run)]) == 4
+    assert "D.safetensors" in capsys.readouterr().err
+
+
+def test_finished_run_is_not_overwritten(tiny_run, capsys):
+    before = sha256_file(tiny_run / "manifest.json")
+    assert main(["train", "--out", str(tiny_run), "--train-limit", "256", "--quiet"]) == 4
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert sha256_file(tiny_run / "manifest.json") == before
+
+
+class _FailAfter:
+    """Wraps the L2 helper the training loop calls; fails at the n-th call."""
+
+    def __init__(self, n, exc=None, nan=False):
+        self.n, self.calls, self.exc, self.nan = n, 0, exc, nan
+        self.real = trainer_mod.l2_per_sample
+
+    def __call__(self, t):
+        self.calls += 1
+        out = self.real(t)
+        if self.calls >= self.n:
+            if self.exc is not None:
+                raise self.exc
+            if self.nan:
+                return out * float("nan")
+        return out
+
+
+def _state(run):
+    return {name: sha256_file(run / f"weights/{name}.safetensors") for name in "EFDC"}
+
+
+def test_resume_after_interrupt_gives_identical_weights(tmp_path, monkeypatch):
+    cfg = _tiny(epochs=2)
+    ref = train(cfg, tmp_path / "ref", quiet=True)
+    # 256 images / 64 per batch = 4 joint steps per epoch (+1 val call per epoch): die in epoch 2
+    monkeypatch.setattr(trainer_mod, "l2_per_sample", _FailAfter(7, exc=KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "b", quiet=True)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / "b/checkpoints/joint.json").read_text())["info"]["epochs_done"] == 1
+    with pytest.raises(RunFolderError, match="--resume"):
+        train(cfg, tmp_path / "b", quiet=True)
+    res = train(cfg, tmp_path / "b", resume=True, quiet=True)
+    assert _state(tmp_path / "ref") == _state(tmp_path / "b")
+    assert res.metrics["victim_test_acc"] == ref.metrics["victim_test_acc"]
+    assert res.manifest["training"]["resumed"] is True
+
+
+def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = _tiny(epochs=2)
+    monkeypatch.setattr(trainer_mod, "l2_per_sample", _FailAfter(7, nan=True))
+    with pytest.raises(NonFiniteLossError, match="joint epoch 2"):
+        train(cfg, tmp_path / "r", quiet=True)
+    ck = tmp_path / "r" / "checkpoints"
+    meta = json.loads((ck / "joint.json").read_text())
+    assert meta["info"]["epochs_done"] == 1
+    assert sha256_file(ck / "joint.safetensors") == meta["tensors_sha256"]
+    assert not (tmp_path / "r" / "manifest.json").exists()
+
+
+def test_resume_with_other_options_is_refused(tmp_path, monkeypatch):
+    cfg = _tiny(epochs=2)
+    monkeypatch.setattr(trainer_mod, "l2_per_sample", _FailAfter(7, exc=KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "r", quiet=True)
+    monkeypatch.undo()
+    from dafar.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="differ"):
+        train(cfg.replace(lr=1e-2), tmp_path / "r", resume=True, quiet=True)
+
+
+def test_maxunpool_variant_trains(tmp_path):
+    res = train(_tiny(unpool="maxunpool", detector=False), tmp_path / "mu", quiet=True)
+    assert res.manifest["architecture"]["unpool"] == "maxunpool"
+    assert "autoencoder" not in res.manifest["thresholds"]
+
+
+def test_cifar10_trains_on_a_small_image_folder(tmp_path):
+    from conftest import make_image_folder
+    from dafar.data import CIFAR10_CLASSES
+
+    root = make_image_folder(tmp_path / "cifar", CIFAR10_CLASSES, per_class=8)
+    cfg = TrainConfig.for_profile("cifar10", "quick", train_limit=48, val_size=16, batch_size=16, epochs=1,
+                                  detector_epochs=1, threads=2, train_victim=True)
+    res = train(cfg, tmp_path / "c", data_dir=root, quiet=True)
+    m = res.manifest
+    assert m["input"]["shape"] == [3, 32, 32] and m["thresholds"]["l2"]["default"] == "mean+zstd@z=2"
+    assert m["architecture"]["params"]["C"] == 3072 * 512 + 512 + 512 * 64 + 64 + 64 * 512 + 512 + 512 * 3072 + 3072
+    load_manifest(tmp_path / "c")

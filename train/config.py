@@ -1,0 +1,144 @@
+"""Training configuration: one frozen dataclass, validated on construction.
+
+Profiles give the defaults; any field can be overridden (the CLI's ``--epochs`` and friends).
+
+* ``quick``: what README's main command runs; one joint epoch, no victim-only model.
+* ``paper``: the full schedule the issue's accuracy targets are measured with (victim-only model
+  included, same schedule, for the paper's with/without-decoder accuracy comparison).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import Enum
+
+from dafar.data import DatasetName
+from dafar.errors import ConfigError
+
+from .models import Unpool
+
+__all__ = ["Profile", "Device", "TrainConfig", "PROFILES"]
+
+
+class Profile(str, Enum):
+    QUICK = "quick"
+    PAPER = "paper"
+
+
+class Device(str, Enum):
+    AUTO = "auto"  # CUDA when present, else CPU
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: DatasetName = DatasetName.MNIST
+    profile: Profile = Profile.QUICK
+    epochs: int = 1  # joint E+F+D epochs; the victim-only model uses the same schedule
+    batch_size: int = 128
+    lr: float = 2e-3  # peak learning rate of the one-cycle schedule (Adam)
+    weight_decay: float = 0.0
+    recon_weight: float = 1.0  # weight of ||x - D(E(x))||_2 against the cross-entropy (paper: 1)
+    augment: bool = False  # random crop (pad 4) + horizontal flip; CIFAR-10 only
+    detector: bool = True  # train the anomaly autoencoder C
+    detector_epochs: int = 10
+    detector_lr: float = 1e-3
+    train_victim: bool = False  # train the victim-only F(E(x)) for the accuracy comparison
+    unpool: Unpool = Unpool.MASK
+    z: float = 3.0  # mean + z*std threshold rule (paper: 3 for MNIST, 2 for CIFAR-10)
+    target_fprs: tuple[float, ...] = (0.003, 0.01, 0.05)  # quantile thresholds recorded too
+    val_size: int = 5000  # validation images carved from the training set
+    train_limit: int | None = None  # use only the first N training images (tests, smoke runs)
+    test_limit: int | None = None  # evaluate on the first N test images only
+    seed: int = 0
+    device: Device = Device.AUTO
+    threads: int | None = None  # torch intra-op threads; None keeps torch's default
+    eval_batch_size: int = 1000
+
+    def __post_init__(self):
+        def coerce(name, enum):
+            val = getattr(self, name)
+            try:
+                object.__setattr__(self, name, enum(val))
+            except ValueError:
+                raise ConfigError(f"{name}={val!r} is not one of: {', '.join(e.value for e in enum)}") from None
+
+        coerce("dataset", DatasetName)
+        coerce("profile", Profile)
+        coerce("unpool", Unpool)
+        coerce("device", Device)
+        for name in ("epochs", "batch_size", "detector_epochs", "val_size", "eval_batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "detector_epochs" else 1):
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        for name in ("lr", "detector_lr"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and 0 < v < 1):
+                raise ConfigError(f"{name} must be in (0, 1), got {v!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (math.isfinite(self.recon_weight) and self.recon_weight > 0):
+            raise ConfigError(f"recon_weight must be > 0, got {self.recon_weight!r}")
+        if not (math.isfinite(self.z) and self.z > 0):
+            raise ConfigError(f"z must be > 0, got {self.z!r}")
+        object.__setattr__(self, "target_fprs", tuple(float(f) for f in self.target_fprs))
+        for f in self.target_fprs:
+            if not 0 < f < 1:
+                raise ConfigError(f"target_fprs must lie in (0, 1), got {f!r}")
+        for name in ("train_limit", "test_limit"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 2):
+                raise ConfigError(f"{name} must be None or an integer >= 2, got {v!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"threads must be None or >= 1, got {self.threads!r}")
+        if self.train_limit is not None and self.batch_size > self.train_limit:
+            raise ConfigError(f"batch_size {self.batch_size} exceeds train_limit {self.train_limit}")
+        if self.augment and self.dataset is DatasetName.MNIST:
+            raise ConfigError("augment (crop + flip) is for CIFAR-10; flipping digits changes their meaning")
+
+    @classmethod
+    def for_profile(cls, dataset: DatasetName | str, profile: Profile | str = Profile.QUICK, **overrides) -> "TrainConfig":
+        try:
+            key = (DatasetName(dataset), Profile(profile))
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        base = dict(PROFILES[key])
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown training options: {', '.join(sorted(unknown))}")
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(dataset=key[0], profile=key[1], **base)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, Enum):
+                d[k] = v.value
+        d["target_fprs"] = list(self.target_fprs)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: (tuple(v) if k == "target_fprs" else v) for k, v in d.items() if k in known})
+
+    def schedule_key(self) -> dict:
+        """The fields a checkpoint must agree on to be resumed (not evaluation-only fields)."""
+        d = self.to_dict()
+        for k in ("device", "threads", "eval_batch_size", "test_limit", "target_fprs", "z", "profile"):
+            d.pop(k)
+        return d
+
+
+PROFILES: dict[tuple[DatasetName, Profile], dict] = {
+    (DatasetName.MNIST, Profile.QUICK): dict(epochs=1, lr=2e-3, detector_epochs=8, train_victim=False, z=3.0),
+    (DatasetName.MNIST, Profile.PAPER): dict(epochs=3, lr=2e-3, detector_epochs=15, train_victim=True, z=3.0),
+    (DatasetName.CIFAR10, Profile.QUICK): dict(epochs=2, lr=2e-3, detector_epochs=5, train_victim=False, z=2.0,
+                                               augment=True, train_limit=10000),
+    (DatasetName.CIFAR10, Profile.PAPER): dict(epochs=30, lr=2e-3, detector_epochs=30, train_victim=True, z=2.0,
+                                               augment=True),
+}

@@ -1,0 +1,288 @@
+"""The four DAFAR subnetworks (paper Tables 1-3) for MNIST and CIFAR-10.
+
+``E`` (feature extractor) and ``F`` (output layers) form the victim classifier ``F(E(x))``;
+``D`` (feedback decoder) rebuilds the input from ``E(x)``; ``C`` (optional anomaly autoencoder)
+rebuilds the residual ``x - D(E(x))``.  Every module works on the model scale: images in
+[-1, 1] (the decoder ends in Tanh), NCHW float32.
+
+Unpooling.  The paper's decoder uses MaxUnpool with the encoder's pooling indices.  That op
+needs ``FlexMaxPoolWithArgmax`` on TFLite/LiteRT and does not survive the legacy ONNX exporter,
+so the default here is an *index-free* unpool built from builtin ops only::
+
+    unpool(h) = upsample_nearest(h) * (pre_pool == upsample_nearest(pooled))
+
+where ``pre_pool``/``pooled`` are the encoder's activations before and after the matching
+2x2 max-pool.  Tie rule (deterministic): every position of a window that equals the window's
+maximum receives the value; MaxUnpool gives it to the first such position only.  The two agree
+exactly on tie-free windows and differ on tied ones: an all-zero post-ReLU window (MNIST
+background) ties everywhere, so there the index-free unpool spreads ``h`` like nearest
+upsampling while MaxUnpool puts it in the top-left corner.  Because they are not
+interchangeable on real data, the operator a model was trained with is recorded in the manifest
+and the same one is exported: the deployed graph is the trained graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as Fn
+from torch import nn
+
+__all__ = [
+    "Unpool",
+    "ArchSpec",
+    "ARCHS",
+    "PoolContext",
+    "Features",
+    "Encoder",
+    "OutputHead",
+    "Decoder",
+    "AnomalyAE",
+    "DafarNet",
+    "Victim",
+    "build_dafar",
+    "build_victim",
+    "mask_unpool",
+]
+
+
+class Unpool(str, Enum):
+    """Which unpooling operator the decoder uses."""
+
+    MASK = "mask"  # index-free, builtin ops only (default; exportable to TFLite)
+    MAXUNPOOL = "maxunpool"  # the paper's MaxUnpool with pooling indices (torch / ONNX Runtime only)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Shape facts of one architecture (what the manifest records)."""
+
+    name: str
+    dataset: str
+    in_channels: int
+    height: int
+    width: int
+    num_classes: int
+    enc_channels: tuple[int, ...]  # per conv of E; a pool follows each block
+    block_convs: int  # convs per encoder block
+    detector_hidden: tuple[int, int]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, self.height, self.width)
+
+    @property
+    def input_numel(self) -> int:
+        return self.in_channels * self.height * self.width
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "mnist": ArchSpec("dafar-mnist", "mnist", 1, 28, 28, 10, (32, 64), 2, (256, 32)),
+    "cifar10": ArchSpec("dafar-cifar10", "cifar10", 3, 32, 32, 10, (96, 192), 3, (512, 64)),
+}
+
+
+class PoolContext(NamedTuple):
+    """What a decoder unpool needs from the matching encoder pool.
+
+    ``pre``/``pooled`` for the index-free unpool; ``indices`` for MaxUnpool (else an empty tensor,
+    so the tuple stays traceable)."""
+
+    pre: torch.Tensor
+    pooled: torch.Tensor
+    indices: torch.Tensor
+
+
+class Features(NamedTuple):
+    """``E(x)``: the high-level features and the pooling context of each pool (outermost first)."""
+
+    z: torch.Tensor
+    pools: tuple[PoolContext, ...]
+
+
+def _upsample2(t: torch.Tensor) -> torch.Tensor:
+    # Nearest-neighbour x2: exports to ONNX Resize(nearest) and TFLite RESIZE_NEAREST_NEIGHBOR.
+    return Fn.interpolate(t, scale_factor=2.0, mode="nearest")
+
+
+def mask_unpool(h: torch.Tensor, pre: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """Index-free 2x2 unpool of ``h`` guided by an encoder pool (see module docstring)."""
+    mask = (pre == _upsample2(pooled)).to(h.dtype)  # no gradient flows through the mask
+    return _upsample2(h) * mask
+
+
+def _conv_block(cin: int, cout: int, n: int) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for i in range(n):
+        layers += [nn.Conv2d(cin if i == 0 else cout, cout, 3, padding=1), nn.ReLU(inplace=False)]
+    return layers
+
+
+class Encoder(nn.Module):
+    """E: conv blocks, each followed by a 2x2 max-pool (Table 1, feature extraction layers)."""
+
+    def __init__(self, spec: ArchSpec, unpool: Unpool = Unpool.MASK):
+        super().__init__()
+        self.unpool = Unpool(unpool)
+        blocks = []
+        cin = spec.in_channels
+        for cout in spec.enc_channels:
+            blocks.append(nn.Sequential(*_conv_block(cin, cout, spec.block_convs)))
+            cin = cout
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> Features:
+        pools = []
+        h = x
+        for block in self.blocks:
+            pre = block(h)
+            if self.unpool is Unpool.MAXUNPOOL:
+                h, idx = Fn.max_pool2d(pre, 2, 2, return_indices=True)
+            else:
+                h = Fn.max_pool2d(pre, 2, 2)
+                idx = pre.new_empty(0)
+            pools.append(PoolContext(pre, h, idx))
+        return Features(h, tuple(pools))
+
+
+class OutputHead(nn.Module):
+    """F: the victim's output layers (Table 1); returns logits (softmax is left to the loss)."""
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        c = spec.enc_channels[-1]
+        hw = (spec.height // 4) * (spec.width // 4)
+        if spec.dataset == "cifar10":
+            self.convs = nn.Sequential(
+                nn.Conv2d(c, 192, 3, padding=1), nn.ReLU(),
+                nn.Conv2d(192, 192, 1), nn.ReLU(),
+                nn.Conv2d(192, 10, 1), nn.ReLU(),
+            )
+            flat = 10 * hw
+        else:
+            self.convs = nn.Identity()
+            flat = c * hw
+        self.fc = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(flat, 200), nn.ReLU(),
+            nn.Linear(200, 200), nn.ReLU(),
+            nn.Linear(200, spec.num_classes),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.convs(z))
+
+
+class _Unpool(nn.Module):
+    def __init__(self, mode: Unpool):
+        super().__init__()
+        self.mode = Unpool(mode)
+
+    def forward(self, h: torch.Tensor, ctx: PoolContext) -> torch.Tensor:
+        if self.mode is Unpool.MAXUNPOOL:
+            return Fn.max_unpool2d(h, ctx.indices, 2, 2, output_size=ctx.pre.shape[-2:])
+        return mask_unpool(h, ctx.pre, ctx.pooled)
+
+
+def _convt(cin: int, cout: int) -> nn.ConvTranspose2d:
+    return nn.ConvTranspose2d(cin, cout, 3, padding=1)
+
+
+class Decoder(nn.Module):
+    """D: the feedback network (Table 2), mirror of E with unpools guided by E's pools."""
+
+    def __init__(self, spec: ArchSpec, unpool: Unpool = Unpool.MASK):
+        super().__init__()
+        c1, c2 = spec.enc_channels
+        self.unpool = _Unpool(unpool)
+        if spec.dataset == "cifar10":
+            inner = [_convt(c2, c2), nn.ReLU(), _convt(c2, c2), nn.ReLU(), _convt(c2, c1), nn.ReLU()]
+            outer = [_convt(c1, c1), nn.ReLU(), _convt(c1, c1), nn.ReLU(), _convt(c1, spec.in_channels), nn.Tanh()]
+        else:
+            inner = [_convt(c2, c2), nn.ReLU(), _convt(c2, c1), nn.ReLU()]
+            outer = [_convt(c1, c1), nn.ReLU(), _convt(c1, spec.in_channels), nn.Tanh()]
+        self.inner = nn.Sequential(*inner)
+        self.outer = nn.Sequential(*outer)
+
+    def forward(self, feats: Features) -> torch.Tensor:
+        outer_ctx, inner_ctx = feats.pools
+        h = self.inner(self.unpool(feats.z, inner_ctx))
+        return self.outer(self.unpool(h, outer_ctx))
+
+
+class AnomalyAE(nn.Module):
+    """C: MLP autoencoder over the flattened residual (Table 3)."""
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        n = spec.input_numel
+        h1, h2 = spec.detector_hidden
+        self.shape = spec.input_shape
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(n, h1), nn.ReLU(),
+            nn.Linear(h1, h2), nn.ReLU(),
+            nn.Linear(h2, h1), nn.ReLU(),
+            nn.Linear(h1, n), nn.Tanh(),
+        )
+
+    def forward(self, delta: torch.Tensor) -> torch.Tensor:
+        return self.net(delta).view(delta.shape[0], *self.shape)
+
+
+def l2_per_sample(t: torch.Tensor) -> torch.Tensor:
+    """Euclidean norm of each sample of a batch (the paper's ||.||_2)."""
+    return torch.linalg.vector_norm(t.flatten(1), ord=2, dim=1)
+
+
+class DafarNet(nn.Module):
+    """E, F, D (and optionally C) together; the training-time view of the defence."""
+
+    def __init__(self, spec: ArchSpec, unpool: Unpool = Unpool.MASK, with_detector: bool = True):
+        super().__init__()
+        self.spec = spec
+        self.unpool_mode = Unpool(unpool)
+        self.E = Encoder(spec, unpool)
+        self.F = OutputHead(spec)
+        self.D = Decoder(spec, unpool)
+        self.C = AnomalyAE(spec) if with_detector else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x on the model scale -> (victim logits F(E(x)), reconstruction D(E(x)))."""
+        feats = self.E(x)
+        return self.F(feats.z), self.D(feats)
+
+    def purified_logits(self, recon: torch.Tensor) -> torch.Tensor:
+        return self.F(self.E(recon).z)
+
+    def l2_score(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        return l2_per_sample(x - recon)
+
+    def ae_score(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        if self.C is None:
+            raise RuntimeError("this model has no anomaly autoencoder C")
+        delta = x - recon
+        return l2_per_sample(delta - self.C(delta))
+
+
+class Victim(nn.Module):
+    """The undefended classifier F(E(x)), trained alone for the accuracy comparison."""
+
+    def __init__(self, spec: ArchSpec):
+        super().__init__()
+        self.spec = spec
+        self.E = Encoder(spec, Unpool.MASK)  # the unpool mode is irrelevant without a decoder
+        self.F = OutputHead(spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.F(self.E(x).z)
+
+
+def build_dafar(dataset: str, unpool: Unpool | str = Unpool.MASK, with_detector: bool = True) -> DafarNet:
+    return DafarNet(ARCHS[dataset], Unpool(unpool), with_detector)
+
+
+def build_victim(dataset: str) -> Victim:
+    return Victim(ARCHS[dataset])

@@ -1,0 +1,532 @@
+"""Train DAFAR: joint E+F+D (paper Eq. 7), then C on clean residuals (Eq. 8), the victim-only
+model for the accuracy comparison, threshold calibration on the validation split, and the run
+folder every later stage reads.
+
+Determinism: the model is initialised from ``seed``; each epoch's shuffling and augmentation
+come from generators seeded by ``(seed, phase, epoch)``, so a run resumed from an epoch
+checkpoint takes exactly the same steps as an uninterrupted one (bitwise on CPU).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as Fn
+
+import dafar
+from dafar.data import Splits, load_dataset
+from dafar.errors import ConfigError, NonFiniteLossError, RunFolderError, TrainingError
+from dafar.manifest import MANIFEST_NAME, atomic_write_json, atomic_write_text, file_entry, write_manifest
+from dafar.threshold import ThresholdRule, calibrate, false_positive_rate
+
+from .config import Device, TrainConfig
+from .models import ARCHS, DafarNet, Victim, build_dafar, build_victim, l2_per_sample
+from .weights import load_checkpoint, save_checkpoint, save_state
+
+__all__ = ["train", "TrainResult", "to_model_scale", "NORMALIZATION", "evaluate_arrays", "param_count"]
+
+# Pixels u8 -> x01 = u8 / 255 in [0, 1] (the exported graphs' input contract) -> model scale
+# x = (x01 - mean) / std = 2 * x01 - 1 in [-1, 1], matching the decoder's Tanh output.
+NORMALIZATION = {"mean": 0.5, "std": 0.5}
+PHASES = ("joint", "detector", "victim")
+
+
+def to_model_scale(u8: torch.Tensor) -> torch.Tensor:
+    return u8.float().div_(255.0).sub_(NORMALIZATION["mean"]).div_(NORMALIZATION["std"])
+
+
+def param_count(module: torch.nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+
+def _resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device is Device.CUDA and not torch.cuda.is_available():
+        raise ConfigError("device=cuda was asked for but torch sees no CUDA device")
+    if cfg.device is Device.AUTO:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device.value)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def _epoch_rng(seed: int, phase: str, epoch: int) -> np.random.Generator:
+    return np.random.default_rng([seed, PHASES.index(phase), epoch])
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random crop with 4-pixel zero padding (in model scale: -1, i.e. black) and horizontal flip."""
+    n, _, h, w = x.shape
+    padded = Fn.pad(x, (4, 4, 4, 4), value=-1.0)
+    dx = torch.randint(0, 9, (n,), generator=gen)
+    dy = torch.randint(0, 9, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    out = torch.empty_like(x)
+    for i in range(n):  # per-sample crops; cheap next to the convolutions
+        crop = padded[i, :, dy[i]: dy[i] + h, dx[i]: dx[i] + w]
+        out[i] = crop.flip(-1) if flip[i] else crop
+    return out
+
+
+@dataclass
+class _Data:
+    """Training tensors, kept as uint8 until a batch is drawn (4x less memory)."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def _tensors(splits: Splits, cfg: TrainConfig) -> _Data:
+    tr = splits.train if cfg.train_limit is None else splits.train.subset(slice(0, cfg.train_limit))
+    te = splits.test if cfg.test_limit is None else splits.test.subset(slice(0, cfg.test_limit))
+    t = torch.from_numpy
+    return _Data(t(tr.images.copy()), t(tr.labels.copy()), t(splits.val.images.copy()), t(splits.val.labels.copy()),
+                 t(te.images.copy()), t(te.labels.copy()))
+
+
+class _Logger:
+    """Per-epoch JSON lines in ``train_log.jsonl`` plus a human line on stderr."""
+
+    def __init__(self, path: Path, quiet: bool):
+        self.path, self.quiet = path, quiet
+
+    def log(self, rec: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec, sort_keys=True) + "\n")
+        if not self.quiet:
+            keys = [k for k in ("loss", "ce", "recon", "train_acc", "val_acc", "val_recon", "val_loss") if k in rec]
+            body = " ".join(f"{k}={rec[k]:.4f}" for k in keys)
+            print(f"[{rec['phase']}] epoch {rec['epoch'] + 1}/{rec['epochs']} {body} ({rec['seconds']:.0f}s)",
+                  file=sys.stderr, flush=True)
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    perm = rng.permutation(n)
+    return [perm[i: i + batch_size] for i in range(0, n, batch_size)]
+
+
+def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, lr: float, cfg: TrainConfig,
+         step: Callable[[np.ndarray, torch.Generator], tuple[torch.Tensor, dict]],
+         validate: Callable[[], dict], ckpt: Path, logger: _Logger, resume: bool, quiet: bool,
+         weight_decay: float = 0.0) -> list[float]:
+    """The shared epoch loop: Adam + one-cycle, per-epoch checkpoint, NaN guard, resume."""
+    from tqdm.auto import tqdm
+
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    total = epochs * steps_per_epoch
+    if total >= 4:
+        # one-cycle (warm-up over a quarter of the steps, then cosine decay; Adam's beta1 cycled):
+        # the fewest epochs to a given accuracy on this CPU budget among the schedules we tried
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=max(0.25, 2.0 / total))
+    else:  # too few steps for a cycle (smoke runs): constant learning rate
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    key = {"phase": phase, "schedule": cfg.schedule_key()}
+    start = 0
+    if ckpt.with_suffix(".json").exists():
+        if not resume:
+            raise RunFolderError(f"{ckpt.parent} holds an unfinished run; pass --resume to continue it or --overwrite")
+        info = load_checkpoint(ckpt, model, opt, sched)
+        if info.get("key") != key:
+            raise TrainingError(f"checkpoint {ckpt}.json was made with another configuration; cannot resume it")
+        start = int(info["epochs_done"])
+    epoch_seconds = []
+    for epoch in range(start, epochs):
+        model.train()
+        t0 = time.perf_counter()
+        rng = _epoch_rng(cfg.seed, phase, epoch)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        sums: dict[str, float] = {}
+        count = 0
+        batches = _batches(n_train, cfg.batch_size, rng)
+        bar = tqdm(batches, desc=f"{phase} {epoch + 1}/{epochs}", unit="batch", leave=False, disable=quiet,
+                   mininterval=1.0)
+        for i, idx in enumerate(bar):
+            loss, stats = step(idx, gen)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"{phase} epoch {epoch + 1} step {i + 1}: loss is {loss.item()}; stopping. "
+                    f"The last good checkpoint ({ckpt.name}, {start if epoch == start else epoch} epochs) is kept; "
+                    "lower --lr and resume, or start over"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            k = len(idx)
+            count += k
+            for name, v in stats.items():
+                sums[name] = sums.get(name, 0.0) + float(v) * k
+            if i % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        rec = {"phase": phase, "epoch": epoch, "epochs": epochs, "lr_end": sched.get_last_lr()[0]}
+        rec.update({name: v / count for name, v in sums.items()})
+        rec.update(validate())
+        seconds = time.perf_counter() - t0
+        rec["seconds"] = seconds
+        epoch_seconds.append(seconds)
+        save_checkpoint(ckpt, model, opt, sched, {"key": key, "epochs_done": epoch + 1})
+        logger.log(rec)
+    return epoch_seconds
+
+
+@torch.no_grad()
+def evaluate_arrays(model: DafarNet, x_u8: torch.Tensor, device: torch.device, batch_size: int,
+                    victim: Victim | None = None, full: bool = True) -> dict[str, np.ndarray]:
+    """Victim logits and L2 scores for uint8 NCHW images; with ``full`` also the purified logits
+    and the C scores."""
+    model.eval()
+    out: dict[str, list] = {"logits": [], "purified_logits": [], "l2": [], "ae": [], "victim_only_logits": []}
+    for i in range(0, len(x_u8), batch_size):
+        x = to_model_scale(x_u8[i: i + batch_size]).to(device, memory_format=torch.channels_last)
+        logits, recon = model(x)
+        out["logits"].append(logits)
+        out["l2"].append(model.l2_score(x, recon))
+        if not full:
+            continue
+        out["purified_logits"].append(model.purified_logits(recon))
+        if model.C is not None:
+            out["ae"].append(model.ae_score(x, recon))
+        if victim is not None:
+            victim.eval()
+            out["victim_only_logits"].append(victim(x))
+    return {k: torch.cat(v).float().cpu().numpy() for k, v in out.items() if v}
+
+
+def _accuracy(logits: np.ndarray, y: torch.Tensor) -> float:
+    return float(np.mean(logits.argmax(1) == y.numpy()))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    run_dir: Path
+    manifest: dict
+    metrics: dict
+
+
+def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()):
+        finished = (out / MANIFEST_NAME).exists()
+        if overwrite:
+            shutil.rmtree(out)
+        elif finished and not resume:
+            raise RunFolderError(f"{out} already holds a finished run; pass --overwrite or choose another --out")
+        elif finished and resume:
+            raise RunFolderError(f"{out} already holds a finished run; there is nothing to resume")
+        elif not resume and (out / "checkpoints").exists():
+            raise RunFolderError(f"{out} holds an unfinished run; pass --resume to continue it or --overwrite")
+        elif not resume:
+            raise RunFolderError(f"{out} is not empty and is not a dafar run; choose another --out")
+    elif resume:
+        raise RunFolderError(f"nothing to resume in {out}: it holds no checkpoints")
+    try:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (out / "weights").mkdir(exist_ok=True)
+    except OSError as exc:
+        raise RunFolderError(f"cannot create run folder {out}: {exc}") from exc
+
+
+def _versions() -> dict:
+    import safetensors
+
+    return {
+        "dafar": dafar.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "safetensors": safetensors.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+    }
+
+
+def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike | None = None, *,
+          resume: bool = False, overwrite: bool = False, download: bool = True, quiet: bool = False) -> TrainResult:
+    """Train a DAFAR model per ``cfg`` into the run folder ``out``; returns its manifest."""
+    out = Path(out)
+    if resume:
+        saved = out / "config.json"
+        if not saved.exists():
+            raise RunFolderError(f"nothing to resume in {out}: {saved.name} is missing")
+        try:
+            cfg_saved = TrainConfig.from_dict(json.loads(saved.read_text()))
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise RunFolderError(f"{saved} is unreadable: {exc}") from exc
+        if cfg_saved.schedule_key() != cfg.schedule_key():
+            raise TrainingError(
+                f"--resume: the options given differ from the run's saved configuration ({saved}); "
+                "resume with the same options, or start a new run"
+            )
+        cfg = cfg_saved.replace(device=cfg.device, threads=cfg.threads)
+    _prepare_run_dir(out, resume, overwrite)
+    atomic_write_json(out / "config.json", cfg.to_dict())
+    if not resume:
+        (out / "train_log.jsonl").unlink(missing_ok=True)
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = _resolve_device(cfg)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    t_start = time.perf_counter()
+
+    splits = load_dataset(cfg.dataset, data_dir, download=download, val_size=cfg.val_size, seed=cfg.seed)
+    spec = ARCHS[cfg.dataset.value]
+    if splits.input_shape != spec.input_shape:
+        raise ConfigError(f"data of shape {splits.input_shape} does not fit the {spec.name} architecture {spec.input_shape}")
+    data = _tensors(splits, cfg)
+    n_train = len(data.train_y)
+    logger = _Logger(out / "train_log.jsonl", quiet)
+    ckdir = out / "checkpoints"
+    memfmt = torch.channels_last  # ~20% faster convolutions on CPU (oneDNN), neutral on CUDA
+
+    def batch(idx: np.ndarray, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = to_model_scale(data.train_x[idx])
+        if cfg.augment:
+            x = _augment(x, gen)
+        return x.to(device, memory_format=memfmt), data.train_y[idx].to(device)
+
+    # ---- phase 1: joint E + F + D, loss = mean(||x - D(E(x))||_2 + CE)  (paper Eq. 7)
+    _seed_everything(cfg.seed)
+    net = build_dafar(cfg.dataset.value, cfg.unpool, with_detector=cfg.detector).to(device, memory_format=memfmt)
+
+    def joint_step(idx, gen):
+        x, y = batch(idx, gen)
+        logits, recon = net(x)
+        recon_l2 = l2_per_sample(x - recon).mean()
+        ce = Fn.cross_entropy(logits, y)
+        acc = (logits.argmax(1) == y).float().mean()
+        return cfg.recon_weight * recon_l2 + ce, {"loss": (cfg.recon_weight * recon_l2 + ce).detach(),
+                                                  "ce": ce.detach(), "recon": recon_l2.detach(), "train_acc": acc}
+
+    def joint_val():
+        ev = evaluate_arrays(net, data.val_x, device, cfg.eval_batch_size, full=False)
+        return {"val_acc": _accuracy(ev["logits"], data.val_y), "val_recon": float(ev["l2"].mean())}
+
+    joint_params = [p for n, p in net.named_parameters() if not n.startswith("C.")]
+    seconds = {"joint": _fit("joint", net, joint_params, n_train, cfg.epochs, cfg.lr, cfg, joint_step, joint_val,
+                             ckdir / "joint", logger, resume, quiet, cfg.weight_decay)}
+    # the checkpoint holds the final joint weights whether or not this call trained any epoch
+    _load_model_only(ckdir / "joint", net)
+
+    # ---- phase 2: C on clean residuals of the training images (Eq. 8)
+    if cfg.detector:
+        res = _residuals(net, data.train_x, device, cfg.eval_batch_size)
+        res_val = _residuals(net, data.val_x, device, cfg.eval_batch_size)
+        for p in joint_params:
+            p.requires_grad_(False)
+
+        def det_step(idx, gen):
+            d = res[idx].to(device)
+            loss = l2_per_sample(d - net.C(d)).mean()
+            return loss, {"loss": loss.detach()}
+
+        @torch.no_grad()
+        def det_val():
+            net.eval()
+            vals = [l2_per_sample(res_val[i: i + 4096].to(device) - net.C(res_val[i: i + 4096].to(device)))
+                    for i in range(0, len(res_val), 4096)]
+            return {"val_loss": float(torch.cat(vals).mean())}
+
+        seconds["detector"] = _fit("detector", net, list(net.C.parameters()), n_train, cfg.detector_epochs,
+                                   cfg.detector_lr, cfg, det_step, det_val, ckdir / "detector", logger, resume, quiet)
+        _load_model_only(ckdir / "detector", net)
+        for p in joint_params:
+            p.requires_grad_(True)
+        del res, res_val
+
+    # ---- phase 3: the victim alone, F(E(x)) with CE only, same schedule (for the accuracy comparison)
+    victim = None
+    if cfg.train_victim:
+        _seed_everything(cfg.seed)
+        victim = build_victim(cfg.dataset.value).to(device, memory_format=memfmt)
+
+        def victim_step(idx, gen):
+            x, y = batch(idx, gen)
+            logits = victim(x)
+            ce = Fn.cross_entropy(logits, y)
+            return ce, {"loss": ce.detach(), "train_acc": (logits.argmax(1) == y).float().mean()}
+
+        @torch.no_grad()
+        def victim_val():
+            victim.eval()
+            hits = sum(int((victim(to_model_scale(data.val_x[i: i + 1000]).to(device)).argmax(1).cpu()
+                            == data.val_y[i: i + 1000]).sum()) for i in range(0, len(data.val_y), 1000))
+            return {"val_acc": hits / len(data.val_y)}
+
+        seconds["victim"] = _fit("victim", victim, list(victim.parameters()), n_train, cfg.epochs, cfg.lr, cfg,
+                                 victim_step, victim_val, ckdir / "victim", logger, resume, quiet, cfg.weight_decay)
+        _load_model_only(ckdir / "victim", victim)
+
+    # ---- evaluation and thresholds
+    t_eval = time.perf_counter()
+    ev_val = evaluate_arrays(net, data.val_x, device, cfg.eval_batch_size)
+    ev_test = evaluate_arrays(net, data.test_x, device, cfg.eval_batch_size, victim)
+    thresholds = _thresholds(cfg, ev_val, ev_test, splits.name.value)
+    metrics = _metrics(cfg, ev_val, ev_test, data, thresholds)
+    eval_seconds = time.perf_counter() - t_eval
+
+    # ---- write weights, scores, metrics and the manifest (manifest last: it marks the run complete)
+    net = net.to("cpu", memory_format=torch.contiguous_format)
+    meta = {"arch": spec.name, "unpool": cfg.unpool.value, "format": "dafar-weights-v1"}
+    files = {}
+    for name in ("E", "F", "D", "C"):
+        mod = getattr(net, name)
+        if mod is None:
+            continue
+        rel = f"weights/{name}.safetensors"
+        save_state(out / rel, mod.state_dict(), {**meta, "module": name})
+        files[rel] = ("weights", name)
+    if victim is not None:
+        victim = victim.to("cpu", memory_format=torch.contiguous_format)
+        rel = "weights/victim_only.safetensors"
+        save_state(out / rel, victim.state_dict(), {**meta, "module": "victim_only"})
+        files[rel] = ("weights", "victim_only")
+    np.savez_compressed(out / "scores.npz", **{f"val_{k}": v for k, v in ev_val.items() if k in ("l2", "ae")},
+                        **{f"test_{k}": v for k, v in ev_test.items() if k in ("l2", "ae")},
+                        test_labels=data.test_y.numpy(), test_pred=ev_test["logits"].argmax(1),
+                        test_purified_pred=ev_test["purified_logits"].argmax(1))
+    files["scores.npz"] = ("scores", None)
+
+    timing = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "seconds_per_epoch": {k: v for k, v in seconds.items()},
+        "eval_seconds": eval_seconds,
+        "total_seconds": time.perf_counter() - t_start,
+        "resumed": resume,
+    }
+    metrics["timing"] = timing
+    atomic_write_json(out / "metrics.json", metrics)
+    files["metrics.json"] = ("metrics", None)
+    files["config.json"] = ("config", None)
+    files["train_log.jsonl"] = ("log", None)
+
+    manifest = {
+        "kind": "dafar-run",
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dataset": {
+            "name": splits.name.value,
+            "classes": list(splits.classes),
+            "source": splits.source,
+            "fingerprint_sha256": splits.fingerprint,
+            "sizes": {"train": n_train, "val": len(data.val_y), "test": len(data.test_y)},
+            "val_split": {"from": "train", "size": len(data.val_y), "seed": cfg.seed},
+            "note": "CIFAR-10 (JPEG q75) when read from the re-encoded image-folder copy" if splits.name.value == "cifar10" else "",
+        },
+        "input": {
+            "shape": list(spec.input_shape),
+            "layout": "NCHW",
+            "dtype": "float32",
+            "range": [0.0, 1.0],
+            "from_uint8": "x01 = pixels / 255",
+            "normalization": {"mean": [NORMALIZATION["mean"]] * spec.in_channels,
+                              "std": [NORMALIZATION["std"]] * spec.in_channels,
+                              "formula": "x = (x01 - mean) / std, in [-1, 1]"},
+        },
+        "architecture": {
+            "name": spec.name,
+            "unpool": cfg.unpool.value,
+            "unpool_tie_rule": "every window position equal to the window maximum receives it" if cfg.unpool.value == "mask" else "maxunpool indices (first maximum)",
+            "num_classes": spec.num_classes,
+            "detector": cfg.detector,
+            "params": {k: param_count(getattr(net, k)) for k in ("E", "F", "D", "C")},
+            "victim_params": param_count(net.E) + param_count(net.F),
+        },
+        "score": {"l2": "||x - D(E(x))||_2 on the model scale [-1, 1]",
+                  "autoencoder": "||d - C(d)||_2 with d = x - D(E(x)), model scale"},
+        "thresholds": thresholds,
+        "training": {"config": cfg.to_dict(), **timing},
+        "metrics": {k: v for k, v in metrics.items() if k != "timing"},
+        "versions": _versions(),
+        "files": {rel: file_entry(out, rel, role, **({"module": mod} if mod else {}))
+                  for rel, (role, mod) in files.items()},
+    }
+    manifest = write_manifest(out, manifest)
+    return TrainResult(out, manifest, metrics)
+
+
+def _load_model_only(ckpt: Path, model: torch.nn.Module) -> None:
+    """Reload the model weights of a finished phase from its checkpoint (skipping optimizer state)."""
+    from .weights import load_state
+
+    meta = json.loads(ckpt.with_suffix(".json").read_text())
+    from dafar.manifest import sha256_file
+
+    if sha256_file(ckpt.with_suffix(".safetensors")) != meta.get("tensors_sha256"):
+        raise TrainingError(f"checkpoint {ckpt}.safetensors does not match its JSON")
+    st = load_state(ckpt.with_suffix(".safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in st.items() if k.startswith("model.")}, strict=True)
+
+
+@torch.no_grad()
+def _residuals(net: DafarNet, x_u8: torch.Tensor, device: torch.device, bs: int) -> torch.Tensor:
+    net.eval()
+    outs = []
+    for i in range(0, len(x_u8), bs):
+        x = to_model_scale(x_u8[i: i + bs]).to(device)
+        _, recon = net(x)
+        outs.append((x - recon).cpu())
+    return torch.cat(outs).contiguous()
+
+
+def _thresholds(cfg: TrainConfig, ev_val: dict, ev_test: dict, dataset: str) -> dict:
+    out = {}
+    for det in ("l2", "ae"):
+        if det not in ev_val:
+            continue
+        rules = {}
+        th = calibrate(ev_val[det], ThresholdRule.MEAN_ZSTD, z=cfg.z)
+        rules[f"mean+zstd@z={cfg.z:g}"] = {**th.to_dict(), "test_fpr": false_positive_rate(ev_test[det], th.alpha)}
+        for f in cfg.target_fprs:
+            th = calibrate(ev_val[det], ThresholdRule.QUANTILE, target_fpr=f)
+            rules[f"quantile@fpr={f:g}"] = {**th.to_dict(), "test_fpr": false_positive_rate(ev_test[det], th.alpha)}
+        name = "autoencoder" if det == "ae" else "l2"
+        out[name] = {"default": f"mean+zstd@z={cfg.z:g}", "calibrated_on": "validation split (clean, from train)",
+                     "rules": rules}
+    return out
+
+
+def _metrics(cfg: TrainConfig, ev_val: dict, ev_test: dict, data: _Data, thresholds: dict) -> dict:
+    y = data.test_y
+    m = {
+        "dataset": cfg.dataset.value,
+        "test_images": int(len(y)),
+        "victim_test_acc": _accuracy(ev_test["logits"], y),
+        "purified_test_acc": _accuracy(ev_test["purified_logits"], y),
+        "victim_val_acc": _accuracy(ev_val["logits"], data.val_y),
+        "test_recon_l2_mean": float(ev_test["l2"].mean()),
+        "val_recon_l2_mean": float(ev_val["l2"].mean()),
+    }
+    if "victim_only_logits" in ev_test:
+        m["victim_only_test_acc"] = _accuracy(ev_test["victim_only_logits"], y)
+        m["victim_minus_victim_only_points"] = 100 * (m["victim_test_acc"] - m["victim_only_test_acc"])
+    for name, th in thresholds.items():
+        default = th["rules"][th["default"]]
+        m[f"{name}_alpha"] = default["alpha"]
+        m[f"{name}_val_fpr"] = default["calib_fpr"]
+        m[f"{name}_test_fpr"] = default["test_fpr"]
+        key = "l2" if name == "l2" else "ae"
+        s = ev_test[key]
+        accepted = s <= default["alpha"]
+        # accuracy of the whole defence on clean data: accepted and correctly classified from the reconstruction
+        m[f"{name}_clean_defended_acc"] = float(np.mean(accepted & (ev_test["purified_logits"].argmax(1) == y.numpy())))
+    return m
