@@ -1,4 +1,4 @@
-"""dafar: ship DAFAR (Detect Adversaries by Feedback-Autoencoder Reconstruction) to edge devices.
+"""dafar: ship DAFAR (Defending against Adversaries by Feedback-Autoencoder Reconstruction) to edge devices.
 
 Subpackages: ``dafar.train`` (train the four subnetworks, calibrate the threshold),
 ``dafar.export``, ``dafar.quantize``, ``dafar.runtime`` (what ships to the device; numpy plus one

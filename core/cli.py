@@ -3,7 +3,7 @@
 Each subcommand imports its (heavy) stage inside its handler, so ``dafar --help`` and the
 device-side subcommands work on a Raspberry Pi with only numpy and a runtime backend installed.
 Exit codes: 0 ok, 1 other dafar error, 2 bad arguments/config/input, 3 data, 4 run folder,
-5 training, 6 missing optional dependency, 130 interrupted.
+5 training, 6 missing optional dependency, 7 export/conversion, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -91,6 +91,50 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def cmd_export(args) -> int:
+    from dafar.export.api import ExportConfig, export_run
+
+    from dafar.errors import ConfigError
+
+    try:
+        batches = tuple(int(b) for b in _csv(args.tflite_batch))
+    except ValueError:
+        raise ConfigError(f"--tflite-batch takes comma-separated integers, got {args.tflite_batch!r}") from None
+    cfg = ExportConfig(
+        formats=tuple(_csv(args.format)), detectors=tuple(_csv(args.detector)), contracts=tuple(_csv(args.input)),
+        tflite_batches=batches, threshold_rule=args.threshold_rule,
+        validate_images=None if args.validate == "all" else int(args.validate), victim=not args.no_victim,
+    )
+    entries = export_run(args.run, cfg, data_dir=args.data_dir, log=(lambda *a: None) if args.quiet else print)
+    for rel, e in entries.items():
+        print(f"wrote {rel} ({e['format']}, {e['contract']}, batch {e['batch']})")
+    from dafar.train.report import write_report
+
+    write_report(args.run)
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    """The main job: train, export every graph variant, write the report."""
+    from dafar.export.api import ExportConfig, export_run
+    from dafar.train.report import write_report
+    from dafar.train.trainer import train
+
+    cfg = _train_config(args)
+    result = train(cfg, args.out, args.data_dir, resume=args.resume, overwrite=args.overwrite,
+                   download=not args.no_download, quiet=args.quiet)
+    _print_summary(result)
+    exp = ExportConfig(detectors=("l2", "autoencoder") if cfg.detector else ("l2",),
+                       contracts=("float-nchw", "uint8-nhwc"))
+    export_run(result.run_dir, exp, data_dir=args.data_dir, log=(lambda *a: None) if args.quiet else print)
+    print(f"report: {write_report(result.run_dir)}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from dafar.train.report import write_report
 
@@ -135,6 +179,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("pipeline", help="the main job: train, export to ONNX and TFLite, write the report")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("export", help="fuse victim, feedback loop and detector into ONNX/TFLite graphs, validated")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--format", default="onnx,tflite", help="comma list of onnx, tflite (default: both)")
+    p.add_argument("--detector", default="l2", help="comma list of l2, autoencoder (default: l2)")
+    p.add_argument("--input", default="float-nchw",
+                   help="comma list of input contracts: float-nchw (float32 in [0, 1]) and/or uint8-nhwc (raw pixels)")
+    p.add_argument("--tflite-batch", default="1", help="comma list of fixed TFLite batch sizes (default: 1)")
+    p.add_argument("--threshold-rule", default=None,
+                   help="alpha rule key from the manifest, e.g. 'quantile@fpr=0.01' (default: the detector's default)")
+    p.add_argument("--validate", default="2000", help="test images for the parity check, or 'all' (default 2000)")
+    p.add_argument("--data-dir", default=None, help="data folder for the validation images (default: the run's)")
+    p.add_argument("--no-victim", action="store_true", help="skip the victim-only graph F(E(x))")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("report", help="(re)write a run folder's report.md and plots")
     p.add_argument("run", metavar="RUN_DIR")
     p.set_defaults(func=cmd_report)
@@ -150,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "validate", None) not in (None, "all") and not str(args.validate).isdigit():
+        parser.error(f"--validate takes a positive integer or 'all', got {args.validate!r}")
     try:
         return int(args.func(args) or 0)
     except MissingExtraError as exc:

@@ -61,6 +61,32 @@ class NonFiniteLossError(TrainingError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+class ExportError(DafarError):
+    """An export or conversion step failed (unsupported op, converter error)."""
+
+    exit_code = 7
+
+
+class UnsupportedOpError(ExportError):
+    """A converted model holds ops a stock interpreter cannot run (Flex/custom ops)."""
+
+
+class ExportValidationError(ExportError):
+    """An exported model's outputs differ from the source model's beyond the stated tolerance."""
+
+
+class OutputShapeError(ExportValidationError):
+    """An exported model's outputs have the wrong names, shapes or dtypes."""
+
+
+class ToleranceError(ExportValidationError):
+    """A continuous output (score, logits) differs beyond its tolerance."""
+
+
+class DecisionMismatchError(ExportValidationError):
+    """Labels or reject decisions agree with the source model on too few inputs."""
+
+
 class InputValidationError(DafarError, ValueError):
     """An input array has the wrong shape, dtype or range, or holds non-finite values."""
 
@@ -69,6 +95,16 @@ class InputValidationError(DafarError, ValueError):
 
 class MissingExtraError(ImportError):
     """An optional dependency is not installed; the message names the pip extra to install."""
+
+
+def require_available(module: str, extra: str, purpose: str = "") -> None:
+    """Check that ``module`` is installed without importing it (for heavy modules used in a child
+    process); raise :class:`MissingExtraError` naming the extra otherwise."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        what = f" for {purpose}" if purpose else ""
+        raise MissingExtraError(f"'{module}' is needed{what} but is not installed: pip install 'dafar[{extra}]'")
 
 
 def require(module: str, extra: str, purpose: str = ""):

@@ -97,6 +97,15 @@ def test_finished_run_is_not_overwritten(tiny_run, capsys):
     assert sha256_file(tiny_run / "manifest.json") == before
 
 
+def test_overwrite_never_deletes_a_foreign_folder(tmp_path):
+    d = tmp_path / "photos"
+    d.mkdir()
+    (d / "holiday.jpg").write_bytes(b"precious")
+    with pytest.raises(RunFolderError, match="not a dafar run folder"):
+        train(_tiny(), d, overwrite=True, quiet=True)
+    assert (d / "holiday.jpg").read_bytes() == b"precious"
+
+
 class _FailAfter:
     """Wraps the L2 helper the training loop calls; fails at the n-th call."""
 

@@ -85,6 +85,32 @@ def _plot_scores(scores: dict, thresholds: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _exports_section(run_dir: Path, m: dict) -> list[str]:
+    L = ["## Exported graphs", "",
+         "Each file was checked against the torch graph on real test images before it was written "
+         "(`dafar export`); *outliers* are images whose score moved by more than 1e-3 relative, from "
+         "unpooling near-ties (see `dafar/export/validate.py`).", "",
+         "| file | graph | input | alpha (rule) | size | label agree | reject agree | score rel. err median / max | outliers | images |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+    for rel, e in sorted(m["exports"].items()):
+        v = e["validation"]
+        size = m["files"][rel]["bytes"] / 1024
+        alpha = f"{e['alpha']:.4f} ({e['threshold_rule']})" if e.get("alpha") is not None else "-"
+        inp = f"{e['input']['dtype']} {e['input']['layout']} {e['input']['shape']}"
+        rej = _pct(v.get("rejected_agreement")) if "rejected_agreement" in v else "-"
+        score = (f"{v['score_rel_err_median']:.1e} / {v['score_rel_err_max']:.1e}" if "score_rel_err_median" in v else "-")
+        L.append(f"| `{rel}` | {e['graph']}{'/' + e['detector'] if e.get('detector') else ''} | {inp} | {alpha} | "
+                 f"{size:.0f} KiB | {_pct(v.get('label_agreement'))} | {rej} | {score} | {v.get('outlier_images', 0)} | "
+                 f"{v['images']} |")
+    ops = {rel: e["ops"] for rel, e in m["exports"].items() if e["format"] == "tflite"}
+    if ops:
+        L += ["", "TFLite files hold builtin ops only (checked on export):", ""]
+        for rel, o in sorted(ops.items()):
+            L.append(f"- `{rel}`: " + ", ".join(f"{k} x{n}" for k, n in o.items()))
+    L.append("")
+    return L
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.md`` (and its plots) from the run folder; returns its path."""
     run_dir = Path(run_dir)
@@ -147,6 +173,8 @@ def write_report(run_dir: str | Path) -> Path:
     L += ["", f"Total wall time {timing['total_seconds']:.0f} s (evaluation {timing['eval_seconds']:.0f} s)"
           + (", resumed from a checkpoint" if timing.get("resumed") else "") + ".", "",
           "![training curves](plots/training.png)", ""]
+    if m.get("exports"):
+        L += _exports_section(run_dir, m)
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(L))
     return path

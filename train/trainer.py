@@ -189,9 +189,9 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
 
 @torch.no_grad()
 def evaluate_arrays(model: DafarNet, x_u8: torch.Tensor, device: torch.device, batch_size: int,
-                    victim: Victim | None = None, full: bool = True) -> dict[str, np.ndarray]:
-    """Victim logits and L2 scores for uint8 NCHW images; with ``full`` also the purified logits
-    and the C scores."""
+                    victim: Victim | None = None, purify: bool = True, with_ae: bool = True) -> dict[str, np.ndarray]:
+    """Victim logits and L2 scores for uint8 NCHW images, plus the purified logits (``purify``)
+    and the C scores (``with_ae``, when the model has C)."""
     model.eval()
     out: dict[str, list] = {"logits": [], "purified_logits": [], "l2": [], "ae": [], "victim_only_logits": []}
     for i in range(0, len(x_u8), batch_size):
@@ -199,10 +199,9 @@ def evaluate_arrays(model: DafarNet, x_u8: torch.Tensor, device: torch.device, b
         logits, recon = model(x)
         out["logits"].append(logits)
         out["l2"].append(model.l2_score(x, recon))
-        if not full:
-            continue
-        out["purified_logits"].append(model.purified_logits(recon))
-        if model.C is not None:
+        if purify:
+            out["purified_logits"].append(model.purified_logits(recon))
+        if with_ae and model.C is not None:
             out["ae"].append(model.ae_score(x, recon))
         if victim is not None:
             victim.eval()
@@ -226,6 +225,9 @@ def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
         raise RunFolderError(f"--out {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
         finished = (out / MANIFEST_NAME).exists()
+        is_run = finished or (out / "checkpoints").is_dir() or (out / "config.json").is_file()
+        if overwrite and not is_run:
+            raise RunFolderError(f"{out} is not empty and is not a dafar run folder; --overwrite only replaces run folders")
         if overwrite:
             shutil.rmtree(out)
         elif finished and not resume:
@@ -313,13 +315,17 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         logits, recon = net(x)
         recon_l2 = l2_per_sample(x - recon).mean()
         ce = Fn.cross_entropy(logits, y)
+        loss = cfg.recon_weight * recon_l2 + ce
         acc = (logits.argmax(1) == y).float().mean()
-        return cfg.recon_weight * recon_l2 + ce, {"loss": (cfg.recon_weight * recon_l2 + ce).detach(),
-                                                  "ce": ce.detach(), "recon": recon_l2.detach(), "train_acc": acc}
+        return loss, {"loss": loss.detach(), "ce": ce.detach(), "recon": recon_l2.detach(), "train_acc": acc}
+
+    # Per-epoch monitoring uses the first 2,000 validation images (the log's val_acc/val_recon);
+    # the threshold is calibrated on the whole validation split after training.
+    n_mon = min(2000, len(data.val_y))
 
     def joint_val():
-        ev = evaluate_arrays(net, data.val_x, device, cfg.eval_batch_size, full=False)
-        return {"val_acc": _accuracy(ev["logits"], data.val_y), "val_recon": float(ev["l2"].mean())}
+        ev = evaluate_arrays(net, data.val_x[:n_mon], device, cfg.eval_batch_size, purify=False, with_ae=False)
+        return {"val_acc": _accuracy(ev["logits"], data.val_y[:n_mon]), "val_recon": float(ev["l2"].mean())}
 
     joint_params = [p for n, p in net.named_parameters() if not n.startswith("C.")]
     seconds = {"joint": _fit("joint", net, joint_params, n_train, cfg.epochs, cfg.lr, cfg, joint_step, joint_val,
@@ -329,8 +335,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
 
     # ---- phase 2: C on clean residuals of the training images (Eq. 8)
     if cfg.detector:
-        res = _residuals(net, data.train_x, device, cfg.eval_batch_size)
-        res_val = _residuals(net, data.val_x, device, cfg.eval_batch_size)
+        n_res = n_train if cfg.detector_train_size is None else min(cfg.detector_train_size, n_train)
+        pick = np.sort(np.random.default_rng([cfg.seed, 99]).choice(n_train, n_res, replace=False))
+        res = _residuals(net, data.train_x[pick], device, cfg.eval_batch_size)
+        res_val = _residuals(net, data.val_x[:n_mon], device, cfg.eval_batch_size)  # C's val loss, for the log
         for p in joint_params:
             p.requires_grad_(False)
 
@@ -346,7 +354,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
                     for i in range(0, len(res_val), 4096)]
             return {"val_loss": float(torch.cat(vals).mean())}
 
-        seconds["detector"] = _fit("detector", net, list(net.C.parameters()), n_train, cfg.detector_epochs,
+        seconds["detector"] = _fit("detector", net, list(net.C.parameters()), n_res, cfg.detector_epochs,
                                    cfg.detector_lr, cfg, det_step, det_val, ckdir / "detector", logger, resume, quiet)
         _load_model_only(ckdir / "detector", net)
         for p in joint_params:
@@ -368,9 +376,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         @torch.no_grad()
         def victim_val():
             victim.eval()
-            hits = sum(int((victim(to_model_scale(data.val_x[i: i + 1000]).to(device)).argmax(1).cpu()
-                            == data.val_y[i: i + 1000]).sum()) for i in range(0, len(data.val_y), 1000))
-            return {"val_acc": hits / len(data.val_y)}
+            hits = sum(int((victim(to_model_scale(data.val_x[i: min(i + 1000, n_mon)]).to(device)).argmax(1).cpu()
+                            == data.val_y[i: min(i + 1000, n_mon)]).sum()) for i in range(0, n_mon, 1000))
+            return {"val_acc": hits / n_mon}
 
         seconds["victim"] = _fit("victim", victim, list(victim.parameters()), n_train, cfg.epochs, cfg.lr, cfg,
                                  victim_step, victim_val, ckdir / "victim", logger, resume, quiet, cfg.weight_decay)
@@ -378,7 +386,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
 
     # ---- evaluation and thresholds
     t_eval = time.perf_counter()
-    ev_val = evaluate_arrays(net, data.val_x, device, cfg.eval_batch_size)
+    ev_val = evaluate_arrays(net, data.val_x, device, cfg.eval_batch_size, purify=False)
     ev_test = evaluate_arrays(net, data.test_x, device, cfg.eval_batch_size, victim)
     thresholds = _thresholds(cfg, ev_val, ev_test, splits.name.value)
     metrics = _metrics(cfg, ev_val, ev_test, data, thresholds)

@@ -1,0 +1,107 @@
+"""ONNX -> TFLite (float32) in a child process: ``python -m dafar.export._tflite_worker SPEC.json``.
+
+Run in its own process and working folder because onnx2tf and TensorFlow hold ~1 GB, print a
+lot, and read files from the working directory.  Steps:
+
+1. onnx2tf converts the (static-batch, float NCHW in [0, 1]) ONNX graph to a SavedModel whose
+   input is NHWC.  Offline trap: onnx2tf 1.28.8 downloads
+   ``calibration_image_sample_data_20x128x128x3_float32.npy`` for any model whose inputs are all
+   4-D with 3 channels, and crashes without a network; a file of that name in the working
+   folder is used instead, so we write a deterministic one there first.
+2. onnx2tf drops the ONNX output names (``Identity_N``), so we wrap its signature in a
+   ``tf.function`` that takes the input contract (float NCHW in [0, 1] via a transpose, or uint8
+   NHWC via a cast and 1/255 scale), returns a dict keyed by our names, and save that as a new
+   SavedModel with one ``serving_default`` signature ``x -> label, score, ...``.
+3. The TF converter turns it into a .tflite with builtin ops only; a Flex or custom op fails
+   the conversion (the paper's MaxUnpool would need ``FlexMaxPoolWithArgmax``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
+
+
+def _write_offline_sample(folder: Path) -> None:
+    rng = np.random.default_rng(0)
+    np.save(folder / ONNX2TF_SAMPLE, rng.random((20, 128, 128, 3), dtype=np.float32))
+
+
+def _match_outputs(structured: dict, names: list[str]) -> list[str]:
+    """onnx2tf keeps the ONNX output order; map its signature keys to that order."""
+    keys = list(structured)
+    if set(names) <= set(keys):
+        return names
+    if len(keys) != len(names):
+        raise RuntimeError(f"onnx2tf signature has outputs {keys}, expected {len(names)}: {names}")
+
+    def order(k: str):
+        digits = "".join(ch for ch in k.rsplit("_", 1)[-1] if ch.isdigit()) if "_" in k else ""
+        return (0, int(digits)) if digits else (-1, 0)  # 'Identity' < 'Identity_1' < ...
+
+    return sorted(keys, key=order)
+
+
+def main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    work = Path(spec["work_dir"])
+    os.chdir(work)
+    _write_offline_sample(work)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import onnx2tf
+    import tensorflow as tf
+
+    n, c, h, w = spec["batch"], *spec["input_chw"]
+    onnx2tf.convert(
+        input_onnx_file_path=spec["onnx"],
+        output_folder_path=str(work / "onnx2tf"),
+        output_signaturedefs=True,
+        overwrite_input_shape=[f"x:{n},{c},{h},{w}"],
+        non_verbose=True,
+    )
+    loaded = tf.saved_model.load(str(work / "onnx2tf"))
+    sig = loaded.signatures["serving_default"]
+    in_keys = list(sig.structured_input_signature[1])
+    if len(in_keys) != 1:
+        raise RuntimeError(f"onnx2tf model has inputs {in_keys}, expected one")
+    names = spec["output_names"]
+    keys = _match_outputs(sig.structured_outputs, names)
+
+    if spec["contract"] == "uint8-nhwc":
+        in_spec = tf.TensorSpec([n, h, w, c], tf.uint8, name="x")
+
+        def adapt(x):
+            return tf.cast(x, tf.float32) * (1.0 / 255.0)
+    else:
+        in_spec = tf.TensorSpec([n, c, h, w], tf.float32, name="x")
+
+        def adapt(x):
+            return tf.transpose(x, [0, 2, 3, 1])
+
+    class Graph(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = loaded
+
+        @tf.function(input_signature=[in_spec])
+        def serve(self, x):
+            out = sig(**{in_keys[0]: adapt(x)})
+            return {name: tf.identity(out[k], name=name) for name, k in zip(names, keys)}
+
+    graph = Graph()
+    tf.saved_model.save(graph, str(work / "named"), signatures={"serving_default": graph.serve})
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(work / "named"), signature_keys=["serving_default"])
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    conv.allow_custom_ops = False
+    tfl = conv.convert()
+    Path(spec["out"]).write_bytes(tfl)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

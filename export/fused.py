@@ -1,0 +1,114 @@
+"""The whole defence as one torch module, the graph every export format is made from.
+
+``FusedDafar`` maps an image batch to five outputs, in this order and with these names:
+
+* ``label``: argmax of the purified logits (int64; int32 where the format prefers it),
+* ``score``: the anomaly score, ``||d||_2`` with ``d = x - D(E(x))`` (``--detector l2``) or
+  ``d - C(d)`` (``--detector autoencoder``), on the model scale [-1, 1],
+* ``rejected``: ``not (score <= alpha)``: True for a score above alpha *and* for a NaN score, so
+  the graph fails closed (built so that converters cannot turn it into ``score > alpha``),
+* ``logits``: the victim's logits ``F(E(x))``,
+* ``purified_logits``: ``F(E(D(E(x))))``.
+
+The input contract decides the first ops: ``float-nchw`` takes float32 NCHW in [0, 1];
+``uint8-nhwc`` takes camera pixels (uint8 NHWC) and casts, transposes and scales inside the graph.
+Normalization (``(x01 - mean) / std``) always lives inside the graph, and alpha is a constant in it.
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+from torch import nn
+
+from dafar.train.models import DafarNet, Victim
+
+__all__ = ["InputContract", "Detector", "OUTPUT_NAMES", "VICTIM_OUTPUT_NAMES", "FusedDafar", "VictimGraph"]
+
+OUTPUT_NAMES = ("label", "score", "rejected", "logits", "purified_logits")
+VICTIM_OUTPUT_NAMES = ("label", "logits")
+
+
+class InputContract(str, Enum):
+    FLOAT_NCHW = "float-nchw"  # float32, N x C x H x W, values in [0, 1]
+    UINT8_NHWC = "uint8-nhwc"  # uint8, N x H x W x C, raw pixels 0..255
+
+
+class Detector(str, Enum):
+    L2 = "l2"
+    AUTOENCODER = "autoencoder"
+
+
+class _Preprocess(nn.Module):
+    """Input contract -> model scale [-1, 1], NCHW float32."""
+
+    def __init__(self, contract: InputContract, mean: list[float], std: list[float]):
+        super().__init__()
+        self.contract = InputContract(contract)
+        c = len(mean)
+        # x_model = (x01 - mean) / std = x01 * scale + shift, one fused multiply-add per pixel
+        scale = torch.tensor([1.0 / s for s in std], dtype=torch.float32).view(1, c, 1, 1)
+        shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32).view(1, c, 1, 1)
+        if self.contract is InputContract.UINT8_NHWC:
+            scale = scale / 255.0
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("shift", shift, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.contract is InputContract.UINT8_NHWC:
+            x = x.permute(0, 3, 1, 2).to(torch.float32)
+        return x * self.scale + self.shift
+
+
+class FusedDafar(nn.Module):
+    """Victim + feedback loop + detector + threshold as one graph (see the module docstring)."""
+
+    def __init__(self, net: DafarNet, alpha: float, detector: Detector | str = Detector.L2,
+                 contract: InputContract | str = InputContract.FLOAT_NCHW,
+                 mean: list[float] | None = None, std: list[float] | None = None):
+        super().__init__()
+        self.detector = Detector(detector)
+        if self.detector is Detector.AUTOENCODER and net.C is None:
+            raise ValueError("detector=autoencoder needs a model trained with the anomaly autoencoder C")
+        c = net.spec.in_channels
+        self.pre = _Preprocess(contract, mean or [0.5] * c, std or [0.5] * c)
+        self.E, self.F, self.D = net.E, net.F, net.D
+        self.C = net.C if self.detector is Detector.AUTOENCODER else None
+        alpha = float(alpha)
+        if not torch.isfinite(torch.tensor(alpha)):
+            raise ValueError(f"alpha must be finite, got {alpha}")
+        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32), persistent=False)
+
+    def forward(self, x: torch.Tensor):
+        xm = self.pre(x)
+        feats = self.E(xm)
+        logits = self.F(feats.z)
+        recon = self.D(feats)
+        d = xm - recon
+        if self.C is not None:
+            d = d - self.C(d)
+        score = torch.sqrt(torch.sum(d * d, dim=(1, 2, 3)))
+        # Fail closed: a NaN score must be rejected.  "score > alpha" is False for NaN, and
+        # onnx2tf rewrites Not(LessOrEqual(s, a)) into Greater(s, a), which accepts NaN.  Going
+        # through a float cast (accepted = 1.0 only when score <= alpha) keeps NaN on the reject
+        # side in every format; the TFLite and ONNX tests feed NaN images to check it.
+        accepted = (score <= self.alpha).to(torch.float32)
+        rejected = accepted < 0.5
+        purified_logits = self.F(self.E(recon).z)
+        label = torch.argmax(purified_logits, dim=1)
+        return label, score, rejected, logits, purified_logits
+
+
+class VictimGraph(nn.Module):
+    """The undefended classifier F(E(x)) with the same input contract, for cost comparisons."""
+
+    def __init__(self, model: DafarNet | Victim, contract: InputContract | str = InputContract.FLOAT_NCHW,
+                 mean: list[float] | None = None, std: list[float] | None = None):
+        super().__init__()
+        c = model.spec.in_channels
+        self.pre = _Preprocess(contract, mean or [0.5] * c, std or [0.5] * c)
+        self.E, self.F = model.E, model.F
+
+    def forward(self, x: torch.Tensor):
+        logits = self.F(self.E(self.pre(x)).z)
+        return torch.argmax(logits, dim=1), logits

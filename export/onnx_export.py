@@ -1,0 +1,100 @@
+"""torch -> ONNX with the dynamo exporter (opset 18), checked by the ONNX checker.
+
+The legacy exporter cannot export MaxUnpool ("cond must be a bool"); the dynamo exporter exports
+both unpool variants.  The batch dimension is dynamic unless a fixed batch is asked for (the
+TFLite path wants a static shape).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dafar.errors import ExportError, require
+
+__all__ = ["export_onnx", "onnx_op_counts", "run_onnx", "ort_session"]
+
+OPSET = 18
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The dynamo exporter prints progress and harmless notes (torchvision missing, ambiguous
+    attributes); keep the CLI's output readable.  Errors still raise."""
+    buf_out, buf_err = io.StringIO(), io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf_out), contextlib.redirect_stderr(buf_err):
+            warnings.simplefilter("ignore")
+            yield buf_out, buf_err
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def export_onnx(module: torch.nn.Module, sample: torch.Tensor, path: str | os.PathLike,
+                output_names: tuple[str, ...], dynamic_batch: bool = True) -> Path:
+    """Export ``module(sample)`` to ``path`` (input named ``x``) and run the ONNX checker."""
+    onnx = require("onnx", "export", "ONNX export")
+    require("onnxscript", "export", "ONNX export")
+    path = Path(path)
+    module = module.eval()
+    dynamic_shapes = {"x": {0: torch.export.Dim("batch", min=1, max=4096)}} if dynamic_batch else None
+    try:
+        with _quiet() as (_, err):
+            prog = torch.onnx.export(
+                module, (sample,), dynamo=True, opset_version=OPSET, input_names=["x"],
+                output_names=list(output_names), dynamic_shapes=dynamic_shapes, external_data=False,
+                optimize=True, verbose=False,
+            )
+            prog.save(str(path))
+    except Exception as exc:  # the exporter raises many types
+        raise ExportError(f"torch.onnx.export failed for {path.name}: {type(exc).__name__}: {exc}") from exc
+    model = onnx.load(str(path))
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        raise ExportError(f"ONNX checker rejected {path}: {exc}") from exc
+    got = [o.name for o in model.graph.output]
+    if got != list(output_names):
+        raise ExportError(f"{path.name}: outputs are {got}, expected {list(output_names)}")
+    return path
+
+
+def onnx_op_counts(path: str | os.PathLike) -> dict[str, int]:
+    onnx = require("onnx", "export", "ONNX export")
+    model = onnx.load(str(path))
+    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None):
+    ort = require("onnxruntime", "onnx-runtime", "running ONNX models")
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(sess, x: np.ndarray, batch_size: int = 500) -> dict[str, np.ndarray]:
+    """Run an ONNX Runtime session over ``x`` in batches; outputs by name."""
+    names = [o.name for o in sess.get_outputs()]
+    fixed = sess.get_inputs()[0].shape[0]
+    bs = fixed if isinstance(fixed, int) else batch_size
+    outs: dict[str, list] = {n: [] for n in names}
+    for i in range(0, len(x), bs):
+        chunk = x[i: i + bs]
+        res = sess.run(names, {"x": chunk})
+        for n, r in zip(names, res):
+            outs[n].append(r)
+    return {n: np.concatenate(v) for n, v in outs.items()}

@@ -1,0 +1,301 @@
+"""Export: the fused graph, ONNX and TFLite parity with torch, builtin ops, named signatures,
+input contracts, the offline 3-channel path, and clean failures."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dafar.errors import (ConfigError, DecisionMismatchError, HashMismatchError, ManifestError, OutputShapeError,
+                          ToleranceError, UnsupportedOpError)
+from dafar.export.fused import OUTPUT_NAMES, Detector, FusedDafar, InputContract, VictimGraph
+from dafar.export.validate import Tolerance, compare_outputs
+from dafar.manifest import load_manifest, read_manifest, sha256_file, write_manifest
+from dafar.train.models import build_dafar, l2_per_sample
+
+pytest.importorskip("onnxruntime")
+
+
+def _net(dataset="mnist", unpool="mask"):
+    torch.manual_seed(0)
+    return build_dafar(dataset, unpool).eval()
+
+
+def test_fused_graph_matches_its_parts():
+    net = _net()
+    x01 = torch.rand(4, 1, 28, 28)
+    label, score, rejected, logits, purified = FusedDafar(net, 5.0, "l2")(x01)
+    xm = x01 * 2 - 1
+    with torch.no_grad():
+        lo, rec = net(xm)
+        torch.testing.assert_close(logits, lo)
+        torch.testing.assert_close(score, l2_per_sample(xm - rec), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(purified, net.purified_logits(rec))
+    assert torch.equal(label, purified.argmax(1)) and torch.equal(rejected, score > 5.0)
+    ae = FusedDafar(net, 5.0, "autoencoder")(x01)[1]
+    with torch.no_grad():
+        torch.testing.assert_close(ae, net.ae_score(xm, rec), rtol=1e-5, atol=1e-5)
+
+
+def test_uint8_contract_equals_float_contract():
+    net = _net()
+    u8 = torch.randint(0, 256, (3, 28, 28, 1), dtype=torch.uint8)
+    a = FusedDafar(net, 1.0, contract="uint8-nhwc")(u8)
+    b = FusedDafar(net, 1.0, contract="float-nchw")(u8.permute(0, 3, 1, 2).float() / 255)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
+def test_fails_closed_on_nan():
+    net = _net()
+    x = torch.rand(2, 1, 28, 28)
+    x[1, 0, 3, 3] = float("nan")
+    _, score, rejected, _, _ = FusedDafar(net, 1e9, "l2")(x)
+    assert torch.isnan(score[1]) and rejected.tolist() == [False, True]
+
+
+def test_autoencoder_detector_needs_c():
+    with pytest.raises(ValueError, match="anomaly autoencoder"):
+        FusedDafar(build_dafar("mnist", with_detector=False), 1.0, "autoencoder")
+    with pytest.raises(ValueError, match="finite"):
+        FusedDafar(_net(), float("inf"))
+
+
+def test_compare_outputs_typed_errors():
+    ref = {"label": np.arange(10), "score": np.linspace(1, 2, 10).astype(np.float32), "rejected": np.zeros(10, bool),
+           "logits": np.zeros((10, 3), np.float32)}
+    ok = compare_outputs(ref, dict(ref), Tolerance(), "same")
+    assert ok["label_agreement"] == 1.0 and ok["score_rel_err_max"] == 0.0
+    with pytest.raises(OutputShapeError, match="missing"):
+        compare_outputs(ref, {k: v for k, v in ref.items() if k != "score"}, Tolerance(), "m")
+    with pytest.raises(OutputShapeError, match="shape"):
+        compare_outputs(ref, {**ref, "logits": np.zeros((10, 4))}, Tolerance(), "m")
+    bad = ref["label"].copy()
+    bad[0] = 9
+    with pytest.raises(DecisionMismatchError, match="90.000%"):
+        compare_outputs(ref, {**ref, "label": bad}, Tolerance(), "m")
+    with pytest.raises(ToleranceError, match="median"):
+        compare_outputs(ref, {**ref, "score": ref["score"] * 1.01}, Tolerance(), "m")
+    one_off = ref["score"].copy()
+    one_off[3] *= 1.01  # one near-tie outlier of 10 images: allowed only with a 10% allowance
+    with pytest.raises(ToleranceError, match="1 of 10 images"):
+        compare_outputs(ref, {**ref, "score": one_off}, Tolerance(), "m")
+    rep = compare_outputs(ref, {**ref, "score": one_off}, Tolerance(max_outlier_fraction=0.1), "m")
+    assert rep["outlier_images"] == 1 and rep["score_rel_err_max"] == pytest.approx(0.01, rel=1e-3)
+    with pytest.raises(ToleranceError, match="logits"):
+        compare_outputs(ref, {**ref, "logits": ref["logits"] + 0.1}, Tolerance(), "m")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("unpool", ["mask", "maxunpool"])
+def test_onnx_dynamic_batch_parity(tmp_path, unpool):
+    from dafar.export.onnx_export import export_onnx, onnx_op_counts, ort_session, run_onnx
+
+    net = _net(unpool=unpool)
+    fused = FusedDafar(net, 3.0, "autoencoder").eval()
+    path = export_onnx(fused, torch.rand(2, 1, 28, 28), tmp_path / "m.onnx", OUTPUT_NAMES)
+    sess = ort_session(path)
+    assert [o.name for o in sess.get_outputs()] == list(OUTPUT_NAMES)
+    for n in (1, 5):
+        x = np.random.default_rng(n).random((n, 1, 28, 28), dtype=np.float32)
+        got = run_onnx(sess, x)
+        with torch.no_grad():
+            ref = [t.numpy() for t in fused(torch.from_numpy(x))]
+        for name, r in zip(OUTPUT_NAMES, ref):
+            np.testing.assert_allclose(got[name], r, rtol=1e-4, atol=1e-5)
+    x = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
+    x[0, 0, 0, 0] = np.nan
+    assert run_onnx(sess, x)["rejected"][0]  # fails closed in the exported graph too
+    ops = onnx_op_counts(path)
+    assert ("MaxUnpool" in ops or "ScatterND" in ops) == (unpool == "maxunpool")
+
+
+# ---------------------------------------------------------------- run-folder exports (slow)
+
+def _tiny_run(root, dataset="mnist", data_dir=None):
+    from dafar.train.config import TrainConfig
+    from dafar.train.trainer import train
+
+    cfg = TrainConfig.for_profile(dataset, "quick", train_limit=128, test_limit=100, val_size=100, batch_size=32,
+                                  epochs=1, detector_epochs=1, threads=2)
+    return train(cfg, root, data_dir=data_dir, quiet=True).run_dir
+
+
+@pytest.fixture(scope="module")
+def mnist_run(tmp_path_factory):
+    pytest.importorskip("onnx2tf")
+    pytest.importorskip("ai_edge_litert")
+    return _tiny_run(tmp_path_factory.mktemp("exp") / "run")
+
+
+@pytest.fixture
+def run_copy(mnist_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(mnist_run, dst)
+    return dst
+
+
+@pytest.mark.slow
+def test_export_both_formats_detectors_and_contracts(run_copy):
+    from dafar.export.api import ExportConfig, export_run
+    from dafar.export.tflite_export import run_tflite, signature_io, tflite_interpreter
+
+    cfg = ExportConfig(detectors=("l2", "autoencoder"), contracts=("float-nchw", "uint8-nhwc"), validate_images=100)
+    entries = export_run(run_copy, cfg, log=lambda *a: None)
+    m = load_manifest(run_copy)  # all hashes, exports included
+    expect = {f"export/{g}-{c}{suf}" for c in ("float-nchw", "uint8-nhwc") for suf in (".onnx", "-b1.tflite")
+              for g in ("dafar-l2", "dafar-autoencoder", "victim")}
+    assert set(entries) == expect and expect <= set(m["exports"]) and expect <= set(m["files"])
+    for rel, e in m["exports"].items():
+        v = e["validation"]
+        assert v["images"] == 100
+        assert v["label_agreement"] >= 0.9995
+        if e["graph"] == "dafar":
+            assert v["rejected_agreement"] >= 0.9995 and v["score_rel_err_median"] <= 1e-4
+            assert v["outlier_images"] <= 0.005 * v["images"]
+            assert v.get("nan_input_rejected") is (True if e["contract"] == "float-nchw" else None)
+            assert e["alpha"] == m["thresholds"]["l2" if e["detector"] == "l2" else "autoencoder"]["rules"][e["threshold_rule"]]["alpha"]
+        if e["format"] == "tflite":
+            assert all(op.isupper() and not op.startswith("CUSTOM") for op in e["ops"]), e["ops"]
+            interp = tflite_interpreter(run_copy / rel)
+            io = signature_io(interp)
+            assert list(io["inputs"]) == ["x"]
+            want_out = set(OUTPUT_NAMES) if e["graph"] == "dafar" else {"label", "logits"}
+            assert set(io["outputs"]) == want_out
+            if e["contract"] == "uint8-nhwc":
+                assert io["inputs"]["x"] == {"shape": [1, 28, 28, 1], "dtype": "uint8"}
+            else:
+                assert io["inputs"]["x"] == {"shape": [1, 1, 28, 28], "dtype": "float32"}
+        else:
+            assert e["batch"] == "dynamic" and "MaxUnpool" not in e["ops"]
+    # the uint8 TFLite defence fed raw pixels decides like the float ONNX one fed x/255
+    from dafar.export.api import test_images
+    from dafar.export.onnx_export import ort_session, run_onnx
+
+    u8, _ = test_images(m, limit=20)
+    a = run_tflite(tflite_interpreter(run_copy / "export/dafar-l2-uint8-nhwc-b1.tflite"), u8.transpose(0, 2, 3, 1).copy())
+    b = run_onnx(ort_session(run_copy / "export/dafar-l2-float-nchw.onnx"), u8.astype(np.float32) / 255)
+    assert np.array_equal(a["label"], b["label"]) and np.array_equal(a["rejected"], b["rejected"])
+    np.testing.assert_allclose(a["score"], b["score"], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_tflite_batch_n_and_threshold_rule(run_copy):
+    from dafar.export.api import ExportConfig, export_run
+
+    entries = export_run(run_copy, ExportConfig(formats=("tflite",), tflite_batches=(4,), victim=False, validate_images=102,
+                                                threshold_rule="quantile@fpr=0.05"), log=lambda *a: None)
+    (rel, e), = entries.items()
+    assert rel == "export/dafar-l2-float-nchw-b4.tflite" and e["input"]["shape"] == [4, 1, 28, 28]
+    assert e["threshold_rule"] == "quantile@fpr=0.05"
+    assert e["validation"]["images"] == 102  # 25 full batches of 4 and a padded one
+
+
+@pytest.mark.slow
+def test_three_channel_model_converts_offline(tmp_path):
+    """onnx2tf fetches a sample file from the web for 3-channel inputs; the exporter must not need it."""
+    pytest.importorskip("onnx2tf")
+    from conftest import make_image_folder
+    from dafar.data import CIFAR10_CLASSES
+    from dafar.export.api import ExportConfig, export_run
+
+    root = make_image_folder(tmp_path / "c10", CIFAR10_CLASSES, per_class=4)
+    from dafar.train.config import TrainConfig
+    from dafar.train.trainer import train
+
+    cfg = TrainConfig.for_profile("cifar10", "quick", train_limit=32, val_size=8, batch_size=16, epochs=1,
+                                  detector_epochs=1, threads=2)
+    run = train(cfg, tmp_path / "run", data_dir=root, quiet=True).run_dir
+    # a dead proxy makes any HTTP(S) request fail at once
+    env = {k: os.environ.get(k) for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy")}
+    for k in env:
+        os.environ[k] = "http://127.0.0.1:9"
+    try:
+        entries = export_run(run, ExportConfig(formats=("tflite",), victim=False, validate_images=40), data_dir=root,
+                             log=lambda *a: None)
+    finally:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    e = entries["export/dafar-l2-float-nchw-b1.tflite"]
+    assert e["input"]["shape"] == [1, 3, 32, 32] and e["validation"]["rejected_agreement"] == 1.0
+
+
+@pytest.mark.slow
+def test_bad_run_folders_and_options(run_copy, tmp_path, capsys):
+    from dafar.cli import main
+    from dafar.export.api import ExportConfig, export_run
+
+    with pytest.raises(ConfigError, match="unknown format"):
+        ExportConfig(formats=("coreml",))
+    with pytest.raises(ConfigError, match="input contract"):
+        ExportConfig(contracts=("float-nhwc",))
+    assert main(["export", str(run_copy), "--format", "coreml"]) == 2
+    assert main(["export", str(run_copy), "--tflite-batch", "x"]) == 2
+    assert main(["export", str(tmp_path / "nope")]) == 4
+    before = sha256_file(run_copy / "manifest.json")
+    # an unknown threshold rule
+    with pytest.raises(ManifestError, match="no threshold rule"):
+        export_run(run_copy, ExportConfig(formats=("onnx",), threshold_rule="median"), log=lambda *a: None)
+    # an impossible tolerance: the export fails validation and leaves nothing behind
+    with pytest.raises(ToleranceError):
+        export_run(run_copy, ExportConfig(formats=("onnx",), victim=False,
+                                          tolerance=Tolerance(score_rtol_median=0.0, score_rtol_max=0.0)),
+                   log=lambda *a: None)
+    assert sha256_file(run_copy / "manifest.json") == before
+    assert not (run_copy / "export").exists() and not list(run_copy.glob(".staging-*"))
+    # a weights file that does not match its hash
+    p = run_copy / "weights" / "F.safetensors"
+    p.write_bytes(p.read_bytes()[:-1] + b"\0")
+    with pytest.raises(HashMismatchError, match="F.safetensors"):
+        export_run(run_copy, ExportConfig(formats=("onnx",)), log=lambda *a: None)
+    # a run folder without its weights
+    p.unlink()
+    from dafar.errors import RunFolderError
+
+    with pytest.raises(RunFolderError, match="F.safetensors"):
+        export_run(run_copy, ExportConfig(formats=("onnx",)), log=lambda *a: None)
+
+
+@pytest.mark.slow
+def test_missing_alpha_is_a_clear_error(run_copy):
+    from dafar.export.api import ExportConfig, export_run
+
+    m = read_manifest(run_copy)
+    del m["thresholds"]["l2"]["rules"][m["thresholds"]["l2"]["default"]]["alpha"]
+    write_manifest(run_copy, m)
+    with pytest.raises(ManifestError, match="no finite alpha"):
+        export_run(run_copy, ExportConfig(formats=("onnx",)), log=lambda *a: None)
+    m = read_manifest(run_copy)
+    del m["thresholds"]["l2"]
+    write_manifest(run_copy, m)
+    with pytest.raises(ManifestError, match="thresholds.l2"):
+        export_run(run_copy, ExportConfig(formats=("onnx",)), log=lambda *a: None)
+
+
+@pytest.mark.slow
+def test_maxunpool_runs_refuse_tflite(tmp_path):
+    from dafar.export.api import ExportConfig, export_run
+    from dafar.train.config import TrainConfig
+    from dafar.train.trainer import train
+
+    cfg = TrainConfig.for_profile("mnist", "quick", train_limit=64, test_limit=50, val_size=50, batch_size=32,
+                                  epochs=1, detector=False, unpool="maxunpool", threads=2)
+    run = train(cfg, tmp_path / "mu", quiet=True).run_dir
+    with pytest.raises(UnsupportedOpError, match="FlexMaxPoolWithArgmax"):
+        export_run(run, ExportConfig(formats=("tflite",)), log=lambda *a: None)
+    entries = export_run(run, ExportConfig(formats=("onnx",), validate_images=200), log=lambda *a: None)
+    assert entries["export/dafar-l2-float-nchw.onnx"]["validation"]["rejected_agreement"] == 1.0
+
+
+def test_builtin_check_rejects_flex_ops(monkeypatch, tmp_path):
+    pytest.importorskip("ai_edge_litert")
+    from dafar.export import tflite_export
+
+    monkeypatch.setattr(tflite_export, "tflite_op_counts", lambda p: {"CONV_2D": 4, "CUSTOM:FlexMaxPoolWithArgmax": 2})
+    with pytest.raises(UnsupportedOpError, match="FlexMaxPoolWithArgmax"):
+        tflite_export.check_builtin_only(tmp_path / "m.tflite")
