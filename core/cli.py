@@ -3,7 +3,7 @@
 Each subcommand imports its (heavy) stage inside its handler, so ``dafar --help`` and the
 device-side subcommands work on a Raspberry Pi with only numpy and a runtime backend installed.
 Exit codes: 0 ok, 1 other dafar error, 2 bad arguments/config/input, 3 data, 4 run folder,
-5 training, 6 missing optional dependency, 7 export/conversion, 130 interrupted.
+5 training, 6 missing optional dependency, 7 export/conversion/quantization, 8 inference, 130 interrupted.
 """
 from __future__ import annotations
 
@@ -36,6 +36,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="skip the victim-only model")
     p.add_argument("--unpool", choices=["mask", "maxunpool"], default=None,
                    help="decoder unpooling: index-free mask (default, exportable to TFLite) or the paper's MaxUnpool")
+    p.add_argument("--augment", choices=["none", "shift", "crop-flip"], default=None,
+                   help="training augmentation: shift (MNIST, +-2 px) or crop-flip (CIFAR-10); default from the profile")
+    p.add_argument("--recon-weight", type=float, default=None,
+                   help="weight of ||x - D(E(x))||_2 against the cross-entropy in the joint loss")
     p.add_argument("--z", type=float, default=None, help="threshold rule mean + z*std (default 3 MNIST, 2 CIFAR-10)")
     p.add_argument("--train-limit", type=int, default=None, help="train on the first N training images only")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only")
@@ -55,7 +59,7 @@ def _train_config(args):
 
     overrides = dict(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, detector_epochs=args.detector_epochs,
-        train_victim=args.train_victim, unpool=args.unpool, z=args.z, train_limit=args.train_limit,
+        train_victim=args.train_victim, unpool=args.unpool, augment=args.augment, recon_weight=args.recon_weight, z=args.z, train_limit=args.train_limit,
         test_limit=args.test_limit, val_size=args.val_size, seed=args.seed, device=args.device, threads=args.threads,
     )
     if args.no_detector:
@@ -118,20 +122,150 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from dafar.quantize.api import Checks, QuantizeConfig, quantize_run
+
+    cfg = QuantizeConfig(
+        formats=tuple(_csv(args.format)), detectors=tuple(_csv(args.detector)) if args.detector else None,
+        contracts=tuple(_csv(args.input)) if args.input else None, layout=args.layout, calib_images=args.calib,
+        calib_seed=args.calib_seed, victim=not args.no_victim,
+        validate_images=None if args.validate == "all" else int(args.validate), activation_type=args.activation_type,
+        tflite_batch=args.tflite_batch, compare_naive=not args.no_naive,
+        checks=Checks(min_decision_agreement=args.min_decision_agreement),
+    )
+    entries = quantize_run(args.run, cfg, data_dir=args.data_dir, attack_images=args.attack_images,
+                           log=(lambda *a: None) if args.quiet else print)
+    for rel, e in entries.items():
+        v = e["validation"]
+        extra = (f", alpha {e['alpha_float']:.4f} -> {e['alpha']:.4f}" if e.get("alpha") is not None else "")
+        print(f"wrote {rel} ({e['format']} int8, {e['layout']}, {100 * v['size_ratio']:.0f}% of float{extra})")
+    from dafar.quantize.report import write_quantize_report
+    from dafar.train.report import write_report
+
+    print(f"report: {write_quantize_report(args.run)}")
+    write_report(args.run)
+    return 0
+
+
+def _load_image(path: str, chw, resize: bool):
+    """An image file as uint8 HxWxC (PNG/JPEG/... via Pillow) or a .npy array (any accepted layout)."""
+    import numpy as np
+
+    from dafar.errors import InputValidationError
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputValidationError(f"{p}: no such file")
+    if p.suffix.lower() == ".npy":
+        try:
+            return np.load(p, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise InputValidationError(f"{p}: not a readable .npy array ({exc})") from None
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise MissingExtraError("reading image files needs Pillow: pip install 'dafar[images]' (or pass .npy arrays)") from None
+    c, h, w = chw
+    try:
+        with Image.open(p) as im:
+            im = im.convert("L" if c == 1 else "RGB")
+            if im.size != (w, h):
+                if not resize:
+                    raise InputValidationError(f"{p}: image is {im.size[0]}x{im.size[1]}, the model takes {w}x{h} "
+                                               "(pass --resize to scale it)")
+                im = im.resize((w, h), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputValidationError(f"{p}: not a readable image ({exc})") from None
+    return arr if arr.ndim == 3 else arr[:, :, None]
+
+
+def cmd_predict(args) -> int:
+    from dafar.runtime import Defence
+
+    d = Defence(args.run, args.model, threads=args.threads, provider=args.provider, on_invalid=args.on_invalid)
+    rows = []
+    for f in args.images:
+        a = _load_image(f, d.chw, args.resize)
+        p = d.predict(a)
+        for i, rec in enumerate(p.to_records()):
+            rec["file"] = f if len(p) == 1 else f"{f}[{i}]"
+            if 0 <= rec["label"] < len(d.classes):
+                rec["class"] = d.classes[rec["label"]]
+            rows.append(rec)
+    if args.json:
+        print(json.dumps({"model": d.model_rel, "alpha": d.alpha, "detector": d.detector, "precision": d.precision,
+                          "predictions": rows}, indent=2))
+    else:
+        print(f"model {d.model_rel} ({d.precision}, detector {d.detector}, alpha {d.alpha})")
+        for r in rows:
+            score = "n/a" if r["score"] is None else f"{r['score']:.4f}"
+            print(f"{r['file']}: label {r['label']} ({r.get('class', '?')})  score {score}  {r['verdict'].upper()}")
+    return 0
+
+
+def _ints(value: str, flag: str) -> tuple[int, ...]:
+    from dafar.errors import ConfigError
+
+    try:
+        return tuple(int(v) for v in _csv(value))
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated integers, got {value!r}") from None
+
+
+def _count_or_all(value: str, flag: str) -> int | None:
+    """'all' -> None, else a non-negative integer."""
+    from dafar.errors import ConfigError
+
+    if value == "all":
+        return None
+    if not value.isdigit():
+        raise ConfigError(f"{flag} takes a non-negative integer or 'all', got {value!r}")
+    return int(value)
+
+
+def cmd_bench(args) -> int:
+    from dafar.bench.harness import BenchConfig, run_bench
+    from dafar.bench.report import write_bench_report
+
+    cfg = BenchConfig(threads=_ints(args.threads, "--threads"), batches=_ints(args.batch, "--batch"), runs=args.runs,
+                      warmup=args.warmup, min_seconds=args.min_seconds,
+                      models=tuple(_csv(args.models)) if args.models else None,
+                      accuracy_images=_count_or_all(args.accuracy_images, "--accuracy-images"),
+                      memory=not args.no_memory, torch=not args.no_torch, gpu=not args.no_gpu, device_only=args.device_only)
+    run_bench(args.run, cfg, data_dir=args.data_dir, log=(lambda *a: None) if args.quiet else print)
+    print(f"report: {write_bench_report(args.run)}")
+    return 0
+
+
 def cmd_pipeline(args) -> int:
-    """The main job: train, export every graph variant, write the report."""
+    """The main job: train, export every graph variant, quantize to int8, benchmark, write the reports."""
+    from dafar.bench.harness import BenchConfig, run_bench
+    from dafar.bench.report import write_bench_report
     from dafar.export.api import ExportConfig, export_run
+    from dafar.quantize.api import QuantizeConfig, quantize_run
+    from dafar.quantize.report import write_quantize_report
     from dafar.train.report import write_report
     from dafar.train.trainer import train
 
+    log = (lambda *a: None) if args.quiet else print
     cfg = _train_config(args)
     result = train(cfg, args.out, args.data_dir, resume=args.resume, overwrite=args.overwrite,
                    download=not args.no_download, quiet=args.quiet)
     _print_summary(result)
-    exp = ExportConfig(detectors=("l2", "autoencoder") if cfg.detector else ("l2",),
-                       contracts=("float-nchw", "uint8-nhwc"))
-    export_run(result.run_dir, exp, data_dir=args.data_dir, log=(lambda *a: None) if args.quiet else print)
-    print(f"report: {write_report(result.run_dir)}")
+    run = result.run_dir
+    dets = ("l2", "autoencoder") if cfg.detector else ("l2",)
+    print("== export", flush=True)
+    export_run(run, ExportConfig(detectors=dets, contracts=("float-nchw", "uint8-nhwc")), data_dir=args.data_dir, log=log)
+    if not args.skip_quantize:
+        print("== quantize", flush=True)
+        quantize_run(run, QuantizeConfig(), data_dir=args.data_dir, log=log)
+        write_quantize_report(run)
+    if not args.skip_bench:
+        print("== bench", flush=True)
+        run_bench(run, BenchConfig(threads=(1, 2)), data_dir=args.data_dir, log=log)
+        write_bench_report(run)
+    print(f"report: {write_report(run)}")
     return 0
 
 
@@ -179,8 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("pipeline", help="the main job: train, export to ONNX and TFLite, write the report")
+    p = sub.add_parser("pipeline", help="the main job: train, export, quantize to int8, benchmark, write the reports")
     _add_train_args(p)
+    p.add_argument("--skip-quantize", action="store_true")
+    p.add_argument("--skip-bench", action="store_true")
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("export", help="fuse victim, feedback loop and detector into ONNX/TFLite graphs, validated")
@@ -197,6 +333,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-victim", action="store_true", help="skip the victim-only graph F(E(x))")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize", help="int8 models for ONNX Runtime and LiteRT, detector kept, alpha recalibrated")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--format", default="onnx,tflite", help="comma list of onnx, tflite (default: both)")
+    p.add_argument("--detector", default=None, help="comma list of l2, autoencoder (default: every exported one)")
+    p.add_argument("--input", default=None, help="comma list of input contracts (default: every exported one)")
+    p.add_argument("--layout", default="precise", choices=["precise", "mixed"],
+                   help="precise: E on the input path and D compute in float with int8-stored weights (default; keeps "
+                        "the score); mixed: every conv/linear layer in int8, only the residual/score/threshold in float")
+    p.add_argument("--calib", type=int, default=256, metavar="N", help="calibration images from the training split (default 256)")
+    p.add_argument("--calib-seed", type=int, default=0)
+    p.add_argument("--activation-type", default="uint8", choices=["uint8", "int8"],
+                   help="ONNX Runtime activation type (uint8 for x86, int8 for ARM; default uint8)")
+    p.add_argument("--tflite-batch", type=int, default=1, help="which fixed-batch TFLite export to quantize (default 1)")
+    p.add_argument("--validate", default="all", help="test images for the float-vs-int8 checks, or 'all' (default)")
+    p.add_argument("--attack-images", type=int, default=200,
+                   help="adversarial images per attack for the detection comparison (0 to skip; default 200)")
+    p.add_argument("--min-decision-agreement", type=float, default=0.99,
+                   help="fail when clean reject decisions agree with float on fewer images (default 0.99)")
+    p.add_argument("--no-naive", action="store_true", help="skip evaluating the naive full-int8 layout for the report")
+    p.add_argument("--no-victim", action="store_true", help="do not quantize the victim-only graphs")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("predict", help="classify image files with an exported model (on-device runtime)")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG files (Pillow) or .npy arrays")
+    p.add_argument("--model", default=None, help="model file of the run folder (default: the int8/float TFLite defence)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"], help="ONNX Runtime execution provider")
+    p.add_argument("--on-invalid", default="raise", choices=["raise", "reject"],
+                   help="an invalid image: fail (default) or report it rejected")
+    p.add_argument("--resize", action="store_true", help="scale images to the model's input size")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("bench", help="latency, memory, cost and accuracy of every model file (bench_report.md)")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--threads", default="1,2", help="comma list of thread counts (default 1,2)")
+    p.add_argument("--batch", default="1", help="comma list of batch sizes for dynamic-batch models (default 1)")
+    p.add_argument("--runs", type=int, default=200, help="timed runs per measurement (default 200)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed warm-up runs (default 20)")
+    p.add_argument("--min-seconds", type=float, default=0.0, help="time each measurement for at least this long")
+    p.add_argument("--models", default=None, help="comma list of model files (default: all)")
+    p.add_argument("--accuracy-images", default="all", help="test images for the accuracy rows, 'all' or 0 to skip")
+    p.add_argument("--device-only", action="store_true",
+                   help="only the runtime (numpy + backend): for a Pi or phone with the run folder copied over")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-torch", action="store_true", help="skip the torch eager reference rows")
+    p.add_argument("--no-gpu", action="store_true", help="skip the CUDA rows")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("report", help="(re)write a run folder's report.md and plots")
     p.add_argument("run", metavar="RUN_DIR")

@@ -87,6 +87,16 @@ class DecisionMismatchError(ExportValidationError):
     """Labels or reject decisions agree with the source model on too few inputs."""
 
 
+class InferenceError(DafarError):
+    """A backend failed to load or run a model; no result (and so no acceptance) is returned."""
+
+    exit_code = 8
+
+
+class QuantizationError(ExportError):
+    """An int8 model failed its checks (label agreement, accuracy change, decision agreement)."""
+
+
 class InputValidationError(DafarError, ValueError):
     """An input array has the wrong shape, dtype or range, or holds non-finite values."""
 

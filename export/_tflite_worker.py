@@ -14,6 +14,8 @@ lot, and read files from the working directory.  Steps:
    SavedModel with one ``serving_default`` signature ``x -> label, score, ...``.
 3. The TF converter turns it into a .tflite with builtin ops only; a Flex or custom op fails
    the conversion (the paper's MaxUnpool would need ``FlexMaxPoolWithArgmax``).
+4. With a ``quantize`` entry in the spec (``dafar quantize``): post-training int8 with a
+   representative data set, keeping the ops that :mod:`dafar.quantize.layout` names in float.
 """
 from __future__ import annotations
 
@@ -47,12 +49,8 @@ def _match_outputs(structured: dict, names: list[str]) -> list[str]:
     return sorted(keys, key=order)
 
 
-def main(spec_path: str) -> int:
-    spec = json.loads(Path(spec_path).read_text())
-    work = Path(spec["work_dir"])
-    os.chdir(work)
-    _write_offline_sample(work)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+def _named_savedmodel(spec: dict, work: Path) -> Path:
+    """onnx2tf's SavedModel wrapped in a ``serving_default`` signature ``x -> named outputs``."""
     import onnx2tf
     import tensorflow as tf
 
@@ -95,10 +93,70 @@ def main(spec_path: str) -> int:
 
     graph = Graph()
     tf.saved_model.save(graph, str(work / "named"), signatures={"serving_default": graph.serve})
-    conv = tf.lite.TFLiteConverter.from_saved_model(str(work / "named"), signature_keys=["serving_default"])
+    return work / "named"
+
+
+def _converter(saved: Path):
+    import tensorflow as tf
+
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(saved), signature_keys=["serving_default"])
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     conv.allow_custom_ops = False
-    tfl = conv.convert()
+    return conv
+
+
+def _quantized(spec: dict, saved: Path, work: Path) -> bytes:
+    """int8 conversion: the layout rule picks the ops that stay float (the quantization debugger's
+    selective quantization keeps them float and dequantizes before them)."""
+    import tensorflow as tf
+
+    from dafar.quantize.graphs import tflite_ops
+    from dafar.quantize.layout import Layout, float_ops
+
+    q = spec["quantize"]
+    calib = np.load(q["calib"])
+    batch = spec["batch"]
+    samples = [calib[i: i + batch] for i in range(0, len(calib) - batch + 1, batch)]
+
+    def rep():
+        for s in samples:
+            yield {"x": s}
+
+    layout = Layout(q["layout"])
+    float_model = _converter(saved).convert()
+    ops, outputs = tflite_ops(float_model)
+    keep_idx = float_ops(ops, outputs, layout)
+    keep = [ops[i].name for i in keep_idx]
+    # Op types whose every instance stays float are denylisted by type too: the debugger matches
+    # node names through MLIR locations, and fused ops (TRANSPOSE_CONV + bias) can slip through.
+    kept_types = {ops[i].type for i in keep_idx}
+    deny_types = sorted(t for t in kept_types if all(i in keep_idx for i, o in enumerate(ops) if o.type == t))
+    conv = _converter(saved)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = rep
+    if not keep:
+        model = conv.convert()
+    else:
+        opts = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=keep, denylisted_ops=deny_types)
+        dbg = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=lambda: ([s] for s in samples[:4]),
+                                                        debug_options=opts)
+        model = dbg.get_nondebug_quantized_model()
+    types: dict[str, int] = {}
+    for i in float_ops(ops, outputs, layout):
+        types[ops[i].type] = types.get(ops[i].type, 0) + 1
+    info = {"float_nodes": len(keep), "float_node_types": dict(sorted(types.items())), "calibration_batches": len(samples)}
+    Path(q["info"]).write_text(json.dumps(info))
+    return model
+
+
+def main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    work = Path(spec["work_dir"])
+    os.chdir(work)
+    _write_offline_sample(work)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    saved = _named_savedmodel(spec, work)
+    tfl = _quantized(spec, saved, work) if spec.get("quantize") else _converter(saved).convert()
     Path(spec["out"]).write_bytes(tfl)
     return 0
 

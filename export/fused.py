@@ -88,6 +88,12 @@ class FusedDafar(nn.Module):
         if self.C is not None:
             d = d - self.C(d)
         score = torch.sqrt(torch.sum(d * d, dim=(1, 2, 3)))
+        if x.dtype.is_floating_point:
+            # NaN guard: sum(x - x) is 0 for a finite image and NaN for one holding NaN or inf.
+            # The float graph needs no guard (NaN flows into the residual), but an int8 graph
+            # quantizes x before E, and a quantized NaN is just a number: reading the raw input
+            # here keeps the score NaN, so the image is rejected, in every precision.
+            score = score + torch.sum(x - x, dim=(1, 2, 3))
         # Fail closed: a NaN score must be rejected.  "score > alpha" is False for NaN, and
         # onnx2tf rewrites Not(LessOrEqual(s, a)) into Greater(s, a), which accepts NaN.  Going
         # through a float cast (accepted = 1.0 only when score <= alpha) keeps NaN on the reject

@@ -20,15 +20,17 @@ CONVERT_TIMEOUT_S = 900
 
 
 def convert_to_tflite(onnx_path: str | os.PathLike, out_path: str | os.PathLike, *, contract: str, batch: int,
-                      input_chw: tuple[int, int, int], output_names: tuple[str, ...]) -> Path:
-    """Convert a float-NCHW ONNX graph to ``out_path`` (.tflite) with the given input contract."""
+                      input_chw: tuple[int, int, int], output_names: tuple[str, ...],
+                      quantize: dict | None = None) -> Path:
+    """Convert a float-NCHW ONNX graph to ``out_path`` (.tflite) with the given input contract
+    (float32; int8 when ``quantize`` holds ``calib`` (.npy path), ``layout`` and ``info`` (.json path))."""
     for mod in ("onnx2tf", "tensorflow", "psutil"):
         require_available(mod, "export", "TFLite conversion")
     out_path = Path(out_path)
     with tempfile.TemporaryDirectory(prefix="dafar-tflite-") as work:
         spec = {"onnx": str(Path(onnx_path).resolve()), "out": str(out_path.resolve()), "work_dir": work,
                 "contract": contract, "batch": int(batch), "input_chw": list(input_chw),
-                "output_names": list(output_names)}
+                "output_names": list(output_names), "quantize": quantize}
         spec_path = Path(work) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")

@@ -76,11 +76,48 @@ def make_image_folder(root: Path, classes, per_class: int = 2, size=(32, 32), sp
 
 
 def pytest_collection_modifyitems(config, items):
-    # full-scale checks run only when asked for: -m full, or DAFAR_RUN_FULL=1
+    # full-scale and emulation checks run only when asked for: -m full / -m arm64, or DAFAR_RUN_FULL=1 /
+    # DAFAR_RUN_ARM64=1
     markexpr = config.getoption("-m") or ""
-    if "full" in markexpr or os.environ.get("DAFAR_RUN_FULL") == "1":
-        return
-    skip = pytest.mark.skip(reason="full-scale training check: run with -m full or DAFAR_RUN_FULL=1")
-    for item in items:
-        if "full" in item.keywords:
-            item.add_marker(skip)
+    for mark, env, why in (("full", "DAFAR_RUN_FULL", "full-scale training check"),
+                           ("arm64", "DAFAR_RUN_ARM64", "emulated aarch64 check (root, ~10 min)")):
+        if mark in markexpr or os.environ.get(env) == "1":
+            continue
+        skip = pytest.mark.skip(reason=f"{why}: run with -m {mark} or {env}=1")
+        for item in items:
+            if mark in item.keywords:
+                item.add_marker(skip)
+
+
+# ---------------------------------------------------------------- a small exported MNIST run, shared
+_EXPORTED: list = []
+
+
+@pytest.fixture(scope="session")
+def exported_run(tmp_path_factory):
+    """A small real MNIST run (2,000 training images, 2 epochs), exported to ONNX and TFLite with both
+    detectors and both input contracts, plus the victim alone.  Read-only: copy it before changing it."""
+    pytest.importorskip("onnx2tf")
+    pytest.importorskip("ai_edge_litert")
+    if not _EXPORTED:
+        from dafar.export.api import ExportConfig, export_run
+        from dafar.train.config import TrainConfig
+        from dafar.train.trainer import train
+
+        root = tmp_path_factory.mktemp("exported") / "run"
+        cfg = TrainConfig.for_profile("mnist", "quick", train_limit=2000, test_limit=400, val_size=500, batch_size=64,
+                                      epochs=2, detector_epochs=2, threads=2)
+        run = train(cfg, root, quiet=True).run_dir
+        export_run(run, ExportConfig(detectors=("l2", "autoencoder"), contracts=("float-nchw", "uint8-nhwc"),
+                                     validate_images=400), log=lambda *a: None)
+        _EXPORTED.append(run)
+    return _EXPORTED[0]
+
+
+@pytest.fixture
+def run_clone(exported_run, tmp_path):
+    import shutil
+
+    dst = tmp_path / "run"
+    shutil.copytree(exported_run, dst)
+    return dst

@@ -11,7 +11,7 @@ def test_profiles():
     assert q.profile is Profile.QUICK and not q.train_victim and q.z == 3.0
     assert p.train_victim and p.epochs > q.epochs
     c = TrainConfig.for_profile("cifar10", "paper")
-    assert c.z == 2.0 and c.augment
+    assert c.z == 2.0 and c.augment.value == "crop-flip"
     assert TrainConfig.for_profile("mnist", "quick", epochs=4, unpool="maxunpool").unpool is Unpool.MAXUNPOOL
 
 
@@ -27,7 +27,7 @@ def test_profiles():
     (dict(device="tpu"), "device"),
     (dict(train_limit=1), "train_limit"),
     (dict(train_limit=100, batch_size=128), "exceeds train_limit"),
-    (dict(augment=True), "flipping digits"),
+    (dict(augment="crop-flip"), "flipping digits"),
     (dict(recon_weight=0.0), "recon_weight"),
 ])
 def test_validation(kw, msg):

@@ -111,6 +111,35 @@ def _exports_section(run_dir: Path, m: dict) -> list[str]:
     return L
 
 
+def _downstream_section(run_dir: Path, m: dict) -> list[str]:
+    """Headlines of the int8 and benchmark reports, when they exist, with links to them."""
+    L = []
+    int8 = {k: v for k, v in m.get("exports", {}).items() if v.get("precision") == "int8" and v["graph"] == "dafar"}
+    if int8:
+        L += ["## int8", "", "Full report: [quantize_report.md](quantize_report.md).", "",
+              "| int8 model | purified acc float -> int8 | FPR float -> int8 | decisions agree | score corr | size |",
+              "|---|---|---|---|---|---|"]
+        for rel, e in sorted(int8.items()):
+            v = e["validation"]
+            L.append(f"| `{Path(rel).name}` | {_pct(v['purified_acc_float'])} -> {_pct(v['purified_acc_int8'])} | "
+                     f"{_pct(v['fpr_float'])} -> {_pct(v['fpr_int8'])} | {_pct(v['decision_agreement'])} | "
+                     f"{v['score_correlation']:.4f} | {100 * v['size_ratio']:.0f}% of float |")
+        L.append("")
+    summary = run_dir / "bench" / "summary.json"
+    if summary.is_file() and (run_dir / "bench_report.md").is_file():
+        s = json.loads(summary.read_text())
+        L += ["## Benchmark", "", "Full report: [bench_report.md](bench_report.md).", ""]
+        rows = [r for r in s.get("ratios", []) if r["threads"] == 1 and r["batch"] == 1]
+        if rows:
+            L += ["| defence graph (1 thread, batch 1) | p50 ms | victim p50 ms | latency ratio | MAC ratio |", "|---|---|---|---|---|"]
+            p50 = {(r["model"], r["threads"], r["batch"]): r["p50_ms"] for r in s["records"]}
+            for r in rows:
+                L.append(f"| `{Path(r['model']).name}` | {p50.get((r['model'], 1, 1), float('nan')):.3f} | "
+                         f"{p50.get((r['victim'], 1, 1), float('nan')):.3f} | {r['latency_ratio']:.2f} | {r['mac_ratio']:.2f} |")
+            L.append("")
+    return L
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.md`` (and its plots) from the run folder; returns its path."""
     run_dir = Path(run_dir)
@@ -130,7 +159,8 @@ def write_report(run_dir: str | Path) -> Path:
     timing = m["training"]
     label = "CIFAR-10 (JPEG q75)" if ds == "cifar10" and "jpg" in m["dataset"]["source"].lower() else ds.upper() if ds == "mnist" else "CIFAR-10"
     cmd = (f"dafar train --dataset {ds} --profile {cfg['profile']} --epochs {cfg['epochs']} --seed {cfg['seed']}"
-           f" --unpool {cfg['unpool']}" + ("" if cfg["detector"] else " --no-detector")
+           f" --unpool {cfg['unpool']} --augment {cfg.get('augment', 'none')} --recon-weight {cfg.get('recon_weight', 0.25):g}"
+           + (f" --lr {cfg['lr']:g} --batch-size {cfg['batch_size']} --detector-epochs {cfg['detector_epochs']}") + ("" if cfg["detector"] else " --no-detector")
            + (" --victim" if cfg["train_victim"] else " --no-victim")
            + (f" --train-limit {cfg['train_limit']}" if cfg.get("train_limit") else "")
            + (f" --test-limit {cfg['test_limit']}" if cfg.get("test_limit") else "") + " --out RUN_DIR")
@@ -174,7 +204,9 @@ def write_report(run_dir: str | Path) -> Path:
           + (", resumed from a checkpoint" if timing.get("resumed") else "") + ".", "",
           "![training curves](plots/training.png)", ""]
     if m.get("exports"):
-        L += _exports_section(run_dir, m)
+        L += _exports_section(run_dir, {**m, "exports": {k: v for k, v in m["exports"].items()
+                                                         if v.get("precision", "float32") == "float32"}})
+    L += _downstream_section(run_dir, m)
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(L))
     return path

@@ -30,7 +30,7 @@ from dafar.errors import ConfigError, NonFiniteLossError, RunFolderError, Traini
 from dafar.manifest import MANIFEST_NAME, atomic_write_json, atomic_write_text, file_entry, write_manifest
 from dafar.threshold import ThresholdRule, calibrate, false_positive_rate
 
-from .config import Device, TrainConfig
+from .config import Augment, Device, TrainConfig
 from .models import ARCHS, DafarNet, Victim, build_dafar, build_victim, l2_per_sample
 from .weights import load_checkpoint, save_checkpoint, save_state
 
@@ -67,13 +67,17 @@ def _epoch_rng(seed: int, phase: str, epoch: int) -> np.random.Generator:
     return np.random.default_rng([seed, PHASES.index(phase), epoch])
 
 
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random crop with 4-pixel zero padding (in model scale: -1, i.e. black) and horizontal flip."""
+def _augment(x: torch.Tensor, gen: torch.Generator, mode: Augment) -> torch.Tensor:
+    """``crop-flip``: random crop with 4-pixel padding and a horizontal flip; ``shift``: random
+    translation by up to 2 pixels, no flip.  Padding is black (-1 on the model scale)."""
+    if mode is Augment.NONE:
+        return x
+    pad = 4 if mode is Augment.CROP_FLIP else 2
     n, _, h, w = x.shape
-    padded = Fn.pad(x, (4, 4, 4, 4), value=-1.0)
-    dx = torch.randint(0, 9, (n,), generator=gen)
-    dy = torch.randint(0, 9, (n,), generator=gen)
-    flip = torch.rand(n, generator=gen) < 0.5
+    padded = Fn.pad(x, (pad, pad, pad, pad), value=-1.0)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+    flip = (torch.rand(n, generator=gen) < 0.5) if mode is Augment.CROP_FLIP else torch.zeros(n, dtype=torch.bool)
     out = torch.empty_like(x)
     for i in range(n):  # per-sample crops; cheap next to the convolutions
         crop = padded[i, :, dy[i]: dy[i] + h, dx[i]: dx[i] + w]
@@ -302,8 +306,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
 
     def batch(idx: np.ndarray, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         x = to_model_scale(data.train_x[idx])
-        if cfg.augment:
-            x = _augment(x, gen)
+        x = _augment(x, gen, cfg.augment)
         return x.to(device, memory_format=memfmt), data.train_y[idx].to(device)
 
     # ---- phase 1: joint E + F + D, loss = mean(||x - D(E(x))||_2 + CE)  (paper Eq. 7)

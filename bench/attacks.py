@@ -1,0 +1,250 @@
+"""Adversarial images against the float victim ``F(E(x))`` (the paper's gray-box setting), with
+adversarial-robustness-toolbox (ART), cached in the run folder.
+
+* Attacks work on the input contract's scale: float32 NCHW in [0, 1] (``clip_values=(0, 1)``);
+  the model scale [-1, 1] is applied inside the wrapped victim, as in the exported graphs.
+* Images: test images the float victim classifies correctly, the first ``n`` of a permutation
+  seeded by ``seed`` (so the same images serve every attack and intensity).
+* Cache: ``RUN/attacks/<name>.npz`` (adversarial images float32, test indices, labels) with its
+  parameters in the file and in the manifest (``attacks`` table, plus the sha256 in ``files``).
+  A cached set is reused only when its parameters, the image selection and the victim weights'
+  hashes all match; otherwise it is rebuilt.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+
+from dafar.errors import ConfigError, require
+from dafar.manifest import atomic_write_bytes, file_entry, load_manifest, read_manifest, write_manifest
+
+__all__ = ["Attack", "AttackSpec", "AttackSet", "victim_classifier", "select_images", "generate", "attack_sets",
+           "spec_from_string"]
+
+
+class Attack(str, Enum):
+    FGSM = "fgsm"
+    PGD = "pgd"  # L-inf
+    CW_L2 = "cw-l2"
+    JSMA = "jsma"
+    NOISE = "noise"  # Gaussian noise of std eps, clipped (not an attack: the paper's Table 4 control)
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    attack: Attack
+    eps: float = 0.0  # L-inf budget (FGSM, PGD), noise std (noise); unused by CW-L2 and JSMA
+    params: tuple[tuple[str, float], ...] = ()  # extra parameters, e.g. (("max_iter", 40),)
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "attack", Attack(self.attack))
+        except ValueError:
+            raise ConfigError(f"unknown attack {self.attack!r}; choose from {', '.join(a.value for a in Attack)}") from None
+        if self.attack in (Attack.FGSM, Attack.PGD, Attack.NOISE) and not (0 < float(self.eps) <= 1):
+            raise ConfigError(f"{self.attack.value}: eps must lie in (0, 1] (pixels / 255 scale), got {self.eps!r}")
+        object.__setattr__(self, "params", tuple(sorted((str(k), float(v)) for k, v in dict(self.params).items())))
+
+    @property
+    def key(self) -> str:
+        p = "".join(f"-{k}{v:g}" for k, v in self.params)
+        e = f"-eps{self.eps:g}" if self.attack in (Attack.FGSM, Attack.PGD, Attack.NOISE) else ""
+        return f"{self.attack.value}{e}{p}"
+
+    def describe(self) -> dict:
+        return {"attack": self.attack.value, "eps": self.eps, "params": dict(self.params)}
+
+
+def spec_from_string(text: str) -> AttackSpec:
+    """``fgsm@0.1``, ``pgd@0.3``, ``noise@0.3``, ``cw-l2``, ``cw-l2@confidence=10``, ``jsma@theta=1,gamma=0.1``."""
+    name, _, rest = text.partition("@")
+    eps, params = 0.0, {}
+    for part in filter(None, rest.split(",")):
+        if "=" in part:
+            k, v = part.split("=", 1)
+            params[k.strip()] = float(v)
+        else:
+            eps = float(part)
+    return AttackSpec(Attack(name.strip()), eps, tuple(params.items()))
+
+
+@dataclass
+class AttackSet:
+    spec: AttackSpec
+    x_adv: np.ndarray  # float32 N x C x H x W in [0, 1]
+    x_clean: np.ndarray  # float32, the same images before the attack
+    labels: np.ndarray  # true labels
+    indices: np.ndarray  # indices into the test set
+    seconds: float = 0.0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def linf(self) -> np.ndarray:
+        return np.abs(self.x_adv - self.x_clean).reshape(len(self.labels), -1).max(axis=1)
+
+    @property
+    def l2(self) -> np.ndarray:
+        return np.linalg.norm((self.x_adv - self.x_clean).reshape(len(self.labels), -1), axis=1)
+
+
+def victim_classifier(run_dir, device: str = "cpu"):
+    """ART ``PyTorchClassifier`` over the float victim F(E(x)), input float NCHW in [0, 1]."""
+    require("art", "eval", "adversarial attacks")
+    import torch
+    from art.estimators.classification import PyTorchClassifier
+
+    from dafar.export.fused import VictimGraph
+    from dafar.train.loading import load_dafar
+
+    net, m = load_dafar(run_dir)
+    norm = m["input"]["normalization"]
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.g = VictimGraph(net, "float-nchw", norm["mean"], norm["std"])
+
+        def forward(self, x):
+            return self.g(x)[1]
+
+    model = Logits().eval()
+    c, h, w = m["input"]["shape"]
+    clf = PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=(c, h, w),
+                            nb_classes=int(m["architecture"]["num_classes"]), clip_values=(0.0, 1.0),
+                            device_type="gpu" if device == "cuda" else "cpu")
+    return clf, model, m
+
+
+def select_images(run_dir, n: int, seed: int = 0, data_dir=None, model=None):
+    """``n`` test images the float victim classifies correctly: (x float NCHW [0,1], labels, indices)."""
+    import torch
+
+    from dafar.export.api import test_images
+
+    m = read_manifest(run_dir)
+    u8, labels = test_images(m, data_dir)
+    if model is None:
+        _, model, _ = victim_classifier(run_dir)
+    order = np.random.default_rng([seed, 7]).permutation(len(labels))
+    picked: list[int] = []
+    with torch.no_grad():
+        for i in range(0, len(order), 1000):
+            idx = order[i: i + 1000]
+            x = torch.from_numpy(u8[idx].astype(np.float32) / 255.0)
+            ok = model(x).argmax(1).numpy() == labels[idx]
+            picked.extend(int(j) for j in idx[ok])
+            if len(picked) >= n:
+                break
+    if len(picked) < n:
+        raise ConfigError(f"only {len(picked)} correctly classified test images; asked for {n}")
+    idx = np.array(picked[:n])
+    return u8[idx].astype(np.float32) / 255.0, labels[idx].astype(np.int64), idx
+
+
+def _make(spec: AttackSpec, clf, batch_size: int):
+    from art.attacks.evasion import (CarliniL2Method, FastGradientMethod, ProjectedGradientDescent,
+                                     SaliencyMapMethod)
+
+    p = dict(spec.params)
+    if spec.attack is Attack.FGSM:
+        return FastGradientMethod(clf, norm=np.inf, eps=spec.eps, batch_size=batch_size)
+    if spec.attack is Attack.PGD:
+        steps = int(p.get("max_iter", 40))
+        return ProjectedGradientDescent(clf, norm=np.inf, eps=spec.eps, eps_step=p.get("eps_step", 2.5 * spec.eps / steps),
+                                        max_iter=steps, num_random_init=int(p.get("random_init", 0)),
+                                        batch_size=batch_size, verbose=False)
+    if spec.attack is Attack.CW_L2:
+        return CarliniL2Method(clf, confidence=p.get("confidence", 0.0), max_iter=int(p.get("max_iter", 50)),
+                               binary_search_steps=int(p.get("binary_search_steps", 5)),
+                               learning_rate=p.get("learning_rate", 0.01), initial_const=p.get("initial_const", 0.1),
+                               batch_size=batch_size, verbose=False)
+    if spec.attack is Attack.JSMA:
+        return SaliencyMapMethod(clf, theta=p.get("theta", 1.0), gamma=p.get("gamma", 0.1), batch_size=batch_size,
+                                 verbose=False)
+    raise ConfigError(f"{spec.attack.value} is not an ART attack")
+
+
+def _victim_hash(m: dict) -> str:
+    files = m.get("files", {})
+    parts = [files.get(f"weights/{k}.safetensors", {}).get("sha256", "") for k in ("E", "F")]
+    return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
+
+
+def generate(run_dir, spec: AttackSpec, x: np.ndarray, y: np.ndarray, seed: int = 0, batch_size: int = 128,
+             clf=None) -> tuple[np.ndarray, float]:
+    """Adversarial versions of ``x`` (float NCHW [0, 1]) under ``spec``; (x_adv, seconds)."""
+    t0 = time.perf_counter()
+    if spec.attack is Attack.NOISE:
+        rng = np.random.default_rng([seed, 11])
+        x_adv = np.clip(x + rng.normal(0.0, spec.eps, x.shape).astype(np.float32), 0.0, 1.0)
+        return x_adv.astype(np.float32), time.perf_counter() - t0
+    require("art", "eval", "adversarial attacks")
+    import torch
+    from art.utils import to_categorical
+
+    if clf is None:
+        clf, _, _ = victim_classifier(run_dir)
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    atk = _make(spec, clf, batch_size)
+    x_adv = atk.generate(x=x, y=to_categorical(y, clf.nb_classes))
+    return np.clip(x_adv, 0.0, 1.0).astype(np.float32), time.perf_counter() - t0
+
+
+def attack_sets(run_dir, specs: list[AttackSpec], n: int = 500, seed: int = 0, data_dir=None, log=print,
+                batch_size: int = 128, cache: bool = True) -> list[AttackSet]:
+    """Build (or reuse from the run folder's cache) one adversarial set per spec."""
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    m = load_manifest(run_dir, verify=["weights/E.safetensors", "weights/F.safetensors"])
+    clf, model, _ = victim_classifier(run_dir)
+    x, y, idx = select_images(run_dir, n, seed, data_dir, model)
+    sel = hashlib.sha256(idx.astype(np.int64).tobytes()).hexdigest()[:16]
+    victim = _victim_hash(m)
+    out: list[AttackSet] = []
+    new_files: dict[str, dict] = {}
+    for spec in tqdm(specs, desc="attacks", unit="set", disable=len(specs) < 2, leave=False):
+        rel = f"attacks/{spec.key}-n{n}-s{seed}.npz"
+        meta = {**spec.describe(), "n": n, "seed": seed, "selection_sha256": sel, "victim_sha256": victim,
+                "setting": "gray-box: generated against the float victim F(E(x)), defence unknown to the attacker"}
+        path = run_dir / rel
+        if cache and path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                old = json.loads(str(z["meta"]))
+                if {k: old.get(k) for k in meta} == meta:
+                    out.append(AttackSet(spec, z["x_adv"], x, y, idx, float(old.get("seconds", 0.0)), old))
+                    continue
+        x_adv, secs = generate(run_dir, spec, x, y, seed, batch_size, clf)
+        meta["seconds"] = secs
+        with np.errstate(all="ignore"):
+            import torch
+
+            with torch.no_grad():
+                pred = model(torch.from_numpy(x_adv)).argmax(1).numpy()
+        meta["victim_accuracy"] = float(np.mean(pred == y))
+        meta["linf_max"] = float(np.abs(x_adv - x).max())
+        import io
+
+        buf = io.BytesIO()
+        np.savez_compressed(buf, x_adv=x_adv, indices=idx, labels=y, meta=np.array(json.dumps(meta, sort_keys=True)))
+        atomic_write_bytes(path, buf.getvalue())
+        new_files[rel] = meta
+        log(f"{spec.key}: {n} images in {secs:.1f} s, victim accuracy {100 * meta['victim_accuracy']:.1f}%")
+        out.append(AttackSet(spec, x_adv, x, y, idx, secs, meta))
+    if new_files:
+        man = read_manifest(run_dir)
+        files = dict(man.get("files", {}))
+        table = dict(man.get("attacks", {}))
+        for rel, meta in new_files.items():
+            files[rel] = file_entry(run_dir, rel, "attack")
+            table[rel] = meta
+        man["files"], man["attacks"] = files, table
+        write_manifest(run_dir, man)
+    return out

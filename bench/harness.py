@@ -1,0 +1,441 @@
+"""``dafar bench``: cost, latency, memory and accuracy of every model file of a run folder.
+
+What is measured, and how:
+
+* **Cost**: parameters of E, F, D, C and the overhead relative to the victim (beside the paper's
+  Table 6), MACs per subnetwork and for the fused graph (:mod:`dafar.bench.macs`), file sizes.
+* **Latency** (per model, backend, threads and batch size), like TFLite's ``benchmark_model``:
+  init time (constructing the runtime: hash check, backend load), first inference, then warm-up
+  runs (not counted), then timed runs over a fixed count or duration: mean, std, min, max,
+  p50, p90, p99.  The clock wraps the backend call alone (input already prepared), so python-side
+  validation is not counted; :class:`~dafar.runtime.Defence` adds about 0.1 ms on top.
+* **Fused-to-victim ratio**: the defence graph and the undefended victim of the same format,
+  precision, contract and threads are timed *interleaved* (blocks of runs alternating between the
+  two), so a noisy, shared machine slows both alike; the ratio of medians is reported beside the
+  MAC ratio, the arithmetic floor for it.
+* **Memory**: each model is loaded and run in a fresh child process; its peak resident set size
+  (VmHWM) minus the resident size just before loading (backend already imported) is the model's cost.
+* **Accuracy**: the test set through the runtime: victim and purified accuracy, false-positive
+  rate at the model's alpha, for float and int8 models.
+* **torch eager** (where torch is installed) as the reference, and GPU rows (ONNX Runtime's CUDA
+  provider, torch CUDA) where a GPU is present.
+
+Output: ``RUN/bench/<model>__<backend>__t<threads>__b<batch>.json`` (one record each), and
+``RUN/bench_report.md`` with plots.  ``--device-only`` needs only numpy and a runtime backend.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dafar.errors import ConfigError
+from dafar.manifest import atomic_write_json, read_manifest, verify_files
+
+__all__ = ["BenchConfig", "run_bench", "latency_stats", "PAPER_TABLE6"]
+
+PAPER_TABLE6 = {"without_C": 0.5, "with_C": 1.0}  # extra parameters as a multiple of the victim's n
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    threads: tuple[int, ...] = (1, 2)
+    batches: tuple[int, ...] = (1,)
+    runs: int = 200  # timed runs per measurement (at least; see min_seconds)
+    warmup: int = 20
+    min_seconds: float = 0.0  # keep timing until this much time has passed (0: count only)
+    models: tuple[str, ...] | None = None  # model files (relative); None = every export
+    accuracy_images: int | None = None  # test images for the accuracy rows; None = all, 0 = skip
+    memory: bool = True
+    torch: bool = True  # torch eager reference rows, where torch is installed
+    gpu: bool = True  # CUDA rows where a GPU is present
+    device_only: bool = False  # runtime only: no torch, no data set loaders beyond numpy
+
+    def __post_init__(self):
+        for name in ("threads", "batches"):
+            v = tuple(getattr(self, name))
+            if not v or any(not isinstance(t, int) or isinstance(t, bool) or t < 1 for t in v):
+                raise ConfigError(f"{name} must be positive integers, got {v!r}")
+            object.__setattr__(self, name, tuple(dict.fromkeys(v)))
+        if not isinstance(self.runs, int) or self.runs < 5:
+            raise ConfigError(f"runs must be an integer >= 5, got {self.runs!r}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ConfigError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        if self.min_seconds < 0:
+            raise ConfigError("min_seconds must be >= 0")
+        if self.device_only:
+            object.__setattr__(self, "torch", False)
+
+
+def latency_stats(ms: list[float] | np.ndarray) -> dict:
+    a = np.asarray(ms, dtype=np.float64)
+    return {"count": int(a.size), "mean_ms": float(a.mean()), "std_ms": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+            "min_ms": float(a.min()), "max_ms": float(a.max()), "p50_ms": float(np.percentile(a, 50)),
+            "p90_ms": float(np.percentile(a, 90)), "p99_ms": float(np.percentile(a, 99))}
+
+
+def _input_for(entry: dict, batch: int, chw, rng) -> np.ndarray:
+    c, h, w = chw
+    if entry["contract"] == "uint8-nhwc":
+        return rng.integers(0, 256, (batch, h, w, c), dtype=np.uint8)
+    return rng.random((batch, c, h, w), dtype=np.float32)
+
+
+class _Timed:
+    """One model under one backend setting: a prepared input and a bare call to time."""
+
+    def __init__(self, run_dir: Path, rel: str, threads: int, batch: int, chw, provider: str = "cpu"):
+        from dafar.runtime import Defence
+
+        t0 = time.perf_counter()
+        self.d = Defence(run_dir, rel, threads=threads, provider=provider)
+        self.init_ms = 1e3 * (time.perf_counter() - t0)
+        self.rel, self.threads = rel, threads
+        fixed = self.d.batch
+        self.batch = batch if fixed is None else fixed
+        self.x = _input_for(self.d.entry, self.batch, chw, np.random.default_rng(0))
+        t0 = time.perf_counter()
+        self.call()
+        self.first_ms = 1e3 * (time.perf_counter() - t0)
+
+    def call(self):
+        return self.d._run(self.x)
+
+    def time_once(self) -> float:
+        t0 = time.perf_counter()
+        self.call()
+        return 1e3 * (time.perf_counter() - t0)
+
+
+def _measure(timed: list[_Timed], cfg: BenchConfig) -> list[list[float]]:
+    """Warm up each, then time them interleaved in blocks of 10 runs until ``runs`` and
+    ``min_seconds`` are both reached; returns per-model lists of milliseconds."""
+    for t in timed:
+        for _ in range(cfg.warmup):
+            t.call()
+    out: list[list[float]] = [[] for _ in timed]
+    t_start = time.perf_counter()
+    while min(len(o) for o in out) < cfg.runs or time.perf_counter() - t_start < cfg.min_seconds:
+        for t, o in zip(timed, out):
+            for _ in range(10):
+                o.append(t.time_once())
+    return out
+
+
+def _memory_child(run_dir: Path, rel: str, threads: int, runs: int = 20) -> dict:
+    """Resident memory of a fresh process that loads ``rel`` and runs it (KiB, from
+    /proc/self/status: VmHWM is reset by exec, unlike ru_maxrss, which a child inherits from the
+    parent's peak).  ``model_peak_kib`` = peak after the runs minus the resident size just before
+    loading, with numpy, dafar and the backend already imported; ``backend_import_kib`` is the
+    backend's own import."""
+    code = f"""
+import json, sys
+def status():
+    out = {{}}
+    with open('/proc/self/status') as f:
+        for line in f:
+            k, _, v = line.partition(':')
+            if k in ('VmRSS', 'VmHWM'):
+                out[k] = int(v.split()[0])
+    return out
+import numpy as np
+from dafar.runtime import Defence
+before_backend = status()['VmRSS']
+if {rel!r}.endswith('.onnx'):
+    import onnxruntime
+else:
+    try:
+        import ai_edge_litert.interpreter
+    except ImportError:
+        import tflite_runtime.interpreter
+base = status()['VmRSS']
+d = Defence({str(run_dir)!r}, {rel!r}, threads={threads})
+loaded = status()['VmRSS']
+c, h, w = d.chw
+b = d.batch or 1
+x = np.zeros((b, h, w, c), np.uint8) if d.input_dtype == np.uint8 else np.zeros((b, c, h, w), np.float32)
+for _ in range({runs}):
+    d._run(x)
+st = status()
+print(json.dumps({{"backend_import_kib": base - before_backend, "before_load_kib": base, "after_load_kib": loaded,
+                  "peak_kib": st['VmHWM'], "model_peak_kib": st['VmHWM'] - base}}))
+"""
+    if not Path("/proc/self/status").exists():
+        return {"error": "no /proc/self/status on this system"}
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except Exception as exc:  # memory is a side measurement: report, never abort the bench
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def _accuracy(run_dir: Path, rel: str, u8: np.ndarray, y: np.ndarray) -> dict:
+    from dafar.runtime import Defence
+
+    d = Defence(run_dir, rel, threads=2)
+    p = d.predict(u8)
+    r = {"images": int(len(y)), "victim_acc": float(np.mean(p.logits.argmax(1) == y))}
+    if d.graph == "dafar":
+        r.update({"purified_acc": float(np.mean(p.labels == y)), "fpr": float(np.mean(p.rejected)),
+                  "alpha": d.alpha, "defended_clean_acc": float(np.mean(~p.rejected & (p.labels == y)))})
+    return r
+
+
+def _machine() -> dict:
+    info = {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
+            "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import importlib.metadata as md
+
+    for pkg in ("numpy", "onnxruntime", "ai-edge-litert", "tflite-runtime", "torch"):
+        try:
+            info[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return info
+
+
+def _pair_key(e: dict) -> tuple:
+    return (e["format"], e.get("precision", "float32"), e["contract"], e.get("batch"))
+
+
+def run_bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=print) -> dict:
+    """Run every measurement; write the JSON records and return the summary."""
+    from .macs import fused_costs, subnet_costs
+
+    run_dir = Path(run_dir)
+    m = read_manifest(run_dir)
+    exports = m.get("exports", {})
+    if not exports:
+        raise ConfigError(f"{run_dir} has no exported models to benchmark: run `dafar export` (and `dafar quantize`) first")
+    models = list(cfg.models) if cfg.models else list(exports)
+    missing = [r for r in models if r not in exports]
+    if missing:
+        raise ConfigError(f"not models of {run_dir}: {missing}; it has {list(exports)}")
+    verify_files(run_dir, m, models)
+    ds = m["dataset"]["name"]
+    chw = tuple(m["input"]["shape"])
+    out_dir = run_dir / "bench"
+    out_dir.mkdir(exist_ok=True)
+    machine = _machine()
+    summary: dict = {"run": run_dir.name, "machine": machine, "config": {
+        "threads": list(cfg.threads), "batches": list(cfg.batches), "runs": cfg.runs, "warmup": cfg.warmup,
+        "min_seconds": cfg.min_seconds, "device_only": cfg.device_only}, "records": [], "ratios": []}
+
+    # ---- cost
+    sub = subnet_costs(ds)
+    n = sub["E"]["params"] + sub["F"]["params"]
+    summary["cost"] = {
+        "subnetworks": sub, "victim_params": n,
+        "overhead_without_C": sub["D"]["params"] / n, "overhead_with_C": (sub["D"]["params"] + sub["C"]["params"]) / n,
+        "paper_table6": PAPER_TABLE6, "fused_l2": fused_costs(ds, "l2"), "fused_autoencoder": fused_costs(ds, "autoencoder"),
+        "file_bytes": {rel: m["files"][rel]["bytes"] for rel in models},
+    }
+
+    # ---- latency, interleaving each defence graph with its victim counterpart
+    victims = {_pair_key(e): rel for rel, e in exports.items() if e["graph"] == "victim"}
+    defences = [r for r in models if exports[r]["graph"] == "dafar"]
+    lone = [r for r in models if exports[r]["graph"] == "victim"]
+    from tqdm.auto import tqdm
+
+    groups = []
+    for rel in defences:
+        groups.append((rel, victims.get(_pair_key(exports[rel]))))
+    for rel in lone:
+        if rel not in {v for _, v in groups}:
+            groups.append((rel, None))
+    settings = [(t, b) for t in cfg.threads for b in cfg.batches]
+    bar = tqdm(total=len(groups) * len(settings), desc="latency", unit="setting", leave=False)
+    for rel, vrel in groups:
+        for threads, batch in settings:
+            bar.update(1)
+            if exports[rel]["format"] == "tflite" and batch != exports[rel]["batch"]:
+                continue  # fixed-batch file: measured at its own batch only
+            timed = [_Timed(run_dir, rel, threads, batch, chw)]
+            if vrel is not None:
+                timed.append(_Timed(run_dir, vrel, threads, batch, chw))
+            times = _measure(timed, cfg)
+            recs = []
+            for t, ms in zip(timed, times):
+                e = exports[t.rel]
+                rec = {"model": t.rel, "backend": t.d.backend_kind.value, "format": e["format"],
+                       "precision": e.get("precision", "float32"), "graph": e["graph"], "detector": e.get("detector"),
+                       "contract": e["contract"], "threads": threads, "batch": t.batch, "init_ms": t.init_ms,
+                       "first_inference_ms": t.first_ms, "warmup_runs": cfg.warmup, **latency_stats(ms),
+                       "per_image_p50_ms": float(np.percentile(ms, 50)) / t.batch, "samples_ms": [round(v, 4) for v in ms],
+                       "machine": machine}
+                recs.append(rec)
+            if vrel is not None:
+                ratio = recs[0]["p50_ms"] / recs[1]["p50_ms"]
+                mac = fused_costs(ds, exports[rel].get("detector"))["mac_ratio"]
+                recs[0]["victim_model"] = vrel
+                recs[0]["fused_to_victim_ratio"] = ratio
+                recs[0]["mac_ratio"] = mac
+                summary["ratios"].append({"model": rel, "victim": vrel, "threads": threads, "batch": recs[0]["batch"],
+                                          "latency_ratio": ratio, "mac_ratio": mac,
+                                          "ratio_over_mac": ratio / mac})
+            for rec in recs:
+                if any(r["model"] == rec["model"] and r["threads"] == threads and r["batch"] == rec["batch"]
+                       for r in summary["records"]):
+                    continue  # a victim timed with several defences: keep its first measurement
+                name = f"{Path(rec['model']).name}__{rec['backend']}__t{threads}__b{rec['batch']}.json"
+                atomic_write_json(out_dir / name, rec)
+                summary["records"].append({k: v for k, v in rec.items() if k not in ("samples_ms", "machine")})
+            log(f"{rel} t{threads} b{recs[0]['batch']}: p50 {recs[0]['p50_ms']:.3f} ms"
+                + (f", victim {recs[1]['p50_ms']:.3f} ms, ratio {recs[0]['fused_to_victim_ratio']:.2f}"
+                   f" (MACs {recs[0]['mac_ratio']:.2f})" if vrel is not None else ""))
+    bar.close()
+
+    # ---- torch eager reference (and CUDA) where torch is installed
+    if cfg.torch:
+        summary["torch"] = _torch_rows(run_dir, m, cfg, chw, log)
+    if cfg.gpu:
+        summary["gpu"] = _gpu_rows(run_dir, models, exports, cfg, chw, log)
+
+    # ---- memory, in fresh processes
+    if cfg.memory:
+        summary["memory"] = {}
+        for rel in tqdm(models, desc="memory", unit="model", leave=False):
+            summary["memory"][rel] = _memory_child(run_dir, rel, cfg.threads[0])
+
+    # ---- accuracy on the test set
+    if cfg.accuracy_images != 0:
+        u8, y = _test_set(m, run_dir, data_dir, cfg)
+        if u8 is not None:
+            summary["accuracy"] = {}
+            for rel in tqdm(models, desc="accuracy", unit="model", leave=False):
+                summary["accuracy"][rel] = _accuracy(run_dir, rel, u8, y)
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def _test_set(m: dict, run_dir: Path, data_dir, cfg: BenchConfig):
+    """Test images and labels: the data set loaders (numpy only) or, on a device, ``RUN/bench/test.npz``."""
+    cache = run_dir / "bench" / "test_images.npz"
+    try:
+        from dafar.export.api import test_images
+
+        u8, y = test_images(m, data_dir, cfg.accuracy_images)
+        return u8, y.astype(np.int64)
+    except Exception:
+        if cache.is_file():
+            with np.load(cache, allow_pickle=False) as z:
+                u8, y = z["images"], z["labels"]
+            if cfg.accuracy_images:
+                u8, y = u8[: cfg.accuracy_images], y[: cfg.accuracy_images]
+            return u8, y.astype(np.int64)
+        return None, None
+
+
+def _torch_rows(run_dir: Path, m: dict, cfg: BenchConfig, chw, log) -> list[dict]:
+    try:
+        import torch
+    except ImportError:
+        return [{"skipped": "torch is not installed"}]
+    from dafar.export.fused import FusedDafar, VictimGraph
+    from dafar.train.loading import load_dafar
+
+    net, _ = load_dafar(run_dir, m)
+    norm = m["input"]["normalization"]
+    rows = []
+    old = torch.get_num_threads()
+    dets = sorted({e.get("detector") for e in m.get("exports", {}).values() if e.get("detector")}) or ["l2"]
+    for threads in cfg.threads:
+        torch.set_num_threads(threads)
+        for batch in cfg.batches:
+            x = torch.from_numpy(np.random.default_rng(0).random((batch, *chw), dtype=np.float32))
+            mods = [(f"torch:dafar-{d}", FusedDafar(net, 1.0, d, "float-nchw", norm["mean"], norm["std"]).eval()) for d in dets]
+            mods.append(("torch:victim", VictimGraph(net, "float-nchw", norm["mean"], norm["std"]).eval()))
+
+            class _T:
+                def __init__(self, mod):
+                    self.mod = mod
+
+                def call(self):
+                    with torch.inference_mode():
+                        return self.mod(x)
+
+                def time_once(self):
+                    t0 = time.perf_counter()
+                    self.call()
+                    return 1e3 * (time.perf_counter() - t0)
+
+            timed = [_T(mod) for _, mod in mods]
+            times = _measure(timed, cfg)
+            vict = float(np.percentile(times[-1], 50))
+            for (name, _), ms in zip(mods, times):
+                rec = {"model": name, "backend": "torch-eager", "precision": "float32", "threads": threads, "batch": batch,
+                       **latency_stats(ms)}
+                if name != "torch:victim":
+                    rec["fused_to_victim_ratio"] = rec["p50_ms"] / vict
+                rows.append(rec)
+                log(f"{name} t{threads} b{batch}: p50 {rec['p50_ms']:.3f} ms")
+    torch.set_num_threads(old)
+    return rows
+
+
+def _gpu_rows(run_dir: Path, models, exports, cfg: BenchConfig, chw, log) -> list[dict]:
+    rows = []
+    try:
+        import onnxruntime as ort
+
+        has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        rows.append({"skipped": "onnxruntime has no CUDAExecutionProvider on this machine"})
+    else:
+        for rel in [r for r in models if exports[r]["format"] == "onnx"]:
+            for batch in cfg.batches:
+                t = _Timed(run_dir, rel, 1, batch, chw, provider="cuda")
+                ms = _measure([t], cfg)[0]
+                rows.append({"model": rel, "backend": "onnxruntime-cuda", "batch": t.batch, "init_ms": t.init_ms,
+                             "first_inference_ms": t.first_ms, **latency_stats(ms)})
+                log(f"{rel} cuda b{t.batch}: p50 {rows[-1]['p50_ms']:.3f} ms")
+    if cfg.torch:
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                from dafar.export.fused import FusedDafar, VictimGraph
+                from dafar.train.loading import load_dafar
+
+                net, m = load_dafar(run_dir)
+                net = net.cuda()
+                norm = m["input"]["normalization"]
+                for batch in cfg.batches:
+                    x = torch.rand(batch, *chw, device="cuda")
+                    for name, mod in (("torch:dafar-l2", FusedDafar(net, 1.0, "l2", "float-nchw", norm["mean"], norm["std"])),
+                                      ("torch:victim", VictimGraph(net, "float-nchw", norm["mean"], norm["std"]))):
+                        mod = mod.cuda().eval()
+                        with torch.inference_mode():
+                            for _ in range(cfg.warmup):
+                                mod(x)
+                            torch.cuda.synchronize()
+                            ms = []
+                            for _ in range(cfg.runs):
+                                t0 = time.perf_counter()
+                                mod(x)
+                                torch.cuda.synchronize()
+                                ms.append(1e3 * (time.perf_counter() - t0))
+                        rows.append({"model": name, "backend": "torch-cuda", "batch": batch, **latency_stats(ms)})
+            else:
+                rows.append({"skipped": "torch sees no CUDA device"})
+        except ImportError:
+            pass
+    return rows

@@ -1,0 +1,60 @@
+"""Multiply-accumulates and parameters of E, F, D and C, counted from the architecture (pure
+Python, so ``dafar bench --device-only`` has them on a Pi without torch).  A test checks these
+counts against torch forward hooks on the real modules.
+
+MACs count convolutions, transposed convolutions and linear layers (k*k*C_in*C_out per output
+position; a transposed convolution with stride 1 and padding 1 costs the same as a convolution
+on its output).  Pooling, unpooling, activations and the score's few element-wise ops are
+ignored: they are under 1% of the total here.
+"""
+from __future__ import annotations
+
+__all__ = ["layers", "subnet_costs", "fused_costs"]
+
+
+def _conv(cin, cout, k, hw):  # -> (macs, params)
+    return cin * cout * k * k * hw * hw, cin * cout * k * k + cout
+
+
+def _fc(n_in, n_out):
+    return n_in * n_out, n_in * n_out + n_out
+
+
+def layers(dataset: str) -> dict[str, list[tuple[str, int, int]]]:
+    """Per subnetwork: (layer, MACs, parameters)."""
+    if dataset == "mnist":
+        E = [("conv 1->32 @28", *_conv(1, 32, 3, 28)), ("conv 32->32 @28", *_conv(32, 32, 3, 28)),
+             ("conv 32->64 @14", *_conv(32, 64, 3, 14)), ("conv 64->64 @14", *_conv(64, 64, 3, 14))]
+        F = [("fc 3136->200", *_fc(3136, 200)), ("fc 200->200", *_fc(200, 200)), ("fc 200->10", *_fc(200, 10))]
+        D = [("convT 64->64 @14", *_conv(64, 64, 3, 14)), ("convT 64->32 @14", *_conv(64, 32, 3, 14)),
+             ("convT 32->32 @28", *_conv(32, 32, 3, 28)), ("convT 32->1 @28", *_conv(32, 1, 3, 28))]
+        C = [("fc 784->256", *_fc(784, 256)), ("fc 256->32", *_fc(256, 32)), ("fc 32->256", *_fc(32, 256)),
+             ("fc 256->784", *_fc(256, 784))]
+    elif dataset == "cifar10":
+        E = [("conv 3->96 @32", *_conv(3, 96, 3, 32)), ("conv 96->96 @32", *_conv(96, 96, 3, 32)),
+             ("conv 96->96 @32", *_conv(96, 96, 3, 32)), ("conv 96->192 @16", *_conv(96, 192, 3, 16)),
+             ("conv 192->192 @16", *_conv(192, 192, 3, 16)), ("conv 192->192 @16", *_conv(192, 192, 3, 16))]
+        F = [("conv 192->192 @8", *_conv(192, 192, 3, 8)), ("conv1x1 192->192 @8", *_conv(192, 192, 1, 8)),
+             ("conv1x1 192->10 @8", *_conv(192, 10, 1, 8)), ("fc 640->200", *_fc(640, 200)),
+             ("fc 200->200", *_fc(200, 200)), ("fc 200->10", *_fc(200, 10))]
+        D = [("convT 192->192 @16", *_conv(192, 192, 3, 16)), ("convT 192->192 @16", *_conv(192, 192, 3, 16)),
+             ("convT 192->96 @16", *_conv(192, 96, 3, 16)), ("convT 96->96 @32", *_conv(96, 96, 3, 32)),
+             ("convT 96->96 @32", *_conv(96, 96, 3, 32)), ("convT 96->3 @32", *_conv(96, 3, 3, 32))]
+        C = [("fc 3072->512", *_fc(3072, 512)), ("fc 512->64", *_fc(512, 64)), ("fc 64->512", *_fc(64, 512)),
+             ("fc 512->3072", *_fc(512, 3072))]
+    else:
+        raise ValueError(f"no architecture for data set {dataset!r}")
+    return {"E": E, "F": F, "D": D, "C": C}
+
+
+def subnet_costs(dataset: str) -> dict[str, dict[str, int]]:
+    return {k: {"macs": sum(l[1] for l in v), "params": sum(l[2] for l in v)} for k, v in layers(dataset).items()}
+
+
+def fused_costs(dataset: str, detector: str | None) -> dict:
+    """MACs of the fused defence graph (E, F, D, then E and F again on the reconstruction, plus C
+    for the autoencoder detector) and of the victim F(E(x)), and their ratio."""
+    s = subnet_costs(dataset)
+    victim = s["E"]["macs"] + s["F"]["macs"]
+    fused = 2 * victim + s["D"]["macs"] + (s["C"]["macs"] if detector == "autoencoder" else 0)
+    return {"victim_macs": victim, "fused_macs": fused, "mac_ratio": fused / victim}

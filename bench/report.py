@@ -1,0 +1,155 @@
+"""``RUN/bench_report.md`` and its plots, from ``RUN/bench/summary.json`` and the per-record JSONs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dafar.manifest import atomic_write_text
+
+__all__ = ["write_bench_report"]
+
+
+def _f(v, d=3):
+    return "-" if v is None else f"{v:.{d}f}"
+
+
+def _short(rel: str) -> str:
+    return Path(rel).name
+
+
+def _plots(run_dir: Path, s: dict) -> list[str]:
+    try:
+        import matplotlib
+    except ImportError:  # a device install may lack matplotlib: tables only
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    recs = []
+    for p in sorted((run_dir / "bench").glob("*__t*__b*.json")):
+        recs.append(json.loads(p.read_text()))
+    t1 = [r for r in recs if r["threads"] == min(x["threads"] for x in recs)] if recs else []
+    if t1:
+        t1.sort(key=lambda r: (r["graph"], r["format"], r["precision"], r["model"]))
+        fig, ax = plt.subplots(figsize=(max(8, 0.6 * len(t1)), 5))
+        ax.boxplot([r["samples_ms"] for r in t1], showfliers=False)
+        ax.set_xticks(range(1, len(t1) + 1), [_short(r["model"]).replace("dafar-", "") for r in t1], rotation=70,
+                      ha="right", fontsize=7)
+        ax.set_ylabel("latency per call (ms)")
+        ax.set_title(f"Latency distributions, {t1[0]['threads']} thread(s) (box: p25-p75, whiskers 1.5 IQR)")
+        fig.tight_layout()
+        fig.savefig(run_dir / "plots" / "bench_latency.png", dpi=100)
+        plt.close(fig)
+        made.append("plots/bench_latency.png")
+    acc = s.get("accuracy", {})
+    pairs = []
+    for rel, a in acc.items():
+        e_int8 = rel.replace("-int8", "")
+        if "-int8" in rel and e_int8 in acc and "purified_acc" in a:
+            pairs.append((e_int8, rel))
+    if pairs:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+        x = np.arange(len(pairs))
+        labels = [_short(f).replace("dafar-", "") for f, _ in pairs]
+        for ax, key, title in ((axes[0], "purified_acc", "purified accuracy (%)"), (axes[1], "fpr", "false-positive rate (%)")):
+            ax.bar(x - 0.2, [100 * acc[f][key] for f, _ in pairs], 0.4, label="float32")
+            ax.bar(x + 0.2, [100 * acc[q][key] for _, q in pairs], 0.4, label="int8")
+            ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
+            ax.set_title(title)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(run_dir / "plots" / "bench_float_vs_int8.png", dpi=100)
+        plt.close(fig)
+        made.append("plots/bench_float_vs_int8.png")
+    return made
+
+
+def write_bench_report(run_dir) -> Path:
+    run_dir = Path(run_dir)
+    s = json.loads((run_dir / "bench" / "summary.json").read_text())
+    (run_dir / "plots").mkdir(exist_ok=True)
+    plots = _plots(run_dir, s)
+    mc = s["machine"]
+    cfg = s["config"]
+    c = s["cost"]
+    L = ["# Benchmark report", "",
+         f"Machine: {mc.get('cpu', mc.get('machine'))}, {mc.get('cpus')} CPUs, {mc.get('platform')}; "
+         f"onnxruntime {mc.get('onnxruntime', '-')}, ai-edge-litert {mc.get('ai-edge-litert', '-')}, "
+         f"torch {mc.get('torch', '-')}.", "",
+         f"Reproduce: `dafar bench RUN_DIR --threads {','.join(map(str, cfg['threads']))} --batch "
+         f"{','.join(map(str, cfg['batches']))} --runs {cfg['runs']}" + (" --device-only" if cfg.get("device_only") else "") + "`", "",
+         f"Timing: {cfg['warmup']} warm-up runs, then at least {cfg['runs']} timed runs per model, the defence graph and its "
+         "undefended victim interleaved in blocks of 10 so machine noise hits both; the clock wraps the backend call only. "
+         "This is a shared, noisy 2-core VM: compare ratios measured side by side, not absolute numbers across runs.", "",
+         "## Cost", "",
+         "| subnetwork | parameters | MACs |", "|---|---|---|"]
+    for k in "EFDC":
+        L.append(f"| {k} | {c['subnetworks'][k]['params']:,} | {c['subnetworks'][k]['macs']:,} |")
+    L += ["", f"Victim (E + F): n = {c['victim_params']:,} parameters. Extra parameters: D = {c['overhead_without_C']:.2f} n "
+          f"(paper's Table 6: n/2), D + C = {c['overhead_with_C']:.2f} n (paper: n).", "",
+          f"MACs per image: victim {c['fused_l2']['victim_macs']:,}; fused defence (E, F, D, then E and F on the "
+          f"reconstruction) {c['fused_l2']['fused_macs']:,} with the L2 detector "
+          f"({c['fused_l2']['mac_ratio']:.2f}x the victim), {c['fused_autoencoder']['fused_macs']:,} with C "
+          f"({c['fused_autoencoder']['mac_ratio']:.2f}x).", ""]
+    L += ["## Latency", "", "| model | backend | precision | threads | batch | init ms | first ms | mean ms | std | p50 | p90 | p99 | "
+          "fused / victim (p50) | MAC ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(s["records"], key=lambda r: (r["format"], r["graph"], r["precision"], r["model"], r["threads"], r["batch"])):
+        L.append(f"| `{_short(r['model'])}` | {r['backend']} | {r['precision']} | {r['threads']} | {r['batch']} | "
+                 f"{_f(r['init_ms'], 1)} | {_f(r['first_inference_ms'], 2)} | {_f(r['mean_ms'])} | {_f(r['std_ms'])} | "
+                 f"{_f(r['p50_ms'])} | {_f(r['p90_ms'])} | {_f(r['p99_ms'])} | {_f(r.get('fused_to_victim_ratio'), 2)} | "
+                 f"{_f(r.get('mac_ratio'), 2)} |")
+    for r in s.get("torch", []):
+        if "skipped" in r:
+            L.append(f"| torch eager | - | - | - | - | - | - | - | - | - | - | - | {r['skipped']} | - |")
+            continue
+        L.append(f"| `{r['model']}` | torch-eager | float32 | {r['threads']} | {r['batch']} | - | - | {_f(r['mean_ms'])} | "
+                 f"{_f(r['std_ms'])} | {_f(r['p50_ms'])} | {_f(r['p90_ms'])} | {_f(r['p99_ms'])} | "
+                 f"{_f(r.get('fused_to_victim_ratio'), 2)} | - |")
+    if s.get("ratios"):
+        L += ["", "Fused-to-victim latency ratio against the MAC ratio (the arithmetic floor: the defence does about 3x "
+              "the victim's multiply-accumulates):", "", "| defence | threads | batch | latency ratio | MAC ratio | latency / MAC |",
+              "|---|---|---|---|---|---|"]
+        for r in s["ratios"]:
+            L.append(f"| `{_short(r['model'])}` | {r['threads']} | {r['batch']} | {r['latency_ratio']:.2f} | "
+                     f"{r['mac_ratio']:.2f} | {r['ratio_over_mac']:.2f} |")
+    gpu = s.get("gpu", [])
+    if gpu:
+        L += ["", "## GPU", ""]
+        for r in gpu:
+            if "skipped" in r:
+                L.append(f"- {r['skipped']}")
+            else:
+                L.append(f"- `{r['model']}` {r['backend']} batch {r['batch']}: p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms")
+    mem = s.get("memory", {})
+    if mem:
+        L += ["", "## Memory", "", "Peak resident memory (VmHWM) of a fresh process that loads the model and runs it 20 "
+              "times, minus its resident size just before loading (numpy, dafar and the backend already imported); the "
+              "backend's import and the whole process peak beside it.", "",
+              "| model | file KiB | model peak RSS MiB | backend import MiB | process peak RSS MiB |", "|---|---|---|---|---|"]
+        for rel, r in mem.items():
+            if "error" in r:
+                L.append(f"| `{_short(rel)}` | - | error: {r['error']} | - | - |")
+            else:
+                L.append(f"| `{_short(rel)}` | {c['file_bytes'][rel] / 1024:.0f} | {r['model_peak_kib'] / 1024:.1f} | "
+                         f"{r['backend_import_kib'] / 1024:.1f} | {r['peak_kib'] / 1024:.1f} |")
+    acc = s.get("accuracy", {})
+    if acc:
+        n = next(iter(acc.values()))["images"]
+        L += ["", f"## Accuracy (test set, {n} images)", "",
+              "| model | precision | victim acc | purified acc | FPR at alpha | clean images accepted and correct | alpha |",
+              "|---|---|---|---|---|---|---|"]
+        for rel, a in acc.items():
+            prec = "int8" if "-int8" in rel else "float32"
+            L.append(f"| `{_short(rel)}` | {prec} | {100 * a['victim_acc']:.2f}% | "
+                     + (f"{100 * a['purified_acc']:.2f}% | {100 * a['fpr']:.2f}% | {100 * a['defended_clean_acc']:.2f}% | "
+                        f"{a['alpha']:.4f} |" if "purified_acc" in a else "- | - | - | - |"))
+    L.append("")
+    for p in plots:
+        L.append(f"![{Path(p).stem}]({p})")
+    L.append("")
+    path = run_dir / "bench_report.md"
+    atomic_write_text(path, "\n".join(L))
+    return path

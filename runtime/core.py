@@ -1,0 +1,420 @@
+"""The on-device runtime: one exported DAFAR graph from a run folder, numpy in, numpy out.
+
+What ships to a phone or a Raspberry Pi: this module, ``dafar.manifest`` and ``dafar.errors``
+(standard library only), numpy, and one backend: ``ai_edge_litert`` (or the older
+``tflite_runtime``) for ``.tflite`` files, ``onnxruntime`` for ``.onnx`` files.  The backend is
+imported inside the constructor, so importing this module costs nothing and never pulls torch or
+tensorflow (a test checks it in a fresh interpreter).
+
+Safety properties (each has a test):
+
+* the model file's sha256 is checked against the manifest before the backend sees the file, and
+  the manifest's own digest is checked (an edited alpha is refused);
+* inputs are validated: rank, shape, dtype, value range and non-finite values, each with an
+  :class:`~dafar.errors.InputValidationError` that says what was wrong; with ``on_invalid="reject"``
+  the bad images of a batch are rejected (score NaN) and the good ones still classified;
+* fail closed: an image whose score is not finite is rejected, whatever the graph said;
+* thread safe: ONNX Runtime sessions are shared (``run`` is thread-safe); LiteRT interpreters are
+  not, so each thread gets its own (created on first use, same file, same settings).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dafar.errors import InferenceError, InputValidationError, ManifestError, MissingExtraError
+from dafar.manifest import MANIFEST_NAME, read_manifest, verify_files
+
+__all__ = ["Backend", "Provider", "OnInvalid", "Prediction", "Defence", "list_models", "default_model"]
+
+
+class Backend(str, Enum):
+    AUTO = "auto"  # from the file's suffix
+    LITERT = "litert"
+    ONNXRUNTIME = "onnxruntime"
+
+
+class Provider(str, Enum):
+    """ONNX Runtime execution provider."""
+
+    AUTO = "auto"  # CUDA when onnxruntime-gpu sees a GPU, else CPU
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class OnInvalid(str, Enum):
+    RAISE = "raise"  # any bad image fails the whole call with InputValidationError
+    REJECT = "reject"  # bad images come back rejected (score NaN, label -1); the rest are classified
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Results for a batch of N images (arrays of length N).
+
+    ``labels`` come from the purified path F(E(D(E(x)))) for the defence graphs, from F(E(x)) for
+    the victim-only graph; ``rejected`` is True for inputs flagged as adversarial, for inputs
+    whose score is not finite, and (with ``on_invalid="reject"``) for invalid images.
+    """
+
+    labels: np.ndarray  # int64 (N,), -1 where the image was invalid
+    scores: np.ndarray  # float32 (N,), NaN where no score exists
+    rejected: np.ndarray  # bool (N,)
+    logits: np.ndarray  # float32 (N, classes): the victim's F(E(x))
+    purified_logits: np.ndarray | None = None  # float32 (N, classes)
+    invalid: np.ndarray | None = None  # bool (N,), only with on_invalid="reject"
+    reasons: tuple[str, ...] = ()  # one message per invalid image, in order
+    seconds: float = 0.0  # wall time of the backend calls
+
+    @property
+    def accepted(self) -> np.ndarray:
+        return ~self.rejected
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def to_records(self, alpha: float | None = None) -> list[dict]:
+        out = []
+        for i in range(len(self)):
+            rec = {"label": int(self.labels[i]), "score": None if not np.isfinite(self.scores[i]) else float(self.scores[i]),
+                   "rejected": bool(self.rejected[i]),
+                   "verdict": "rejected" if self.rejected[i] else "accepted"}
+            if alpha is not None:
+                rec["alpha"] = alpha
+            if self.invalid is not None and self.invalid[i]:
+                rec["invalid"] = True
+            out.append(rec)
+        return out
+
+
+def list_models(manifest: dict) -> list[str]:
+    """Model files of a run folder, relative paths, in the manifest's order."""
+    return [rel for rel in manifest.get("exports", {})]
+
+
+def default_model(manifest: dict, prefer: str = "tflite") -> str:
+    """The model a device runs when none is named: the defence graph with the L2 detector,
+    int8 before float, ``prefer``-format first, batch 1, raw-pixel input first."""
+    exports = manifest.get("exports", {})
+    cands = [(rel, e) for rel, e in exports.items() if e.get("graph") == "dafar"]
+    if not cands:
+        raise ManifestError("the run folder has no exported defence graph; run `dafar export` first")
+
+    def rank(item):
+        rel, e = item
+        return (e.get("format") != prefer, e.get("precision", "float32") != "int8", e.get("detector") != "l2",
+                e.get("batch") not in (1, "dynamic"), e.get("contract") != "uint8-nhwc", rel)
+
+    return sorted(cands, key=rank)[0][0]
+
+
+def _ort_providers(ort, provider: Provider) -> list[str]:
+    avail = ort.get_available_providers()
+    if provider is Provider.CPU:
+        return ["CPUExecutionProvider"]
+    if provider is Provider.CUDA:
+        if "CUDAExecutionProvider" not in avail:
+            raise MissingExtraError(
+                "provider='cuda' was asked for, but this onnxruntime has no CUDAExecutionProvider "
+                f"(has {avail}); install onnxruntime-gpu on a machine with a CUDA GPU")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in avail else []) + ["CPUExecutionProvider"]
+
+
+def _litert_interpreter_class():
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter  # type: ignore
+
+        return Interpreter
+    except ImportError:
+        raise MissingExtraError(
+            "running .tflite models needs ai-edge-litert (or tflite-runtime): pip install 'dafar[litert]'") from None
+
+
+class Defence:
+    """One exported DAFAR graph, ready to classify images.
+
+    >>> d = Defence("runs/mnist")                     # default model of the run folder
+    >>> p = d.predict(pixels)                         # uint8 HxWxC / NxHxWxC, or float in [0, 1]
+    >>> p.labels[p.accepted]
+
+    ``model`` names a file of the run folder's manifest (``export/...``); ``threads`` sets the
+    backend's intra-op threads (default 1, the phone-friendly setting); ``provider`` picks the
+    ONNX Runtime execution provider.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, model: str | os.PathLike | None = None, *,
+                 backend: Backend | str = Backend.AUTO, threads: int | None = 1,
+                 provider: Provider | str = Provider.AUTO, on_invalid: OnInvalid | str = OnInvalid.RAISE,
+                 verify: bool = True):
+        t0 = time.perf_counter()
+        self.run_dir = Path(run_dir)
+        try:
+            self.backend_kind = Backend(backend)
+            self.provider = Provider(provider)
+            self.on_invalid = OnInvalid(on_invalid)
+        except ValueError as exc:
+            raise InputValidationError(str(exc)) from None
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise InputValidationError(f"threads must be a positive integer or None, got {threads!r}")
+        self.threads = threads
+        self.manifest = read_manifest(self.run_dir)  # refuses an edited manifest
+        rel = self._resolve_model(model)
+        self.model_rel = rel
+        self.entry: dict = self.manifest["exports"][rel]
+        if verify:
+            verify_files(self.run_dir, self.manifest, [rel])  # before the backend reads a byte of it
+        self.model_path = self.run_dir / rel
+        suffix = self.model_path.suffix.lower()
+        if self.backend_kind is Backend.AUTO:
+            self.backend_kind = {".tflite": Backend.LITERT, ".onnx": Backend.ONNXRUNTIME}.get(suffix, Backend.AUTO)
+        want = {Backend.LITERT: ".tflite", Backend.ONNXRUNTIME: ".onnx"}.get(self.backend_kind)
+        if want != suffix:
+            raise InputValidationError(f"{rel}: backend {self.backend_kind.value!r} cannot run a {suffix or 'suffix-less'} file")
+        self._read_spec()
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        if self.backend_kind is Backend.ONNXRUNTIME:
+            self._session = self._make_ort()
+        else:
+            self._interp_cls = _litert_interpreter_class()
+            self._new_litert()  # fail now (corrupt file, missing ops), not on the first image
+        self.init_seconds = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ set-up
+    def _resolve_model(self, model) -> str:
+        exports = self.manifest.get("exports", {})
+        if model is None:
+            return default_model(self.manifest)
+        rel = str(model)
+        p = Path(rel)
+        if p.is_absolute() or (not rel.startswith("export") and p.exists()):
+            try:
+                rel = p.resolve().relative_to(self.run_dir.resolve()).as_posix()
+            except ValueError:
+                raise ManifestError(f"{model} is not inside the run folder {self.run_dir}") from None
+        if rel not in exports and f"export/{rel}" in exports:
+            rel = f"export/{rel}"
+        if rel not in exports:
+            raise ManifestError(f"{self.run_dir / MANIFEST_NAME} lists no exported model {model!r}; "
+                                f"it has: {', '.join(exports) or 'none (run dafar export)'}")
+        return rel
+
+    def _read_spec(self) -> None:
+        e = self.entry
+        inp = e.get("input")
+        if not isinstance(inp, dict) or "shape" not in inp or "dtype" not in inp:
+            raise ManifestError(f"{self.run_dir / MANIFEST_NAME}: export {self.model_rel} has no input spec")
+        self.contract = e.get("contract", "float-nchw")
+        self.batch = inp["shape"][0] if isinstance(inp["shape"][0], int) else None  # None: dynamic
+        if self.contract == "uint8-nhwc":
+            _, h, w, c = inp["shape"]
+        else:
+            _, c, h, w = inp["shape"]
+        self.chw = (int(c), int(h), int(w))
+        self.input_dtype = np.dtype(inp["dtype"])
+        self.graph = e.get("graph", "dafar")
+        self.output_names = [o["name"] for o in e.get("outputs", [])]
+        self.alpha = e.get("alpha")
+        self.detector = e.get("detector")
+        self.precision = e.get("precision", "float32")
+        self.num_classes = int(e.get("num_classes", self.manifest.get("architecture", {}).get("num_classes", 10)))
+        classes = self.manifest.get("dataset", {}).get("classes")
+        self.classes = list(classes) if classes else [str(i) for i in range(self.num_classes)]
+
+    def _make_ort(self):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise MissingExtraError("running .onnx models needs onnxruntime: pip install 'dafar[onnx-runtime]'") from None
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if self.threads:
+            so.intra_op_num_threads = self.threads
+            so.inter_op_num_threads = 1
+        try:
+            return ort.InferenceSession(str(self.model_path), so, providers=_ort_providers(ort, self.provider))
+        except MissingExtraError:
+            raise
+        except Exception as exc:
+            raise InferenceError(f"onnxruntime cannot load {self.model_path}: {type(exc).__name__}: {exc}") from exc
+
+    def _new_litert(self):
+        try:
+            interp = self._interp_cls(model_path=str(self.model_path), num_threads=self.threads or 1)
+            runner = interp.get_signature_runner("serving_default")
+        except Exception as exc:
+            raise InferenceError(f"LiteRT cannot load {self.model_path}: {type(exc).__name__}: {exc}") from exc
+        self._local.runner = runner
+        return runner
+
+    def _runner(self):
+        r = getattr(self._local, "runner", None)
+        return r if r is not None else self._new_litert()
+
+    # ------------------------------------------------------------------ input handling
+    def _as_batch(self, images) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """Validate ``images`` and bring them to the model's contract.
+
+        Returns (batch in the model's dtype/layout, per-image invalid mask, reasons)."""
+        if isinstance(images, (list, tuple)):
+            if not images:
+                raise InputValidationError("no images given (an empty list)")
+            arrs = [np.asarray(a) for a in images]
+            shapes = {a.shape for a in arrs}
+            dtypes = {a.dtype for a in arrs}
+            if len(shapes) != 1 or len(dtypes) != 1:
+                raise InputValidationError(f"images in a list must share shape and dtype, got {sorted(map(str, shapes))}")
+            x = np.stack(arrs)
+        else:
+            if not isinstance(images, np.ndarray):
+                raise InputValidationError(f"images must be a numpy array (or a list of arrays), got {type(images).__name__}")
+            x = images
+        dt = x.dtype
+        if dt == np.uint8:
+            kind = "uint8"
+        elif dt in (np.float16, np.float32, np.float64):
+            kind = "float"
+        else:
+            raise InputValidationError(
+                f"images must be uint8 pixels (0..255) or floats in [0, 1]; got dtype {dt}"
+                + (" (convert bools or integers explicitly)" if dt.kind in "biu" else ""))
+        c, h, w = self.chw
+        x = self._to_nchw(x, c, h, w)
+        n = x.shape[0]
+        if n == 0:
+            raise InputValidationError("the batch holds no images (size 0)")
+        invalid = np.zeros(n, dtype=bool)
+        reasons: list[str] = []
+        if kind == "float":
+            xf = x.astype(np.float32, copy=False)
+            flat = xf.reshape(n, -1)
+            with np.errstate(invalid="ignore"):
+                nonfinite = ~np.isfinite(flat).all(axis=1)
+                below = (flat < 0).any(axis=1) & ~nonfinite
+                above = (flat > 1).any(axis=1) & ~nonfinite
+            for i in np.flatnonzero(nonfinite | below | above):
+                if nonfinite[i]:
+                    reasons.append(f"image {i}: holds NaN or infinite values")
+                else:
+                    lo, hi = float(np.nanmin(flat[i])), float(np.nanmax(flat[i]))
+                    reasons.append(f"image {i}: float values must lie in [0, 1] (pixels / 255), found [{lo:.4g}, {hi:.4g}]")
+            invalid = nonfinite | below | above
+            if invalid.any() and self.on_invalid is OnInvalid.RAISE:
+                more = f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else ""
+                raise InputValidationError("; ".join(reasons[:3]) + more)
+            if self.input_dtype == np.uint8:
+                # a uint8 graph fed floats: round to the nearest pixel level (lossless for x = u8 / 255)
+                safe = np.where(invalid[:, None, None, None], 0.0, xf)
+                model_in = np.rint(safe * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
+            else:
+                model_in = np.where(invalid[:, None, None, None], np.float32(0.0), xf)
+        else:
+            if self.input_dtype == np.uint8:
+                model_in = x.transpose(0, 2, 3, 1)
+            else:
+                model_in = x.astype(np.float32) * np.float32(1.0 / 255.0)
+        return np.ascontiguousarray(model_in, dtype=self.input_dtype), invalid, reasons
+
+    @staticmethod
+    def _to_nchw(x: np.ndarray, c: int, h: int, w: int) -> np.ndarray:
+        """Accept HW (grayscale), HWC, CHW, NHW (grayscale), NHWC or NCHW; return NCHW."""
+        want = f"(H, W{', C' if c > 1 else ''}) or (N, H, W, C) or (N, C, H, W) with H={h}, W={w}, C={c}"
+        if x.ndim == 2 and c == 1 and x.shape == (h, w):
+            return x[None, None]
+        if x.ndim == 3:
+            if x.shape == (h, w, c):
+                return x.transpose(2, 0, 1)[None]
+            if x.shape == (c, h, w):
+                return x[None]
+            if c == 1 and x.shape[1:] == (h, w):
+                return x[:, None]
+        if x.ndim == 4:
+            if x.shape[1:] == (h, w, c):
+                return x.transpose(0, 3, 1, 2)
+            if x.shape[1:] == (c, h, w):
+                return x
+        raise InputValidationError(f"images of shape {tuple(x.shape)} do not fit this model: expected {want}")
+
+    # ------------------------------------------------------------------ inference
+    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        if self.backend_kind is Backend.ONNXRUNTIME:
+            names = [o.name for o in self._session.get_outputs()]
+            try:
+                res = self._session.run(names, {"x": x})
+            except Exception as exc:
+                raise InferenceError(f"onnxruntime failed on {self.model_rel}: {type(exc).__name__}: {exc}") from exc
+            return dict(zip(names, res))
+        runner = self._runner()
+        n = x.shape[0]
+        b = self.batch or 1
+        outs: dict[str, list] = {}
+        for i in range(0, n, b):
+            chunk = x[i: i + b]
+            if len(chunk) < b:  # fixed-batch model: pad with copies of the last image, drop after
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - len(chunk), axis=0)])
+            try:
+                res = runner(x=chunk)
+            except Exception as exc:
+                raise InferenceError(f"LiteRT failed on {self.model_rel}: {type(exc).__name__}: {exc}") from exc
+            for k, v in res.items():
+                outs.setdefault(k, []).append(np.array(v))  # copy: runner buffers are reused
+        return {k: np.concatenate(v)[:n] for k, v in outs.items()}
+
+    def predict(self, images, *, batch_size: int = 256) -> Prediction:
+        """Classify ``images``: one image or a batch, uint8 pixels or floats in [0, 1]."""
+        x, invalid, reasons = self._as_batch(images)
+        n = x.shape[0]
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputValidationError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if self.batch:
+            batch_size = max(self.batch, batch_size - batch_size % self.batch)
+        t0 = time.perf_counter()
+        parts = [self._run(x[i: i + batch_size]) for i in range(0, n, batch_size)]
+        seconds = time.perf_counter() - t0
+        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        for need in ("label", "logits"):
+            if need not in out:
+                raise InferenceError(f"{self.model_rel} has no output named {need!r} (outputs: {sorted(out)})")
+        labels = out["label"].astype(np.int64)
+        logits = out["logits"].astype(np.float32, copy=False)
+        purified = out.get("purified_logits")
+        if "score" in out:
+            scores = out["score"].astype(np.float32).reshape(n)
+            rejected = out["rejected"].astype(bool).reshape(n)
+            # fail closed, whatever the graph decided: no finite score, no acceptance
+            rejected = rejected | ~np.isfinite(scores)
+        else:  # the undefended victim graph: nothing is ever rejected
+            scores = np.full(n, np.nan, dtype=np.float32)
+            rejected = np.zeros(n, dtype=bool)
+        if invalid.any():
+            scores = np.where(invalid, np.float32(np.nan), scores)
+            rejected = rejected | invalid
+            labels = np.where(invalid, -1, labels)
+        return Prediction(labels, scores, rejected, logits,
+                          None if purified is None else purified.astype(np.float32, copy=False),
+                          invalid if self.on_invalid is OnInvalid.REJECT else None, tuple(reasons), seconds)
+
+    __call__ = predict
+
+    def describe(self) -> dict[str, Any]:
+        return {"run": str(self.run_dir), "model": self.model_rel, "backend": self.backend_kind.value,
+                "format": self.entry.get("format"), "precision": self.precision, "graph": self.graph,
+                "detector": self.detector, "contract": self.contract, "batch": self.batch or "dynamic",
+                "alpha": self.alpha, "threshold_rule": self.entry.get("threshold_rule"), "threads": self.threads,
+                "providers": self._session.get_providers() if self.backend_kind is Backend.ONNXRUNTIME else None}
+
+    def __repr__(self) -> str:
+        return f"Defence({self.run_dir}, {self.model_rel!r}, backend={self.backend_kind.value})"

@@ -1,0 +1,111 @@
+"""The benchmark harness: MAC and parameter counts against torch, the statistics, and a full bench
+of a small run producing well-formed records and a report."""
+import json
+
+import numpy as np
+import pytest
+
+from dafar.bench.harness import BenchConfig, latency_stats
+from dafar.bench.macs import fused_costs, subnet_costs
+from dafar.errors import ConfigError
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_costs_match_torch(dataset):
+    import torch
+
+    from dafar.train.models import build_dafar
+
+    net = build_dafar(dataset).eval()
+    counts = {}
+
+    def hook(name):
+        def f(mod, inp, out):
+            if isinstance(mod, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                k = mod.kernel_size[0] * mod.kernel_size[1]
+                counts[name] = counts.get(name, 0) + out.shape[2] * out.shape[3] * k * mod.in_channels * mod.out_channels // mod.groups
+            elif isinstance(mod, torch.nn.Linear):
+                counts[name] = counts.get(name, 0) + mod.in_features * mod.out_features
+        return f
+
+    for name in "EFDC":
+        for mod in getattr(net, name).modules():
+            mod.register_forward_hook(hook(name))
+    c, h, w = net.spec.input_shape
+    x = torch.zeros(1, c, h, w)
+    with torch.no_grad():
+        feats = net.E(x)
+        net.F(feats.z)
+        rec = net.D(feats)
+        net.C(x - rec)
+    costs = subnet_costs(dataset)
+    for name in "EFDC":
+        assert costs[name]["macs"] == counts[name], name
+        assert costs[name]["params"] == sum(p.numel() for p in getattr(net, name).parameters()), name
+    f = fused_costs(dataset, "l2")
+    assert f["fused_macs"] == 2 * (counts["E"] + counts["F"]) + counts["D"] and 2.9 < f["mac_ratio"] < 3.0
+
+
+def test_latency_stats_and_config_errors():
+    s = latency_stats([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert s["count"] == 5 and s["p50_ms"] == 3.0 and s["max_ms"] == 100.0 and s["min_ms"] == 1.0
+    assert s["p99_ms"] > s["p90_ms"] > s["p50_ms"]
+    with pytest.raises(ConfigError):
+        BenchConfig(threads=(0,))
+    with pytest.raises(ConfigError):
+        BenchConfig(runs=2)
+    assert BenchConfig(device_only=True).torch is False
+
+
+@pytest.mark.slow
+def test_bench_small_run_writes_records_and_report(run_clone):
+    from dafar.bench.harness import run_bench
+    from dafar.bench.report import write_bench_report
+
+    models = ("export/dafar-l2-float-nchw.onnx", "export/dafar-l2-float-nchw-b1.tflite",
+              "export/victim-float-nchw.onnx", "export/victim-float-nchw-b1.tflite")
+    cfg = BenchConfig(threads=(1,), batches=(1, 4), runs=10, warmup=2, models=models, accuracy_images=50)
+    s = run_bench(run_clone, cfg, log=lambda *a: None)
+    recs = list((run_clone / "bench").glob("*__t1__b*.json"))
+    # ONNX defence and victim at batches 1 and 4, TFLite at its own batch 1
+    assert len(recs) == 6
+    for p in recs:
+        r = json.loads(p.read_text())
+        for k in ("init_ms", "first_inference_ms", "mean_ms", "std_ms", "p50_ms", "p90_ms", "p99_ms"):
+            assert np.isfinite(r[k]) and r[k] >= 0
+        assert r["count"] >= 10 and len(r["samples_ms"]) == r["count"]
+    ratios = {(r["model"], r["batch"]) for r in s["ratios"]}
+    assert ("export/dafar-l2-float-nchw-b1.tflite", 1) in ratios and ("export/dafar-l2-float-nchw.onnx", 4) in ratios
+    for r in s["ratios"]:
+        assert r["latency_ratio"] > 1.0 and 2.9 < r["mac_ratio"] < 3.0
+    assert all(s["memory"][m]["model_peak_kib"] > 0 for m in models)
+    acc = s["accuracy"]["export/dafar-l2-float-nchw.onnx"]
+    assert acc["images"] == 50 and 0 <= acc["fpr"] <= 1 and acc["victim_acc"] > 0.5
+    assert s["cost"]["overhead_without_C"] < s["cost"]["overhead_with_C"]
+    assert any(r.get("backend") == "torch-eager" for r in s["torch"])
+    text = write_bench_report(run_clone).read_text()
+    assert "Fused-to-victim latency ratio" in text and "Table 6" in text and "## Memory" in text
+    assert (run_clone / "plots" / "bench_latency.png").is_file()
+
+
+@pytest.mark.slow
+def test_bench_device_only_has_no_torch(exported_run, tmp_path):
+    """`dafar bench --device-only` in a process where torch cannot be imported."""
+    import shutil
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run)
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['tensorflow'] = None;"
+        "from dafar.cli import main;"
+        f"rc = main(['bench', {str(run)!r}, '--device-only', '--threads', '1', '--runs', '5', '--warmup', '1',"
+        "'--models', 'export/dafar-l2-uint8-nhwc-b1.tflite,export/victim-uint8-nhwc-b1.tflite', '--accuracy-images', '20',"
+        "'--no-memory']); print('rc', rc)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "rc 0" in out.stdout, out.stderr[-2000:]
+    s = json.loads((run / "bench" / "summary.json").read_text())
+    assert s["config"]["device_only"] and "torch" not in s and s["ratios"]
+    assert (run / "bench_report.md").is_file()
