@@ -62,8 +62,9 @@ fi
 WORK="$ROOT/work"
 rm -rf "$WORK" && mkdir -p "$WORK/wheel" "$WORK/run"
 "$PY" -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/wheel" "$REPO" >/dev/null
+WHEEL=$(cd "$WORK/wheel" && ls dafar-*.whl | head -1)
 QEMU_CPU=$QEMU_CPU_MODEL chroot "$ROOT" /venv/bin/pip install -q --disable-pip-version-check --no-deps \
-  --force-reinstall /work/wheel/dafar-*.whl
+  --force-reinstall "/work/wheel/$WHEEL"
 cp "$RUN/manifest.json" "$WORK/run/"
 cp -r "$RUN/export" "$WORK/run/"
 log "recording reference outputs on $(uname -m)"

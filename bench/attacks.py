@@ -193,7 +193,13 @@ def generate(run_dir, spec: AttackSpec, x: np.ndarray, y: np.ndarray, seed: int 
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))
     atk = _make(spec, clf, batch_size)
-    x_adv = atk.generate(x=x, y=to_categorical(y, clf.nb_classes))
+    if spec.attack is Attack.JSMA:
+        # ART's JSMA is targeted: y are the targets.  A random wrong class per image, seeded.
+        rng = np.random.default_rng([seed, 13])
+        target = (y + rng.integers(1, clf.nb_classes, len(y))) % clf.nb_classes
+        x_adv = atk.generate(x=x, y=to_categorical(target, clf.nb_classes))
+    else:
+        x_adv = atk.generate(x=x, y=to_categorical(y, clf.nb_classes))
     return np.clip(x_adv, 0.0, 1.0).astype(np.float32), time.perf_counter() - t0
 
 

@@ -238,6 +238,31 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from dafar.bench.eval_report import write_eval_report
+    from dafar.bench.evaluate import EvalConfig, run_eval
+
+    eps = tuple(float(e) for e in _csv(args.eps)) if args.eps else None
+    cfg = EvalConfig(images=args.images, slow_images=args.slow_images, eps=eps, peers=not args.no_peers,
+                     adaptive=not args.no_adaptive, adaptive_images=args.adaptive_images,
+                     adaptive_steps=args.adaptive_steps, adaptive_restarts=args.adaptive_restarts,
+                     deployed=not args.no_deployed, seed=args.seed, peer_train_images=args.peer_train_images)
+    run_eval(args.run, cfg, data_dir=args.data_dir, log=(lambda *a: None) if args.quiet else print)
+    print(f"report: {write_eval_report(args.run)}")
+    return 0
+
+
+def cmd_reliability(args) -> int:
+    from dafar.bench.reliability import run_reliability, write_reliability_report
+
+    run_reliability(args.run, fuzz_cases=args.fuzz_cases, long_n=args.long_run, threads=args.threads,
+                    concurrent_total=args.concurrent, log=(lambda *a: None) if args.quiet else print)
+    cmd = (f"dafar reliability RUN_DIR --fuzz-cases {args.fuzz_cases} --long-run {args.long_run} --threads {args.threads} "
+           f"--concurrent {args.concurrent}")
+    print(f"report: {write_reliability_report(args.run, cmd)}")
+    return 0
+
+
 def cmd_pipeline(args) -> int:
     """The main job: train, export every graph variant, quantize to int8, benchmark, write the reports."""
     from dafar.bench.harness import BenchConfig, run_bench
@@ -387,6 +412,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="adversarial evaluation: gray-box attacks, peers, adaptive attacks (eval_report.md)")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--images", type=int, default=300, help="images per FGSM/PGD/noise set (default 300)")
+    p.add_argument("--slow-images", type=int, default=100, help="images per CW-L2/JSMA set (default 100)")
+    p.add_argument("--eps", default=None, help="comma list of L-inf budgets in [0, 1] (default: the data set's)")
+    p.add_argument("--adaptive-images", type=int, default=100)
+    p.add_argument("--adaptive-steps", type=int, default=100)
+    p.add_argument("--adaptive-restarts", type=int, default=2)
+    p.add_argument("--peer-train-images", type=int, default=20000)
+    p.add_argument("--no-peers", action="store_true")
+    p.add_argument("--no-adaptive", action="store_true")
+    p.add_argument("--no-deployed", action="store_true", help="skip evaluating the exported files")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("reliability", help="fuzzing, tampered files, long runs, concurrency, CLI errors (reliability_report.md)")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--fuzz-cases", type=int, default=10000, help="hypothesis cases per model (default 10000)")
+    p.add_argument("--long-run", type=int, default=100000, help="inferences per backend in one process (default 100000)")
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--concurrent", type=int, default=10000, help="inferences shared by the threads (default 10000)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_reliability)
 
     p = sub.add_parser("report", help="(re)write a run folder's report.md and plots")
     p.add_argument("run", metavar="RUN_DIR")

@@ -39,6 +39,7 @@ __all__ = [
     "verify_files",
     "file_entry",
     "get_field",
+    "clean_stale_staging",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -167,6 +168,22 @@ def load_manifest(run_dir: str | os.PathLike, verify: bool | Iterable[str] = Tru
     elif verify:
         verify_files(run_dir, m, list(verify))
     return m
+
+
+def clean_stale_staging(run_dir: str | os.PathLike) -> list[str]:
+    """Remove what an interrupted stage left behind: ``.staging-*`` folders and ``.*.tmp`` files of
+    atomic writes.  Nothing the manifest lists is touched (those are never written in place)."""
+    import shutil
+
+    removed = []
+    run_dir = Path(run_dir)
+    for p in list(run_dir.glob(".staging-*")) + list(run_dir.rglob(".*.tmp")):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(str(p.relative_to(run_dir)))
+    return removed
 
 
 def get_field(manifest: dict, dotted: str, run_dir: str | os.PathLike | None = None) -> Any:

@@ -178,6 +178,10 @@ def export_run(run_dir: str | os.PathLike, cfg: ExportConfig = ExportConfig(), *
         if cfg.victim:
             jobs.append(("victim", None, contract))
 
+    from dafar.manifest import clean_stale_staging
+
+    for left in clean_stale_staging(run_dir):  # an earlier run of a stage was killed mid-way
+        log(f"removed {left} (left by an interrupted run)")
     staging = Path(tempfile.mkdtemp(prefix=".staging-export-", dir=run_dir))
     entries: dict[str, dict] = {}
     try:

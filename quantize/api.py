@@ -294,6 +294,10 @@ def quantize_run(run_dir: str | os.PathLike, cfg: QuantizeConfig = QuantizeConfi
         adv_sets = attack_sets(run_dir, specs, n=attack_images, data_dir=data_dir, log=log)
         manifest = load_manifest(run_dir)
 
+    from dafar.manifest import clean_stale_staging
+
+    for left in clean_stale_staging(run_dir):  # an earlier run of a stage was killed mid-way
+        log(f"removed {left} (left by an interrupted run)")
     staging = Path(tempfile.mkdtemp(prefix=".staging-quantize-", dir=run_dir))
     entries: dict[str, dict] = {}
     scores: dict[str, np.ndarray] = {}  # clean test scores, float and int8, for the report's plots

@@ -158,7 +158,7 @@ class Defence:
     def __init__(self, run_dir: str | os.PathLike, model: str | os.PathLike | None = None, *,
                  backend: Backend | str = Backend.AUTO, threads: int | None = 1,
                  provider: Provider | str = Provider.AUTO, on_invalid: OnInvalid | str = OnInvalid.RAISE,
-                 verify: bool = True):
+                 verify: bool = True, max_images: int = 100_000):
         t0 = time.perf_counter()
         self.run_dir = Path(run_dir)
         try:
@@ -170,6 +170,9 @@ class Defence:
         if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
             raise InputValidationError(f"threads must be a positive integer or None, got {threads!r}")
         self.threads = threads
+        if not isinstance(max_images, int) or max_images < 1:
+            raise InputValidationError(f"max_images must be a positive integer, got {max_images!r}")
+        self.max_images = max_images  # one call's limit: a huge array is refused, not ground through for hours
         self.manifest = read_manifest(self.run_dir)  # refuses an edited manifest
         rel = self._resolve_model(model)
         self.model_rel = rel
@@ -296,6 +299,8 @@ class Defence:
         n = x.shape[0]
         if n == 0:
             raise InputValidationError("the batch holds no images (size 0)")
+        if n > self.max_images:  # checked on views, before any conversion allocates memory
+            raise InputValidationError(f"{n} images in one call exceed max_images={self.max_images}; split the batch")
         invalid = np.zeros(n, dtype=bool)
         reasons: list[str] = []
         if kind == "float":

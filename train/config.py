@@ -155,8 +155,11 @@ PROFILES: dict[tuple[DatasetName, Profile], dict] = {
     # (one quick epoch: 98.68% vs 98.43% test accuracy).
     (DatasetName.MNIST, Profile.QUICK): dict(epochs=1, batch_size=64, lr=2e-3, detector_epochs=8,
                                              train_victim=False, z=3.0),
-    (DatasetName.MNIST, Profile.PAPER): dict(epochs=3, batch_size=64, lr=2e-3, detector_epochs=8,
-                                             train_victim=True, z=3.0),
+    # 8 epochs with +-2 px shifts: 99.50% victim / 99.56% victim-only (3 epochs without shifts: 99.27% /
+    # 99.43%, a 0.16-point gap; 8 without: 99.30% / 99.46%).  The false-positive rate at z = 3 stayed
+    # at 0.50-0.57% in every variant tried (epochs 3/8, shifts, recon weight 0.25/1).
+    (DatasetName.MNIST, Profile.PAPER): dict(epochs=8, batch_size=64, lr=2e-3, detector_epochs=8,
+                                             train_victim=True, z=3.0, augment=Augment.SHIFT),
     (DatasetName.CIFAR10, Profile.QUICK): dict(epochs=2, lr=2e-3, detector_epochs=5, train_victim=False, z=2.0,
                                                augment=Augment.CROP_FLIP, train_limit=10000),
     (DatasetName.CIFAR10, Profile.PAPER): dict(epochs=30, lr=2e-3, detector_epochs=30, train_victim=True, z=2.0,

@@ -179,11 +179,18 @@ class _Unpool(nn.Module):
     def __init__(self, mode: Unpool):
         super().__init__()
         self.mode = Unpool(mode)
+        # BPDA for white-box attacks (dafar.bench.adaptive): the forward value is unchanged, the
+        # backward pass treats the mask as all ones, so gradients reach every window position.
+        self.straight_through = False
 
     def forward(self, h: torch.Tensor, ctx: PoolContext) -> torch.Tensor:
         if self.mode is Unpool.MAXUNPOOL:
             return Fn.max_unpool2d(h, ctx.indices, 2, 2, output_size=ctx.pre.shape[-2:])
-        return mask_unpool(h, ctx.pre, ctx.pooled)
+        out = mask_unpool(h, ctx.pre, ctx.pooled)
+        if self.straight_through:
+            up = _upsample2(h)
+            return up + (out - up).detach()
+        return out
 
 
 def _convt(cin: int, cout: int) -> nn.ConvTranspose2d:

@@ -1,0 +1,52 @@
+"""Reliability at CI scale: fuzzing, tampered files, a long-ish run, concurrency, CLI errors and a
+stage killed mid-way.  `dafar reliability` runs the same code at full scale (10,000 fuzz cases,
+100,000 inferences)."""
+import numpy as np
+import pytest
+
+pytest.importorskip("hypothesis")
+pytestmark = pytest.mark.slow
+
+MODELS = ("export/dafar-l2-float-nchw-b1.tflite", "export/dafar-autoencoder-float-nchw.onnx")
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_fuzzing_finds_no_failure(exported_run, model):
+    from dafar.bench.reliability import fuzz
+
+    s = fuzz(exported_run, model, cases=150, log=lambda *a: None)
+    assert s["cases"] == 300 and s["failures"] == 0, s["failure_examples"]
+    assert s["outcomes"].get("raise:InputValidationError", 0) > 0 and s["outcomes"].get("reject:result", 0) > 0
+    assert s["max_seconds"] < 30
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_tampered_files_are_refused(exported_run, model):
+    from dafar.bench.reliability import file_checks
+
+    rows = file_checks(exported_run, model)
+    assert len(rows) == 9
+    for r in rows:
+        assert r["refused"], r
+        assert r["names_file"], r
+    assert rows[-1]["pickle_executed"] is False
+
+
+def test_long_run_and_concurrency(exported_run):
+    from dafar.bench.reliability import concurrency, long_run
+
+    lr = long_run(exported_run, MODELS[0], n=3000, sample_every=500)
+    assert lr["inferences"] == 3000 and lr["rss_growth_after_warmup_mib"] < 20 and np.isfinite(lr["latency_drift_pct"])
+    c = concurrency(exported_run, MODELS[1], threads=8, total=800)
+    assert c["identical"] and c["inferences"] == 800
+
+
+def test_cli_errors_and_killed_stage(exported_run, tmp_path):
+    from dafar.bench.reliability import cli_checks, interrupted_stage
+
+    rows = cli_checks(exported_run, tmp_path)
+    bad = [r for r in rows if not r["ok"]]
+    assert not bad, bad
+    it = interrupted_stage(exported_run, tmp_path, after_s=4.0)
+    assert it["manifest_unchanged"] and it["folder_verifies"]
+    assert it["next_export_exit"] == 0 and not it["staging_after_next_export"]
