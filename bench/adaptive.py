@@ -165,17 +165,22 @@ class AttackResult:
     success: np.ndarray  # bool per image
     steps: int
     restarts: int
+    first_restart: np.ndarray | None = None  # per image: the restart that broke it (-1: none)
 
 
 def pgd_attack(target, x: np.ndarray, y: np.ndarray, eps: float, steps: int = 100, restarts: int = 2,
-               c: float = 10.0, seed: int = 0, batch: int = 100) -> AttackResult:
-    """L-inf PGD with restarts (restart 0 starts at the image, later ones at a random point)."""
+               c: float = 10.0, seed: int = 0, batch: int = 100, inits: list | None = None) -> AttackResult:
+    """L-inf PGD with restarts: restart 0 starts at the image, then one restart per array in
+    ``inits`` (e.g. the gray-box adversarial examples, so the adaptive attack is never weaker than
+    them), then random points in the eps-ball.  Each start is checked before its first step."""
     torch = _torch()
     g = torch.Generator().manual_seed(seed)
     step = 2.5 * eps / steps
     out_x = x.copy()
     done = np.zeros(len(x), bool)
-    for r in range(restarts):
+    first = np.full(len(x), -1)
+    inits = list(inits or [])
+    for r in range(restarts + len(inits)):
         for i in range(0, len(x), batch):
             idx = np.arange(i, min(i + batch, len(x)))
             idx = idx[~done[idx]]
@@ -184,27 +189,33 @@ def pgd_attack(target, x: np.ndarray, y: np.ndarray, eps: float, steps: int = 10
             x0 = torch.from_numpy(x[idx])
             yy = torch.from_numpy(y[idx].astype(np.int64))
             xa = x0.clone()
-            if r > 0:
+            if 1 <= r <= len(inits):
+                start = torch.from_numpy(np.ascontiguousarray(inits[r - 1][idx], dtype=np.float32))
+                xa = torch.min(torch.max(start, x0 - eps), x0 + eps).clamp(0, 1)
+            elif r > 0:
                 xa = (xa + eps * (2 * torch.rand(xa.shape, generator=g) - 1)).clamp(0, 1)
-            for _ in range(steps):
-                xa.requires_grad_(True)
-                loss = target.loss(xa, yy, c).sum()
-                (grad,) = torch.autograd.grad(loss, xa)
+            for k in range(steps + 1):
+                if k > 0:
+                    xa.requires_grad_(True)
+                    loss = target.loss(xa, yy, c).sum()
+                    (grad,) = torch.autograd.grad(loss, xa)
+                    with torch.no_grad():
+                        xa = xa + step * grad.sign()
+                        xa = torch.min(torch.max(xa, x0 - eps), x0 + eps).clamp(0, 1)
                 with torch.no_grad():
-                    xa = xa + step * grad.sign()
-                    xa = torch.min(torch.max(xa, x0 - eps), x0 + eps).clamp(0, 1)
                     ok = target.success(xa, yy)
                     if ok.any():  # keep the first success per image
                         hit = idx[ok]
                         fresh = ~done[hit]
                         out_x[hit[fresh]] = xa[ok][torch.from_numpy(fresh)].numpy()
+                        first[hit[fresh]] = r
                         done[hit] = True
                 if done[idx].all():
                     break
             with torch.no_grad():
                 left = ~done[idx]
                 out_x[idx[left]] = xa[torch.from_numpy(left)].detach().numpy()
-    return AttackResult(out_x, done, steps, restarts)
+    return AttackResult(out_x, done, steps, restarts + len(inits), first)
 
 
 def cw_attack(target, x: np.ndarray, y: np.ndarray, steps: int = 200, cs=(0.1, 1.0, 10.0), lr: float = 0.01,

@@ -17,15 +17,14 @@ Settings (all recorded in ``RUN/eval/summary.json``):
 """
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dafar.errors import ConfigError
-from dafar.manifest import atomic_write_json, load_manifest, read_manifest
+from dafar.manifest import atomic_write_json, load_manifest
 
 from . import metrics as M
 from .attacks import AttackSpec, attack_sets, spec_from_string
@@ -144,8 +143,6 @@ def _record(method: _Method, spec_key: str, meta: dict, s_adv, lab_adv, y, s_cle
 
 # ---------------------------------------------------------------- the run
 def run_eval(run_dir, cfg: EvalConfig = EvalConfig(), *, data_dir=None, log=print) -> dict:
-    import torch
-
     from dafar.quantize.api import _splits
     from dafar.train.loading import load_dafar
 
@@ -241,8 +238,6 @@ def run_eval(run_dir, cfg: EvalConfig = EvalConfig(), *, data_dir=None, log=prin
         row = {"attack": s.spec.key, "eps": s.spec.eps, "undefended": s.meta.get("victim_accuracy"),
                "dafar_purification": float(np.mean(_dafar_outputs(net, s.x_adv)["purified"] == s.labels))}
         if peers is not None:
-            from .peers import binary_filter
-
             row["denoising_ae"] = float(np.mean(peers.dae.predict(s.x_adv) == s.labels))
             row["binary_filter"] = float(np.mean(binary_filter(victim, s.x_adv) == s.labels))
             row["magnet_reformer"] = float(np.mean(peers.magnet.predict(s.x_adv) == s.labels))
@@ -379,7 +374,11 @@ def _adaptive(run_dir, net, alphas, peers, sets, cfg, ds, log, DafarTarget, MagN
         rows = []
         for eps in eps_list:
             t0 = time.perf_counter()
-            r = pgd_attack(tgt, x, y, eps, steps=cfg.adaptive_steps, restarts=cfg.adaptive_restarts, seed=cfg.seed)
+            g = grey_by_eps.get(round(eps, 6))
+            # restarts: the clean image, then the gray-box PGD example (so the adaptive attack is never
+            # weaker than the gray-box one), then random starts
+            r = pgd_attack(tgt, x, y, eps, steps=cfg.adaptive_steps, restarts=cfg.adaptive_restarts, seed=cfg.seed,
+                           inits=[g.x_adv[:n]] if g is not None else None)
             success = r.success.copy()
             x_best = r.x_adv
             if tgt_bpda is not None and not success.all():
@@ -392,8 +391,9 @@ def _adaptive(run_dir, net, alphas, peers, sets, cfg, ds, log, DafarTarget, MagN
             rej, lab = tgt.decide(torch.from_numpy(x_best))
             row = {"eps": eps, "attack_success": float(success.mean()),
                    "defence_success": float(np.mean(rej | (lab == y))), "robust_accuracy": float(np.mean(~rej & (lab == y))),
+                   "broken_from_clean_start": int(np.sum(r.first_restart == 0)),
+                   "broken_only_from_graybox_start": int(np.sum(r.first_restart == 1)) if g is not None else 0,
                    "seconds": time.perf_counter() - t0}
-            g = grey_by_eps.get(round(eps, 6))
             if g is not None:
                 grej, glab = tgt.decide(torch.from_numpy(g.x_adv[:n]))
                 grey_ok = ~grej & (glab != y)

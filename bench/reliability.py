@@ -44,7 +44,6 @@ def _strategy(chw):
 
     c, h, w = chw
     good_shapes = [(h, w, c), (c, h, w), (1, h, w, c), (3, h, w, c), (2, c, h, w)] + ([(h, w), (4, h, w)] if c == 1 else [])
-    floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
     special = st.sampled_from([np.nan, np.inf, -np.inf, -1.0, 1.5, 256.0, -1e30, 1e30, 0.0, 1.0, 0.5])
     dtypes = st.sampled_from(["bool", "int8", "int16", "int32", "int64", "uint16", "uint32", "float16", "float32", "float64",
                               "complex64", "uint8"])
@@ -184,7 +183,8 @@ def file_checks(run_dir, model: str) -> list[dict]:
     def fresh():
         tmp = Path(tempfile.mkdtemp(prefix="dafar-rel-"))
         dst = tmp / "run"
-        shutil.copytree(run_dir, dst, ignore=shutil.ignore_patterns("bench", "eval", "attacks", "checkpoints", "plots"))
+        # everything the manifest lists travels (attack sets included); derived reports do not
+        shutil.copytree(run_dir, dst, ignore=shutil.ignore_patterns("bench", "eval", "checkpoints", "plots", "reliability"))
         return dst
 
     def case(label, mutate, check, target_name):
@@ -221,8 +221,15 @@ def file_checks(run_dir, model: str) -> list[dict]:
     case("manifest hash edited", edit_hash, load_model, "manifest.json")
     case("manifest truncated", lambda d: (d / "manifest.json").write_text((d / "manifest.json").read_text()[:200]),
          load_model, "manifest.json")
+    def load_weights_only(d):
+        from dafar.train.loading import load_dafar
+
+        load_dafar(d)  # what export, quantize and eval do first
+
     case("weights bit-flipped (export stage)", lambda d: (d / "weights/E.safetensors").write_bytes(
-        _flip((d / "weights/E.safetensors").read_bytes())), lambda d: load_manifest(d), "E.safetensors")
+        _flip((d / "weights/E.safetensors").read_bytes())), load_weights_only, "E.safetensors")
+    case("a listed file missing (any stage)", lambda d: (d / "metrics.json").unlink(), lambda d: load_manifest(d),
+         "metrics.json")
 
     # a pickle that would leave a marker file if it were ever unpickled, disguised as safetensors,
     # with its hash recorded (so only the loader stands between it and execution)
@@ -375,7 +382,7 @@ def interrupted_stage(run_dir, tmp: Path, after_s: float = 8.0) -> dict:
     from dafar.manifest import load_manifest, sha256_file
 
     dst = tmp / "killed"
-    shutil.copytree(run_dir, dst, ignore=shutil.ignore_patterns("bench", "eval", "attacks", "plots"))
+    shutil.copytree(run_dir, dst, ignore=shutil.ignore_patterns("bench", "eval", "checkpoints", "plots", "reliability"))
     before = sha256_file(dst / "manifest.json")
     proc = subprocess.Popen([sys.executable, "-m", "dafar", "export", str(dst), "--format", "tflite", "--detector",
                              "autoencoder", "--tflite-batch", "2", "--quiet"], stdout=subprocess.DEVNULL,

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dafar.errors import ConfigError, DafarError, ManifestError
+from dafar.errors import ConfigError, ManifestError
 from dafar.manifest import file_entry, get_field, load_manifest, write_manifest
 
 from .fused import OUTPUT_NAMES, VICTIM_OUTPUT_NAMES, Detector, InputContract

@@ -150,7 +150,7 @@ def _contract_input(u8_nchw: np.ndarray, contract: str) -> np.ndarray:
 
 # ---------------------------------------------------------------- running models
 def _runner(path: Path):
-    """x -> outputs by name, for an .onnx or .tflite file (ORT / LiteRT, one thread per call)."""
+    """x -> outputs by name, for an .onnx or .tflite file (ONNX Runtime or LiteRT, two threads)."""
     if path.suffix == ".onnx":
         from dafar.export.onnx_export import ort_session, run_onnx
 
@@ -162,7 +162,7 @@ def _runner(path: Path):
     return lambda x: run_tflite(interp, x)
 
 
-def _rule_params(rule_key: str, rule: dict) -> dict:
+def _rule_params(rule: dict) -> dict:
     if rule["rule"] == ThresholdRule.MEAN_ZSTD.value:
         return {"z": rule["z"]}
     return {"target_fpr": rule["target_fpr"]}
@@ -171,7 +171,7 @@ def _rule_params(rule_key: str, rule: dict) -> dict:
 def _recalibrate(val_scores: np.ndarray, test_scores: np.ndarray, float_rules: dict) -> dict:
     out = {}
     for key, rule in float_rules.items():
-        th = calibrate(val_scores, rule["rule"], **_rule_params(key, rule))
+        th = calibrate(val_scores, rule["rule"], **_rule_params(rule))
         out[key] = {**th.to_dict(), "test_fpr": false_positive_rate(test_scores, th.alpha)}
     return out
 

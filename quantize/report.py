@@ -6,7 +6,6 @@ Every number is read from the manifest that ``dafar quantize`` wrote; nothing is
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

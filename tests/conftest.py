@@ -80,7 +80,8 @@ def pytest_collection_modifyitems(config, items):
     # DAFAR_RUN_ARM64=1
     markexpr = config.getoption("-m") or ""
     for mark, env, why in (("full", "DAFAR_RUN_FULL", "full-scale training check"),
-                           ("arm64", "DAFAR_RUN_ARM64", "emulated aarch64 check (root, ~10 min)")):
+                           ("arm64", "DAFAR_RUN_ARM64", "emulated aarch64 check (root, ~10 min)"),
+                           ("fresh", "DAFAR_RUN_FRESH", "fresh-clone check of README's main command (~20 min)")):
         if mark in markexpr or os.environ.get(env) == "1":
             continue
         skip = pytest.mark.skip(reason=f"{why}: run with -m {mark} or {env}=1")

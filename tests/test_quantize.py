@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dafar.errors import ConfigError, ManifestError, QuantizationError
-from dafar.quantize.layout import Layout, Op, float_ops
+from dafar.quantize.layout import Op, float_ops
 
 
 def _toy_graph():

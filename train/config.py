@@ -9,7 +9,7 @@ Profiles give the defaults; any field can be overridden (the CLI's ``--epochs`` 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 
 from dafar.data import DatasetName

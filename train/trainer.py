@@ -27,7 +27,7 @@ import torch.nn.functional as Fn
 import dafar
 from dafar.data import Splits, load_dataset
 from dafar.errors import ConfigError, NonFiniteLossError, RunFolderError, TrainingError
-from dafar.manifest import MANIFEST_NAME, atomic_write_json, atomic_write_text, file_entry, write_manifest
+from dafar.manifest import MANIFEST_NAME, atomic_write_json, file_entry, write_manifest
 from dafar.threshold import ThresholdRule, calibrate, false_positive_rate
 
 from .config import Augment, Device, TrainConfig
