@@ -104,6 +104,13 @@ def cmd_export(args) -> int:
 
     from dafar.errors import ConfigError
 
+    if args.pretrained:
+        from dafar.pretrained import materialize
+
+        if Path(args.run).exists():
+            raise ConfigError(f"--pretrained writes a new run folder, but {args.run} exists; name a new one")
+        print(f"run folder: {materialize(args.pretrained, args.run)} (pretrained {args.pretrained})")
+
     try:
         batches = tuple(int(b) for b in _csv(args.tflite_batch))
     except ValueError:
@@ -274,12 +281,20 @@ def cmd_pipeline(args) -> int:
     from dafar.train.trainer import train
 
     log = (lambda *a: None) if args.quiet else print
-    cfg = _train_config(args)
-    result = train(cfg, args.out, args.data_dir, resume=args.resume, overwrite=args.overwrite,
-                   download=not args.no_download, quiet=args.quiet)
-    _print_summary(result)
-    run = result.run_dir
-    dets = ("l2", "autoencoder") if cfg.detector else ("l2",)
+    if args.pretrained:
+        from dafar.manifest import load_manifest
+        from dafar.pretrained import materialize
+
+        run = materialize(args.pretrained, args.out, overwrite=args.overwrite)
+        print(f"run folder: {run} (pretrained {args.pretrained}, no training)")
+        dets = ("l2", "autoencoder") if load_manifest(run, verify=False)["architecture"]["detector"] else ("l2",)
+    else:
+        cfg = _train_config(args)
+        result = train(cfg, args.out, args.data_dir, resume=args.resume, overwrite=args.overwrite,
+                       download=not args.no_download, quiet=args.quiet)
+        _print_summary(result)
+        run = result.run_dir
+        dets = ("l2", "autoencoder") if cfg.detector else ("l2",)
     print("== export", flush=True)
     export_run(run, ExportConfig(detectors=dets, contracts=("float-nchw", "uint8-nhwc")), data_dir=args.data_dir, log=log)
     if not args.skip_quantize:
@@ -299,6 +314,26 @@ def cmd_report(args) -> int:
 
     path = write_report(args.run)
     print(path)
+    return 0
+
+
+def cmd_pretrained(args) -> int:
+    from dafar.pretrained import available, materialize, summary_lines
+
+    if args.list or not args.name:
+        names = available()
+        for name in names:
+            print("\n".join(summary_lines(name)))
+        if not names:
+            print("no pretrained models in this installation")
+        return 0
+    if not args.out:
+        from dafar.errors import ConfigError
+
+        raise ConfigError("--out RUN_DIR is required to materialize a pretrained model")
+    run = materialize(args.name, args.out, overwrite=args.overwrite)
+    print("\n".join(summary_lines(args.name)))
+    print(f"run folder: {run} (every file's sha256 verified); next: dafar export {run}")
     return 0
 
 
@@ -340,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pipeline", help="the main job: train, export, quantize to int8, benchmark, write the reports")
     _add_train_args(p)
+    p.add_argument("--pretrained", metavar="NAME", default=None,
+                   help="start from a pretrained model shipped with dafar (e.g. mnist) instead of training")
     p.add_argument("--skip-quantize", action="store_true")
     p.add_argument("--skip-bench", action="store_true")
     p.set_defaults(func=cmd_pipeline)
@@ -356,8 +393,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--validate", default="2000", help="test images for the parity check, or 'all' (default 2000)")
     p.add_argument("--data-dir", default=None, help="data folder for the validation images (default: the run's)")
     p.add_argument("--no-victim", action="store_true", help="skip the victim-only graph F(E(x))")
+    p.add_argument("--pretrained", metavar="NAME", default=None,
+                   help="first write RUN_DIR from a pretrained model shipped with dafar (see dafar pretrained --list)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("pretrained", help="list the shipped pretrained models, or copy one into a run folder")
+    p.add_argument("name", nargs="?", metavar="NAME", help="pretrained model, e.g. mnist")
+    p.add_argument("--out", metavar="RUN_DIR", default=None, help="run folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--list", action="store_true", help="list the pretrained models with their numbers")
+    p.set_defaults(func=cmd_pretrained)
 
     p = sub.add_parser("quantize", help="int8 models for ONNX Runtime and LiteRT, detector kept, alpha recalibrated")
     p.add_argument("run", metavar="RUN_DIR")

@@ -1,0 +1,100 @@
+"""The pretrained models shipped in the package: they load, verify, reproduce the numbers their
+manifest records, and refuse to be used when damaged."""
+from __future__ import annotations
+
+import fnmatch
+import shutil
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dafar import pretrained
+from dafar.errors import ConfigError, HashMismatchError, RunFolderError
+from dafar.manifest import load_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_mnist_is_shipped_with_provenance():
+    assert "mnist" in pretrained.available()
+    m = pretrained.describe("mnist")  # verifies every file's sha256
+    prov = m["provenance"]
+    assert prov["command"].startswith("dafar train --dataset mnist")
+    assert prov["seed"] == 0 and prov["epochs"]["joint"] >= 1 and prov["total_seconds"] > 0
+    assert prov["hardware"]
+    # training stage only: no exports, int8 models or attack sets
+    assert not any(e["role"] in ("export", "quantized", "attack") for e in m["files"].values())
+    assert "exports" not in m and "attacks" not in m
+    assert m["metrics"]["victim_test_acc"] >= 0.99
+
+
+def test_package_data_covers_every_shipped_file():
+    cfg = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = cfg["tool"]["setuptools"]["package-data"]["dafar"]
+    root = REPO / "core"
+    shipped = [p.relative_to(root).as_posix() for p in (root / "assets" / "pretrained").rglob("*") if p.is_file()]
+    assert shipped
+    uncovered = [f for f in shipped if not any(fnmatch.fnmatch(f, pat) for pat in patterns)]
+    assert not uncovered, f"not in [tool.setuptools.package-data]: {uncovered}"
+
+
+def test_materialize_errors(tmp_path):
+    with pytest.raises(ConfigError, match="available: .*mnist"):
+        pretrained.materialize("imagenet", tmp_path / "x")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="exists"):
+        pretrained.materialize("mnist", tmp_path / "taken")
+    with pytest.raises(RunFolderError, match="not a dafar run folder"):
+        pretrained.materialize("mnist", tmp_path / "taken", overwrite=True)
+    assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"  # nothing lost
+
+
+def test_damaged_installation_is_refused(tmp_path, monkeypatch):
+    fake = tmp_path / "pretrained"
+    shutil.copytree(pretrained.PRETRAINED_DIR, fake)
+    w = fake / "mnist" / "weights" / "D.safetensors"
+    raw = bytearray(w.read_bytes())
+    raw[-5] ^= 0x01  # one bit of one weight
+    w.write_bytes(bytes(raw))
+    monkeypatch.setattr(pretrained, "PRETRAINED_DIR", fake)
+    with pytest.raises(HashMismatchError, match="D.safetensors"):
+        pretrained.materialize("mnist", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    assert not list(tmp_path.glob(".staging-*"))
+
+
+def test_materialized_weights_reproduce_the_recorded_numbers(tmp_path):
+    torch = pytest.importorskip("torch")
+    from dafar.data import load_mnist
+    from dafar.train.loading import load_dafar
+    from dafar.train.trainer import evaluate_arrays
+
+    run = pretrained.materialize("mnist", tmp_path / "run")
+    m = load_manifest(run, verify=True)
+    net, _ = load_dafar(run)
+    n = 1000
+    test = load_mnist(download=False).test  # the vendored copy the model was trained with
+    ev = evaluate_arrays(net, torch.from_numpy(np.array(test.images[:n])), torch.device("cpu"), 500)
+    with np.load(run / "scores.npz") as z:
+        rec_pred, rec_l2, rec_ae = z["test_pred"][:n], z["test_l2"][:n], z["test_ae"][:n]
+    assert np.mean(ev["logits"].argmax(1) == rec_pred) >= 0.999
+    np.testing.assert_allclose(ev["l2"], rec_l2, rtol=1e-4)
+    np.testing.assert_allclose(ev["ae"], rec_ae, rtol=1e-4)
+    acc = float(np.mean(ev["logits"].argmax(1) == test.labels[:n]))
+    assert acc >= m["metrics"]["victim_test_acc"] - 0.01
+
+
+@pytest.mark.slow
+def test_export_from_pretrained_cli(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from dafar.cli import main
+
+    run = tmp_path / "run"
+    assert main(["export", str(run), "--pretrained", "mnist", "--format", "onnx", "--validate", "300", "--quiet",
+                 "--no-victim"]) == 0
+    m = load_manifest(run, verify=True)
+    assert "export/dafar-l2-float-nchw.onnx" in m["exports"]
+    assert main(["export", str(run), "--pretrained", "mnist"]) == 2  # will not overwrite a run folder
