@@ -84,13 +84,35 @@ def materialize(name: str, out: str | os.PathLike, overwrite: bool = False) -> P
     return out
 
 
+def _to_float16(path: Path) -> None:
+    """Rewrite a weights file with its floating-point tensors stored as float16 (needs torch)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from dafar.train.weights import save_state
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("dafar", "{}"))
+    state = load_file(str(path))
+    save_state(path, {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()},
+               {**meta, "stored_dtype": "float16"})
+
+
 def publish(run_dir: str | os.PathLike, name: str, command: str, hardware: str | None = None,
-            dest: str | os.PathLike | None = None) -> Path:
+            dest: str | os.PathLike | None = None, weights_dtype: str = "float32",
+            data_dir: str | os.PathLike | None = None) -> Path:
     """Write run folder ``run_dir``'s training stage as pretrained model ``name`` (maintainers:
     the result goes into ``core/assets/pretrained/<name>/`` and is committed).
 
     ``command`` is the command that trained the run, recorded with the seed, epochs, seconds and
-    ``hardware`` (default: this machine's platform and CPU count)."""
+    ``hardware`` (default: this machine's platform and CPU count).  ``weights_dtype="float16"``
+    halves the files (for models that would not fit a repository comfortably); the weights are
+    upcast to float32 at load, and alpha, the false-positive rates and the accuracies are then
+    recalibrated on the weights as loaded, with the run's own data (``data_dir``) and rules."""
+    if weights_dtype not in ("float32", "float16"):
+        raise ConfigError(f"weights_dtype must be float32 or float16, got {weights_dtype!r}")
     run_dir = Path(run_dir)
     m = load_manifest(run_dir, verify=True)
     files = {rel: e for rel, e in m["files"].items()
@@ -107,6 +129,14 @@ def publish(run_dir: str | os.PathLike, name: str, command: str, hardware: str |
     training = m.get("training", {})
     cfg = training.get("config", {})
     pub = {k: v for k, v in m.items() if k not in _DROP_FIELDS}
+    if weights_dtype == "float16":
+        from dafar.manifest import file_entry
+
+        for rel, e in list(files.items()):
+            if e.get("role") == "weights":
+                _to_float16(dest / rel)
+                files[rel] = file_entry(dest, rel, "weights", **({"module": e["module"]} if "module" in e else {}),
+                                        stored_dtype="float16")
     pub["files"] = files
     pub["provenance"] = {
         "pretrained_name": name,
@@ -121,8 +151,14 @@ def publish(run_dir: str | os.PathLike, name: str, command: str, hardware: str |
         "threads": training.get("threads"),
         "hardware": hardware or f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, no GPU",
         "versions": m.get("versions"),
+        "weights_dtype": weights_dtype,
     }
     write_manifest(dest, pub)
+    if weights_dtype == "float16":
+        from dafar.train.calibrate import recalibrate
+
+        recalibrate(dest, data_dir, reason="weights stored as float16 (upcast to float32 at load); alpha, FPRs and "
+                                           "accuracies re-measured on the weights as loaded", download=False)
     load_manifest(dest, verify=True)
     return dest
 

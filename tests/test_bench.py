@@ -109,3 +109,17 @@ def test_bench_device_only_has_no_torch(exported_run, tmp_path):
     s = json.loads((run / "bench" / "summary.json").read_text())
     assert s["config"]["device_only"] and "torch" not in s and s["ratios"]
     assert (run / "bench_report.md").is_file()
+
+
+def test_train_speed_measures_both_models(capsys):
+    pytest.importorskip("torch")
+    from dafar.bench import train_speed
+
+    r = train_speed.measure("mnist", batch_size=4, steps=2, threads=1)
+    for name in ("joint", "victim_only"):
+        s = r[name]
+        assert 0 < s["q1_s"] <= s["median_s"] <= s["q3_s"] and s["min_per_epoch"] > 0
+    assert train_speed.main(["--dataset", "mnist", "--batch-size", "4", "--steps", "1", "--threads", "1"]) == 0
+    assert "min per epoch" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="dataset"):
+        train_speed.measure("imagenet")

@@ -187,3 +187,40 @@ def test_cifar10_trains_on_a_small_image_folder(tmp_path):
     assert m["input"]["shape"] == [3, 32, 32] and m["thresholds"]["l2"]["default"] == "mean+zstd@z=2"
     assert m["architecture"]["params"]["C"] == 3072 * 512 + 512 + 512 * 64 + 64 + 64 * 512 + 512 + 512 * 3072 + 3072
     load_manifest(tmp_path / "c")
+
+
+def test_publish_float16_recalibrates_on_the_weights_as_loaded(tiny_run, tmp_path, monkeypatch):
+    from dafar import pretrained
+    from dafar.train.loading import load_dafar
+
+    dest = pretrained.publish(tiny_run, "tiny", "dafar train --train-limit 256 ...", dest=tmp_path / "pre" / "tiny",
+                              weights_dtype="float16")
+    src = load_manifest(tiny_run)
+    m = load_manifest(dest)  # every hash verified, including the rewritten weights and scores
+    assert m["provenance"]["weights_dtype"] == "float16"
+    assert m["recalibrated"]["before"]["l2_alpha"] == src["metrics"]["l2_alpha"]
+    w = {rel: e for rel, e in m["files"].items() if e["role"] == "weights"}
+    assert w and all(e["stored_dtype"] == "float16" for e in w.values())
+    for rel in w:  # half the bytes, give or take the header
+        assert m["files"][rel]["bytes"] < 0.6 * src["files"][rel]["bytes"]
+    # alpha moved by float16 rounding only, and was re-measured rather than copied
+    a16, a32 = m["metrics"]["l2_alpha"], src["metrics"]["l2_alpha"]
+    assert a16 != a32 and abs(a16 - a32) / a32 < 1e-2
+    # the rest of the pipeline reads it like any run folder: weights upcast to float32 at load
+    monkeypatch.setattr(pretrained, "PRETRAINED_DIR", tmp_path / "pre")
+    run = pretrained.materialize("tiny", tmp_path / "run")
+    net, _ = load_dafar(run)
+    assert all(p.dtype == torch.float32 for p in net.parameters())
+    # a different data set is refused: its validation split would not be the held-out one
+    import dataclasses
+
+    from dafar.errors import DataError
+    from dafar.train import calibrate
+
+    real = calibrate.load_dataset
+    monkeypatch.setattr(calibrate, "load_dataset",
+                        lambda *a, **k: dataclasses.replace(real(*a, **k), fingerprint="0" * 64))
+    before = sha256_file(run / "manifest.json")
+    with pytest.raises(DataError, match="not the data"):
+        calibrate.recalibrate(run, reason="test", download=False)
+    assert sha256_file(run / "manifest.json") == before  # nothing rewritten
