@@ -1,4 +1,4 @@
-"""README's main command from a fresh clone in a new virtual environment (`-m fresh`, ~20 minutes).
+"""README's main command from a fresh clone in a new virtual environment (`-m fresh`, ~8 minutes).
 CI already runs README's test command that way, so this covers the other one."""
 import json
 import subprocess
