@@ -163,8 +163,9 @@ def run_eval(run_dir, cfg: EvalConfig = EvalConfig(), *, data_dir=None, log=prin
 
     # ---- data: clean test images, validation images (thresholds at FPR), training images (peers)
     splits = _splits(m, data_dir)
-    x_clean = splits.test.images[: cfg.clean_images].astype(np.float32) / 255
-    y_clean = splits.test.labels[: cfg.clean_images].astype(np.int64)
+    clean = splits.test.sample(cfg.clean_images, cfg.seed)  # class-mixed, never the first N
+    x_clean = clean.images.astype(np.float32) / 255
+    y_clean = clean.labels.astype(np.int64)
     x_val = splits.val.images.astype(np.float32) / 255
     rng = np.random.default_rng([cfg.seed, 5])
     tr_idx = np.sort(rng.choice(len(splits.train.images), min(cfg.peer_train_images, len(splits.train.images)), replace=False))

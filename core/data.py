@@ -102,6 +102,17 @@ class ImageSet:
     def subset(self, idx: np.ndarray | slice) -> "ImageSet":
         return ImageSet(self.images[idx], self.labels[idx])
 
+    def sample(self, n: int | None, seed: int = 0) -> "ImageSet":
+        """A fixed, class-mixed subset of ``n`` images (all of them for ``None`` or ``n >= len``).
+
+        Never the first ``n``: an image-folder CIFAR-10 is read class by class, so its first 1,000
+        test images are all airplanes.  A seeded random subset, kept in file order, is the same
+        on every call and every machine."""
+        if n is None or n >= len(self):
+            return self
+        idx = np.sort(np.random.default_rng([seed, 0x5A3]).permutation(len(self))[:n])
+        return self.subset(idx)
+
 
 @dataclass(frozen=True)
 class Splits:

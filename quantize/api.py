@@ -278,7 +278,7 @@ def quantize_run(run_dir: str | os.PathLike, cfg: QuantizeConfig = QuantizeConfi
 
     splits = _splits(manifest, data_dir)
     calib_u8, calib_idx = calibration_images(splits.train.images, cfg.calib_images, cfg.calib_seed)
-    test = splits.test if cfg.validate_images is None else splits.test.subset(slice(0, cfg.validate_images))
+    test = splits.test.sample(cfg.validate_images)  # the same class-mixed subset the exporter validated on
     val_u8, test_u8, test_y = splits.val.images, test.images, test.labels.astype(np.int64)
     calib_record = {"images": cfg.calib_images, "seed": cfg.calib_seed, "source": "training split (never validation or test)",
                     "indices_sha256": hashlib.sha256(calib_idx.astype(np.int64).tobytes()).hexdigest()}

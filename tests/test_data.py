@@ -143,6 +143,18 @@ def test_cifar_image_folder_tree(tmp_path):
     assert load_cifar10(root, val_size=5).fingerprint == s.fingerprint
 
 
+def test_limits_take_a_class_mixed_subset(tmp_path):
+    # image folders are read class by class: the first N test images would all be airplanes
+    root = make_image_folder(tmp_path / "tree", CIFAR10_CLASSES, per_class=6)
+    s = load_cifar10(root, val_size=5)
+    assert len(set(s.test.labels[:6].tolist())) == 1  # the trap
+    sub = s.test.sample(12)
+    assert len(sub) == 12 and len(set(sub.labels.tolist())) >= 5
+    again = s.test.sample(12)
+    assert np.array_equal(sub.images, again.images) and np.array_equal(sub.labels, again.labels)
+    assert s.test.sample(None) is s.test and s.test.sample(10_000) is s.test
+
+
 def test_cifar_missing_class_folder(tmp_path):
     root = make_image_folder(tmp_path / "tree", CIFAR10_CLASSES[:9], per_class=1)
     with pytest.raises(DataCorruptError, match="lacks class folders: truck"):

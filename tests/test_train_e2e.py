@@ -64,7 +64,7 @@ def test_weights_reproduce_the_recorded_metrics(tiny_run):
         load_into(getattr(net, name), tiny_run / f"weights/{name}.safetensors")
     from dafar.data import load_mnist
 
-    test = load_mnist(None).test.subset(slice(0, 200))
+    test = load_mnist(None).test.sample(200, seed=0)  # the trainer's --test-limit subset
     with torch.no_grad():
         x = to_model_scale(torch.from_numpy(test.images.copy()))
         logits, recon = net(x)

@@ -98,8 +98,9 @@ class _Data:
 
 
 def _tensors(splits: Splits, cfg: TrainConfig) -> _Data:
-    tr = splits.train if cfg.train_limit is None else splits.train.subset(slice(0, cfg.train_limit))
-    te = splits.test if cfg.test_limit is None else splits.test.subset(slice(0, cfg.test_limit))
+    # limits take a seeded class-mixed subset, never the first N (image folders are class-sorted)
+    tr = splits.train.sample(cfg.train_limit, cfg.seed)
+    te = splits.test.sample(cfg.test_limit, cfg.seed)
     t = torch.from_numpy
     return _Data(t(tr.images.copy()), t(tr.labels.copy()), t(splits.val.images.copy()), t(splits.val.labels.copy()),
                  t(te.images.copy()), t(te.labels.copy()))
