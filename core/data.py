@@ -448,6 +448,28 @@ def _load_image_folder(root: Path, classes: tuple[str, ...], shape: tuple[int, i
     return train, test
 
 
+def _load_cifar_archive(tar: Path) -> tuple[ImageSet, ImageSet, str]:
+    """The canonical ``cifar-10-python.tar.gz`` (md5-checked) or a ``.tar.gz`` of an image-folder
+    tree, extracted once into the cache."""
+    if tar.name == "cifar-10-python.tar.gz":
+        if _md5(tar) != CIFAR10_TAR_MD5:
+            raise DataCorruptError(f"{tar}: md5 differs from the canonical cifar-10-python.tar.gz ({CIFAR10_TAR_MD5})")
+        dest = _cache_dir() / "cifar-10-python"
+        if not (dest / "cifar-10-batches-py" / "test_batch").exists():
+            _safe_extract(tar, dest)
+        train, test = _load_cifar_batches(dest / "cifar-10-batches-py")
+        return train, test, str(tar)
+    st = tar.stat()
+    dest = _cache_dir() / "extracted" / f"{tar.name.split('.')[0]}-{st.st_size}-{int(st.st_mtime)}"
+    if _image_folder_root(dest) is None:
+        _safe_extract(tar, dest)
+    tree = _image_folder_root(dest)
+    if tree is None:
+        raise DataCorruptError(f"{tar} holds no train/<class>/ and test/<class>/ image trees")
+    train, test = _load_image_folder(tree, CIFAR10_CLASSES, (3, 32, 32))
+    return train, test, str(tar)
+
+
 def load_cifar10(data_dir=None, *, download: bool = True, val_size: int = 5000, seed: int = 0) -> Splits:
     """CIFAR-10 from a folder holding any of: ``cifar-10-batches-py/``, ``cifar-10-python.tar.gz``,
     an image-folder tree (``train/<class>/*``, ``test/<class>/*``), or a ``*.tar.gz`` of such a tree
@@ -458,6 +480,11 @@ def load_cifar10(data_dir=None, *, download: bool = True, val_size: int = 5000, 
             "CIFAR-10 needs a data folder: pass --data-dir DIR (or set DAFAR_DATA_DIR) pointing at a folder "
             "with cifar-10-batches-py/, cifar-10-python.tar.gz, or train/<class>/ and test/<class>/ image trees"
         )
+    if root.is_file():  # --data-dir naming the archive itself (manifests record it that way too)
+        if not root.name.endswith((".tar.gz", ".tgz")):
+            raise DataCorruptError(f"{root} is a file, not a folder or a .tar.gz archive of CIFAR-10")
+        train, test, source = _load_cifar_archive(root)
+        return _cifar_splits(train, test, source, val_size, seed)
     if root.is_dir() and (root / "cifar10").is_dir() and not (root / "train").is_dir():
         root = root / "cifar10"
     train = test = None
@@ -467,29 +494,13 @@ def load_cifar10(data_dir=None, *, download: bool = True, val_size: int = 5000, 
         train, test = _load_cifar_batches(folder)
         source = str(folder)
     elif (root / "cifar-10-python.tar.gz").exists():
-        tar = root / "cifar-10-python.tar.gz"
-        if _md5(tar) != CIFAR10_TAR_MD5:
-            raise DataCorruptError(f"{tar}: md5 differs from the canonical cifar-10-python.tar.gz ({CIFAR10_TAR_MD5})")
-        dest = _cache_dir() / "cifar-10-python"
-        if not (dest / "cifar-10-batches-py" / "test_batch").exists():
-            _safe_extract(tar, dest)
-        train, test = _load_cifar_batches(dest / "cifar-10-batches-py")
-        source = str(tar)
+        train, test, source = _load_cifar_archive(root / "cifar-10-python.tar.gz")
     elif root.is_dir() and _image_folder_root(root) is not None:
         tree = _image_folder_root(root)
         train, test = _load_image_folder(tree, CIFAR10_CLASSES, (3, 32, 32))
         source = str(tree)
     elif root.is_dir() and (tars := sorted(root.glob("*.tar.gz")) + sorted(root.glob("*.tgz"))):
-        tar = tars[0]
-        st = tar.stat()
-        dest = _cache_dir() / "extracted" / f"{tar.name.split('.')[0]}-{st.st_size}-{int(st.st_mtime)}"
-        if _image_folder_root(dest) is None:
-            _safe_extract(tar, dest)
-        tree = _image_folder_root(dest)
-        if tree is None:
-            raise DataCorruptError(f"{tar} holds no train/<class>/ and test/<class>/ image trees")
-        train, test = _load_image_folder(tree, CIFAR10_CLASSES, (3, 32, 32))
-        source = str(tar)
+        train, test, source = _load_cifar_archive(tars[0])
     else:
         if download and not _offline():
             tar = root / "cifar-10-python.tar.gz"
@@ -506,6 +517,10 @@ def load_cifar10(data_dir=None, *, download: bool = True, val_size: int = 5000, 
             f"no CIFAR-10 in {root}: put cifar-10-python.tar.gz, cifar-10-batches-py/, or train/<class>/ + "
             f"test/<class>/ image folders (classes: {', '.join(CIFAR10_CLASSES)}) there"
         )
+    return _cifar_splits(train, test, source, val_size, seed)
+
+
+def _cifar_splits(train: ImageSet, test: ImageSet, source: str, val_size: int, seed: int) -> Splits:
     if len(train) < 2:
         raise DataCorruptError(f"CIFAR-10 training set in {source} holds {len(train)} images")
     tr_idx, va_idx = split_train_val(len(train), min(val_size, len(train) - 1), seed)

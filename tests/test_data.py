@@ -143,6 +143,24 @@ def test_cifar_image_folder_tree(tmp_path):
     assert load_cifar10(root, val_size=5).fingerprint == s.fingerprint
 
 
+def test_cifar_archive_by_folder_or_by_file(tmp_path):
+    import tarfile
+
+    tree = make_image_folder(tmp_path / "tree" / "cifar10-jpg", CIFAR10_CLASSES, per_class=2)
+    (tmp_path / "data").mkdir()
+    tar = tmp_path / "data" / "cifar10-jpg.tar.gz"
+    with tarfile.open(tar, "w:gz") as t:
+        t.add(tree, arcname="cifar10-jpg")
+    by_folder = load_cifar10(tmp_path / "data", val_size=4)
+    assert by_folder.source == str(tar)
+    # the manifest records the archive itself; later stages pass that path back as --data-dir
+    by_file = load_cifar10(by_folder.source, val_size=4)
+    assert by_file.fingerprint == by_folder.fingerprint and by_file.source == str(tar)
+    (tmp_path / "data" / "notes.txt").write_text("x")
+    with pytest.raises(DataCorruptError, match="not a folder or a .tar.gz"):
+        load_cifar10(tmp_path / "data" / "notes.txt")
+
+
 def test_limits_take_a_class_mixed_subset(tmp_path):
     # image folders are read class by class: the first N test images would all be airplanes
     root = make_image_folder(tmp_path / "tree", CIFAR10_CLASSES, per_class=6)
