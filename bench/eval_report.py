@@ -13,6 +13,12 @@ from . import metrics as M
 __all__ = ["write_eval_report"]
 
 
+def _cell(recs: list[dict], model: str, attack: str, fmt) -> str:
+    """One table cell: ``fmt(record)`` for the (model, attack) record, or '-' when there is none."""
+    r = next((r for r in recs if r["model"] == model and r["attack"] == attack), None)
+    return "-" if r is None else fmt(r)
+
+
 def _p(v, d=1):
     return "-" if v is None else f"{100 * v:.{d}f}%"
 
@@ -246,10 +252,8 @@ def write_eval_report(run_dir) -> Path:
           "error (the paper's Fig. 10).", "",
           "| attack | " + " | ".join(models) + " |", "|---|" + "---|" * len(models)]
     for a in attacks:
-        cells = []
-        for mname in models:
-            r = next((r for r in recs if r["model"] == mname and r["attack"] == a), None)
-            cells.append("-" if r is None else f"{_p(r['defence_success'])} / {_p(r['robust_accuracy'])} / {_p(r['hybrid_accuracy'])}")
+        cells = [_cell(recs, m, a, lambda r: f"{_p(r['defence_success'])} / {_p(r['robust_accuracy'])} / "
+                                             f"{_p(r['hybrid_accuracy'])}") for m in models]
         L.append(f"| {a} | " + " | ".join(cells) + " |")
     pur = s.get("purification", [])
     if pur:
@@ -278,10 +282,7 @@ def write_eval_report(run_dir) -> Path:
               "the images rounded to pixels); every attack and file is in `eval/records/`.", "",
               "| file | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
         for f in files:
-            cells = []
-            for a in cols:
-                r = next((r for r in dep if r["model"] == f and r["attack"] == a), None)
-                cells.append("-" if r is None else f"{_p(r['detection_rate'])} / {_p(r['purified_accuracy'])}")
+            cells = [_cell(dep, f, a, lambda r: f"{_p(r['detection_rate'])} / {_p(r['purified_accuracy'])}") for a in cols]
             L.append(f"| `{Path(f).name}` | " + " | ".join(cells) + " |")
     ad = s.get("adaptive", {})
     if ad.get("methods"):

@@ -49,7 +49,7 @@ def recalibrate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None =
         ev_test = evaluate_arrays(net, data.test_x, dev, cfg.eval_batch_size, victim)
     thresholds = _thresholds(cfg, ev_val, ev_test, splits.name.value)
     metrics = _metrics(cfg, ev_val, ev_test, data, thresholds)
-    metrics["timing"] = m["training"].get("timing") or {k: m["training"].get(k) for k in (
+    metrics["timing"] = {k: m["training"].get(k) for k in (  # the trainer stores timing flat in "training"
         "device", "threads", "seconds_per_epoch", "eval_seconds", "total_seconds", "resumed")}
     np.savez_compressed(run_dir / "scores.npz", **{f"val_{k}": v for k, v in ev_val.items() if k in ("l2", "ae")},
                         **{f"test_{k}": v for k, v in ev_test.items() if k in ("l2", "ae")},
