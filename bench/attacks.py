@@ -25,7 +25,7 @@ from dafar.errors import ConfigError, require
 from dafar.manifest import atomic_write_bytes, file_entry, load_manifest, read_manifest, write_manifest
 
 __all__ = ["Attack", "AttackSpec", "AttackSet", "victim_classifier", "select_images", "generate", "attack_sets",
-           "spec_from_string"]
+           "spec_from_string", "eps_label", "attack_label"]
 
 
 class Attack(str, Enum):
@@ -59,6 +59,23 @@ class AttackSpec:
 
     def describe(self) -> dict:
         return {"attack": self.attack.value, "eps": self.eps, "params": dict(self.params)}
+
+
+def eps_label(eps: float) -> str:
+    """How a budget reads in a report: ``8/255`` for CIFAR-10's k/255 budgets, ``0.3`` for MNIST's
+    (0.2 is also 51/255, so round decimals win)."""
+    eps = float(eps)
+    k = eps * 255
+    if abs(k - round(k)) < 1e-4 and abs(eps * 20 - round(eps * 20)) > 1e-6:
+        return f"{round(k)}/255"
+    return f"{eps:g}"
+
+
+def attack_label(key: str) -> str:
+    """An attack set's key (``pgd-eps0.0313725``) as a report shows it (``pgd-eps8/255``)."""
+    import re
+
+    return re.sub(r"eps([0-9.]+(?:e-?[0-9]+)?)", lambda m: "eps" + eps_label(float(m.group(1))), key)
 
 
 def spec_from_string(text: str) -> AttackSpec:

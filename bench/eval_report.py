@@ -9,6 +9,7 @@ import numpy as np
 from dafar.manifest import atomic_write_text
 
 from . import metrics as M
+from .attacks import attack_label, eps_label
 
 __all__ = ["write_eval_report"]
 
@@ -78,7 +79,7 @@ def _figs(run_dir: Path, s: dict) -> list[str]:
     for i, mname in enumerate(models):
         vals = [next((100 * r[f"detection_at_fpr_{f0:g}"] for r in recs if r["model"] == mname and r["attack"] == k), 0) for k in keys]
         ax.bar(np.arange(len(keys)) + i * w, vals, w, label=mname)
-    ax.set_xticks(np.arange(len(keys)) + 0.4 - w / 2, keys, rotation=20, fontsize=8)
+    ax.set_xticks(np.arange(len(keys)) + 0.4 - w / 2, [attack_label(k) for k in keys], rotation=20, fontsize=8)
     ax.set_ylabel(f"detected at {100 * f0:g}% FPR (%)")
     ax.set_title("Detection rate per attack method (Fig. 8)")
     ax.legend(fontsize=7)
@@ -245,7 +246,7 @@ def write_eval_report(run_dir) -> Path:
             cells.append("-" if r is None else f"{_p(r['detection_rate'])} ({_p(r[f'detection_at_fpr_{f0:g}'], 0)} / "
                                                f"{_p(r[f'detection_at_fpr_{f1:g}'], 0)}, AUC {r['auc']:.3f})")
         va = next((r["victim_accuracy"] for r in recs if r["attack"] == a), None)
-        L.append(f"| {a} | {_p(va)} | " + " | ".join(cells) + " |")
+        L.append(f"| {attack_label(a)} | {_p(va)} | " + " | ".join(cells) + " |")
     L += ["", "## Defence success, robust accuracy and hybrid accuracy (gray-box)", "",
           "Defence success: rejected or correctly classified. Robust accuracy: accepted and correct. Hybrid: a 1:1 mix of "
           "clean and adversarial images, a rejected adversarial counts as defended and a rejected clean image as an "
@@ -254,14 +255,14 @@ def write_eval_report(run_dir) -> Path:
     for a in attacks:
         cells = [_cell(recs, m, a, lambda r: f"{_p(r['defence_success'])} / {_p(r['robust_accuracy'])} / "
                                              f"{_p(r['hybrid_accuracy'])}") for m in models]
-        L.append(f"| {a} | " + " | ".join(cells) + " |")
+        L.append(f"| {attack_label(a)} | " + " | ".join(cells) + " |")
     pur = s.get("purification", [])
     if pur:
         cols = [k for k in ("undefended", "dafar_purification", "denoising_ae", "binary_filter", "magnet_reformer") if k in pur[0]]
         L += ["", "## Accuracy after purification alone (Fig. 9)", "", "| attack | " + " | ".join(cols) + " |",
               "|---|" + "---|" * len(cols)]
         for r in pur:
-            L.append(f"| {r['attack']} | " + " | ".join(_p(r[c]) for c in cols) + " |")
+            L.append(f"| {attack_label(r['attack'])} | " + " | ".join(_p(r[c]) for c in cols) + " |")
     t4 = s.get("table4")
     if t4:
         L += ["", "## Feature distances (Table 4)", "",
@@ -274,13 +275,15 @@ def write_eval_report(run_dir) -> Path:
     dep = s.get("deployed", [])
     if dep:
         files = list(dict.fromkeys(r["model"] for r in dep))
-        cols = [a for a in attacks if a.split("-")[0] in ("fgsm", "pgd") and any(f"eps{e}" in a for e in ("0.1-", "0.3-"))
-                or a in ("fgsm-eps0.1", "fgsm-eps0.3")]
+        # a middle and a large budget of each L-inf attack (MNIST 0.1 / 0.3, CIFAR-10 4/255 / 16/255)
+        pick = ("0.1", "0.3") if ds == "mnist" else ("4/255", "16/255")
+        cols = [a for a in attacks if a.split("-")[0] in ("fgsm", "pgd")
+                and attack_label(a).split("-")[1] in tuple(f"eps{e}" for e in pick)]
         cols += [a for a in attacks if a.startswith(("cw-l2", "jsma"))][:2]
         L += ["", "## The deployed files (through the runtime)", "",
               "Detection rate / purified accuracy of each exported file on the same gray-box images (uint8 models get "
               "the images rounded to pixels); every attack and file is in `eval/records/`.", "",
-              "| file | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+              "| file | " + " | ".join(attack_label(a) for a in cols) + " |", "|---|" + "---|" * len(cols)]
         for f in files:
             cells = [_cell(dep, f, a, lambda r: f"{_p(r['detection_rate'])} / {_p(r['purified_accuracy'])}") for a in cols]
             L.append(f"| `{Path(f).name}` | " + " | ".join(cells) + " |")
@@ -296,7 +299,7 @@ def write_eval_report(run_dir) -> Path:
             for mname, rows in ad["methods"].items():
                 r = rows[i]
                 cells.append(f"{_p(r['attack_success'])} / {_p(r['defence_success'])} / {_p(r['robust_accuracy'])}")
-            L.append(f"| {eps:.3g} | " + " | ".join(cells) + " |")
+            L.append(f"| {eps_label(eps)} | " + " | ".join(cells) + " |")
         L += ["", "Sanity checks:", ""]
         for mname, rows in ad["methods"].items():
             succ = [r["attack_success"] for r in rows]
@@ -304,14 +307,14 @@ def write_eval_report(run_dir) -> Path:
             grey_only = sum(r.get("graybox_only_images", 0) for r in rows)
             from_grey = sum(r.get("broken_only_from_graybox_start", 0) for r in rows)
             L.append(f"- {mname}: success {'rises' if mono else 'does NOT rise'} with eps "
-                     f"({', '.join(_p(v, 0) for v in succ)}), reaching {_p(succ[-1], 0)} at eps {ad['eps'][-1]:.3g}; "
+                     f"({', '.join(_p(v, 0) for v in succ)}), reaching {_p(succ[-1], 0)} at eps {eps_label(ad['eps'][-1])}; "
                      f"images broken by gray-box PGD but not by the adaptive attack: {grey_only}; images the "
                      f"adaptive gradient broke only when started from the gray-box example: {from_grey}"
                      + (" (the adaptive loss is a poor guide for this defence: read its numbers as a lower bound)"
                         if from_grey > 0.02 * ad["images"] * len(rows) else "") + ".")
         for mname, r in ad.get("sanity", {}).items():
             vals = {k: v for k, v in r.items() if k.startswith("steps")}
-            L.append(f"- {mname}, eps {r['eps']:.3g}, {r['images']} images: " + ", ".join(f"{k}: {_p(v)}" for k, v in vals.items())
+            L.append(f"- {mname}, eps {eps_label(r['eps'])}, {r['images']} images: " + ", ".join(f"{k}: {_p(v)}" for k, v in vals.items())
                      + " (more steps and restarts should not help much if the attack has converged).")
         cw = ad.get("cw_l2")
         if cw:

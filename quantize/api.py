@@ -118,6 +118,15 @@ def _splits(manifest: dict, data_dir):
     return load_dataset(ds, data_dir, val_size=int(vs["size"]), seed=int(vs["seed"]))
 
 
+def default_attack_specs(dataset: str) -> list:
+    """The gray-box sets the float-vs-int8 detection comparison uses: the L-inf budgets that matter
+    for each data set (MNIST 0.1-0.3; CIFAR-10 2/255-16/255, where 0.1 would be a visible smear)."""
+    from dafar.bench.attacks import spec_from_string
+
+    eps = ("0.1", "0.2", "0.3") if dataset == "mnist" else tuple(f"{k / 255!r}" for k in (2, 8, 16))
+    return [spec_from_string(f"{a}@{e}") for a in ("fgsm", "pgd") for e in eps]
+
+
 def calibration_images(train_u8: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     if n > len(train_u8):
         raise ConfigError(f"asked for {n} calibration images, the training split has {len(train_u8)}")
@@ -288,8 +297,7 @@ def quantize_run(run_dir: str | os.PathLike, cfg: QuantizeConfig = QuantizeConfi
     if attack_images and any(g == "dafar" for _, g, *_ in jobs):
         from dafar.bench.attacks import attack_sets, spec_from_string
 
-        specs = attack_specs if attack_specs is not None else [
-            spec_from_string(s) for s in ("fgsm@0.1", "fgsm@0.2", "fgsm@0.3", "pgd@0.1", "pgd@0.2", "pgd@0.3")]
+        specs = attack_specs if attack_specs is not None else default_attack_specs(get_field(manifest, "dataset.name", run_dir))
         specs = [s if not isinstance(s, str) else spec_from_string(s) for s in specs]
         adv_sets = attack_sets(run_dir, specs, n=attack_images, data_dir=data_dir, log=log)
         manifest = load_manifest(run_dir)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dafar.bench.attacks import attack_label
 from dafar.manifest import atomic_write_json, atomic_write_text, load_manifest
 
 __all__ = ["write_quantize_report", "quantize_records"]
@@ -105,7 +106,7 @@ def _plots(run_dir: Path, recs: list[dict]) -> list[str]:
             ax.bar(xa - 0.27, 100 * np.array(det_f), 0.27, label="float")
             ax.bar(xa, 100 * np.array(det_q), 0.27, label="int8 (shipped layout)")
             ax.bar(xa + 0.27, 100 * np.array(det_n), 0.27, label="naive full int8", color="C3")
-            ax.set_xticks(xa, attacks, rotation=45, ha="right", fontsize=7)
+            ax.set_xticks(xa, [attack_label(a) for a in attacks], rotation=45, ha="right", fontsize=7)
             ax.set_title("detection rate (%), mean over models")
             ax.legend(fontsize=7)
         fig.tight_layout()
@@ -159,7 +160,7 @@ def write_quantize_report(run_dir) -> Path | None:
         L += ["", "## Adversarial images (gray-box FGSM / PGD against the float victim)", "",
               f"{n} test images per attack, correctly classified by the float victim; detection = rejected at the "
               "model's own alpha; agreement = same reject decision as the float model.", "",
-              "| int8 model | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
+              "| int8 model | " + " | ".join(attack_label(a) for a in attacks) + " |", "|---|" + "---|" * len(attacks)]
         for r in adv:
             cells = []
             for a in attacks:
@@ -181,7 +182,7 @@ def write_quantize_report(run_dir) -> Path | None:
         for r in naive:
             v = r["naive_comparison"]["validation"]
             advs = v.get("adversarial", {})
-            det = ", ".join(f"{a}: {_pct(d['detection_float'], 0)} -> {_pct(d['detection_int8'], 0)}" for a, d in sorted(advs.items()))
+            det = ", ".join(f"{attack_label(a)}: {_pct(d['detection_float'], 0)} -> {_pct(d['detection_int8'], 0)}" for a, d in sorted(advs.items()))
             L.append(f"| `{Path(r['model']).name}` | {v['score_correlation']:.4f} | {_pct(v['decision_agreement'])} | "
                      f"{_pct(v['fpr_float'])} -> {_pct(v['fpr_int8'])} | "
                      f"{'-' if 'nan_input_rejected' not in v else 'yes' if v['nan_input_rejected'] else 'no'} | {det or '-'} |")

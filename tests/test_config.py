@@ -45,3 +45,22 @@ def test_frozen_and_round_trip():
     with pytest.raises(Exception):
         cfg.seed = 3  # type: ignore[misc]
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_attack_budgets_read_as_the_data_set_writes_them():
+    # CIFAR-10 budgets are k/255; a report that printed "pgd-eps0.0313725" would hide which one
+    from dafar.bench.attacks import attack_label, eps_label, spec_from_string
+
+    assert eps_label(8 / 255) == "8/255" and eps_label(1.0) == "1" and eps_label(0.2) == "0.2"
+    assert attack_label(spec_from_string(f"pgd@{16 / 255!r},max_iter=20").key) == "pgd-eps16/255-max_iter20"
+    assert attack_label(spec_from_string("fgsm@0.3").key) == "fgsm-eps0.3"
+    assert attack_label("cw-l2-confidence20") == "cw-l2-confidence20"
+
+
+def test_quantize_compares_detection_at_each_data_sets_budgets():
+    from dafar.quantize.api import default_attack_specs
+
+    assert {s.eps for s in default_attack_specs("mnist")} == {0.1, 0.2, 0.3}
+    c = default_attack_specs("cifar10")
+    assert {s.attack.value for s in c} == {"fgsm", "pgd"}
+    assert max(s.eps for s in c) == pytest.approx(16 / 255) and min(s.eps for s in c) == pytest.approx(2 / 255)
