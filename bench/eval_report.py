@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dafar.manifest import atomic_write_text
+from dafar.manifest import atomic_write_text, dataset_label, read_manifest
 
 from . import metrics as M
 from .attacks import attack_label, eps_label
@@ -214,7 +214,7 @@ def write_eval_report(run_dir) -> Path:
     cfg = s["config"]
     f0, f1 = cfg["fprs"][0], cfg["fprs"][-1]
     ds = s["dataset"]
-    label = "CIFAR-10 (JPEG q75)" if ds == "cifar10" else "MNIST"
+    label = dataset_label(read_manifest(run_dir))
     L = [f"# Adversarial evaluation: {label}", "",
          f"Reproduce: `dafar eval RUN_DIR --images {cfg['images']} --slow-images {cfg['slow_images']} "
          f"--adaptive-images {cfg['adaptive_images']} --adaptive-steps {cfg['adaptive_steps']} "

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dafar.manifest import atomic_write_text
+from dafar.manifest import atomic_write_text, dataset_label, read_manifest
 
 __all__ = ["write_bench_report"]
 
@@ -75,7 +75,8 @@ def write_bench_report(run_dir) -> Path:
     mc = s["machine"]
     cfg = s["config"]
     c = s["cost"]
-    L = ["# Benchmark report", "",
+    label = dataset_label(read_manifest(run_dir))
+    L = [f"# Benchmark report: {label}", "",
          f"Machine: {mc.get('cpu', mc.get('machine'))}, {mc.get('cpus')} CPUs, {mc.get('platform')}; "
          f"onnxruntime {mc.get('onnxruntime', '-')}, ai-edge-litert {mc.get('ai-edge-litert', '-')}, "
          f"torch {mc.get('torch', '-')}.", "",

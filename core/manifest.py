@@ -26,6 +26,7 @@ from typing import Any, Iterable
 from dafar.errors import HashMismatchError, ManifestError, RunFolderError
 
 __all__ = [
+    "dataset_label",
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
     "sha256_file",
@@ -195,3 +196,13 @@ def get_field(manifest: dict, dotted: str, run_dir: str | os.PathLike | None = N
             raise ManifestError(f"{where} lacks the field '{dotted}'")
         cur = cur[part]
     return cur
+
+
+def dataset_label(manifest: dict) -> str:
+    """The data set as every report names it. The JPEG re-encoding of CIFAR-10 changes the numbers
+    (a lossy copy of every image), so its results always say "CIFAR-10 (JPEG q75)"."""
+    ds = manifest.get("dataset", {})
+    name, src = ds.get("name", "?"), str(ds.get("source", "")).lower()
+    if name == "cifar10":
+        return "CIFAR-10 (JPEG q75)" if ("jpg" in src or "jpeg" in src) else "CIFAR-10"
+    return "MNIST" if name == "mnist" else str(name)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from dafar.bench.attacks import attack_label
-from dafar.manifest import atomic_write_json, atomic_write_text, load_manifest
+from dafar.manifest import atomic_write_json, atomic_write_text, dataset_label, load_manifest
 
 __all__ = ["write_quantize_report", "quantize_records"]
 
@@ -127,8 +127,7 @@ def write_quantize_report(run_dir) -> Path | None:
     cfg = m.get("quantize_config", {})
     atomic_write_json(run_dir / "quantize_report.json", {"run": run_dir.name, "config": cfg, "models": recs})
     plots = _plots(run_dir, recs)
-    ds = m["dataset"]["name"]
-    label = "CIFAR-10 (JPEG q75)" if ds == "cifar10" else "MNIST"
+    label = dataset_label(m)
     L = [f"# int8 quantization report: {label}", "",
          f"Layout `{cfg.get('layout')}`; {recs[0]['calibration']['images']} calibration images from the training split "
          f"(seed {recs[0]['calibration']['seed']}); every number below is measured on the clean test set "

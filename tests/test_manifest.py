@@ -89,3 +89,12 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
         atomic_write_bytes(p, object())  # type: ignore[arg-type]
     assert p.read_bytes() == b"good"
     assert [f.name for f in tmp_path.iterdir()] == ["f.json"]  # no temporary left behind
+
+
+def test_reports_name_the_jpeg_copy_of_cifar10():
+    from dafar.manifest import dataset_label
+
+    assert dataset_label({"dataset": {"name": "cifar10", "source": "../shared/data/cifar10-jpg/cifar10-jpg.tar.gz"}}) \
+        == "CIFAR-10 (JPEG q75)"
+    assert dataset_label({"dataset": {"name": "cifar10", "source": "/data/cifar-10-batches-py"}}) == "CIFAR-10"
+    assert dataset_label({"dataset": {"name": "mnist", "source": "vendored"}}) == "MNIST"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dafar.manifest import atomic_write_text, load_manifest
+from dafar.manifest import atomic_write_text, dataset_label, load_manifest
 
 __all__ = ["write_report", "PAPER"]
 
@@ -157,7 +157,7 @@ def write_report(run_dir: str | Path) -> Path:
     paper = PAPER.get(ds, {})
     cfg = m["training"]["config"]
     timing = m["training"]
-    label = "CIFAR-10 (JPEG q75)" if ds == "cifar10" and "jpg" in m["dataset"]["source"].lower() else ds.upper() if ds == "mnist" else "CIFAR-10"
+    label = dataset_label(m)
     cmd = (f"dafar train --dataset {ds} --profile {cfg['profile']} --epochs {cfg['epochs']} --seed {cfg['seed']}"
            f" --unpool {cfg['unpool']} --augment {cfg.get('augment', 'none')} --recon-weight {cfg.get('recon_weight', 0.25):g}"
            + (f" --lr {cfg['lr']:g} --batch-size {cfg['batch_size']} --detector-epochs {cfg['detector_epochs']}") + ("" if cfg["detector"] else " --no-detector")
