@@ -98,3 +98,30 @@ def test_export_from_pretrained_cli(tmp_path):
     m = load_manifest(run, verify=True)
     assert "export/dafar-l2-float-nchw.onnx" in m["exports"]
     assert main(["export", str(run), "--pretrained", "mnist"]) == 2  # will not overwrite a run folder
+
+
+@pytest.mark.slow
+def test_cifar10_pretrained_reproduces_its_numbers(tmp_path, shared_cifar):
+    """The float16-stored CIFAR-10 model: what it records (recalibrated on the weights as loaded)
+    is what it does on the JPEG q75 test images; 300 images, a class-mixed subset."""
+    if "cifar10" not in pretrained.available():
+        pytest.skip("the CIFAR-10 model is not published in this checkout")
+    torch = pytest.importorskip("torch")
+    from dafar.data import load_cifar10
+    from dafar.train.loading import load_dafar
+    from dafar.train.trainer import evaluate_arrays
+
+    run = pretrained.materialize("cifar10", tmp_path / "run")
+    m = load_manifest(run, verify=True)
+    assert m["provenance"]["weights_dtype"] == "float16"
+    assert m["provenance"]["command"].startswith("dafar train --dataset cifar10")
+    net, _ = load_dafar(run)
+    test = load_cifar10(shared_cifar, download=False).test
+    idx = np.random.default_rng(0).choice(len(test.labels), 300, replace=False)
+    ev = evaluate_arrays(net, torch.from_numpy(np.array(test.images[idx])), torch.device("cpu"), 100)
+    with np.load(run / "scores.npz") as z:
+        rec_pred, rec_l2 = z["test_pred"][idx], z["test_l2"][idx]
+    assert np.mean(ev["logits"].argmax(1) == rec_pred) >= 0.99
+    np.testing.assert_allclose(ev["l2"], rec_l2, rtol=1e-3)
+    acc = float(np.mean(ev["logits"].argmax(1) == test.labels[idx]))
+    assert acc >= m["metrics"]["victim_test_acc"] - 0.05  # 300 images: a few points of sampling noise
