@@ -33,7 +33,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--victim", dest="train_victim", action="store_true", default=None,
                    help="also train the victim-only model (default in the paper profile)")
     p.add_argument("--no-victim", dest="train_victim", action="store_false",
-                   help="skip the victim-only model")
+                   help="skip the victim-only model (allowed with --resume: finishes a long run without it)")
     p.add_argument("--unpool", choices=["mask", "maxunpool"], default=None,
                    help="decoder unpooling: index-free mask (default, exportable to TFLite) or the paper's MaxUnpool")
     p.add_argument("--augment", choices=["none", "shift", "crop-flip"], default=None,

@@ -169,6 +169,35 @@ def test_resume_with_other_options_is_refused(tmp_path, monkeypatch):
         train(cfg.replace(lr=1e-2), tmp_path / "r", resume=True, quiet=True)
 
 
+def test_resume_may_drop_the_victim_only_model_and_keeps_the_time(tmp_path, monkeypatch):
+    # A long CPU run (CIFAR-10: 30 joint epochs over several days) may be finished without the
+    # victim-only comparison: its joint and C checkpoints stay valid, the weights are those of an
+    # uninterrupted run, and the recorded time counts the epochs the earlier call trained.
+    cfg = _tiny(epochs=2, train_victim=True)
+    ref = train(cfg.replace(train_victim=False), tmp_path / "ref", quiet=True)
+    monkeypatch.setattr(trainer_mod, "l2_per_sample", _FailAfter(7, exc=KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "b", quiet=True)
+    monkeypatch.undo()
+    res = train(cfg.replace(train_victim=False), tmp_path / "b", resume=True, quiet=True)
+    assert _state(tmp_path / "ref") == _state(tmp_path / "b")
+    assert "victim_only_test_acc" not in res.metrics
+    assert json.loads((tmp_path / "b/config.json").read_text())["train_victim"] is False
+    t = res.manifest["training"]
+    assert t["seconds_in_earlier_calls"]["joint"] > 0 and len(t["seconds_per_epoch"]["joint"]) == 2
+    assert t["total_seconds"] >= sum(t["seconds_per_epoch"]["joint"])
+
+
+def test_phase_checkpoints_ignore_options_the_phase_does_not_use():
+    base = {"phase": "joint", "schedule": _tiny().schedule_key()}
+    other = {**base["schedule"], "train_victim": True, "detector_epochs": 99}
+    assert trainer_mod._same_schedule(base, {"phase": "joint", "schedule": other})
+    assert not trainer_mod._same_schedule({"phase": "detector", "schedule": base["schedule"]},
+                                          {"phase": "detector", "schedule": other})
+    assert not trainer_mod._same_schedule(base, {"phase": "joint", "schedule": {**base["schedule"], "lr": 1.0}})
+    assert not trainer_mod._same_schedule(None, base) and not trainer_mod._same_schedule({"phase": "joint"}, base)
+
+
 def test_maxunpool_variant_trains(tmp_path):
     res = train(_tiny(unpool="maxunpool", detector=False), tmp_path / "mu", quiet=True)
     assert res.manifest["architecture"]["unpool"] == "maxunpool"

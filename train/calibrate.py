@@ -50,7 +50,7 @@ def recalibrate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None =
     thresholds = _thresholds(cfg, ev_val, ev_test, splits.name.value)
     metrics = _metrics(cfg, ev_val, ev_test, data, thresholds)
     metrics["timing"] = {k: m["training"].get(k) for k in (  # the trainer stores timing flat in "training"
-        "device", "threads", "seconds_per_epoch", "eval_seconds", "total_seconds", "resumed")}
+        "device", "threads", "seconds_per_epoch", "eval_seconds", "total_seconds", "seconds_in_earlier_calls", "resumed")}
     np.savez_compressed(run_dir / "scores.npz", **{f"val_{k}": v for k, v in ev_val.items() if k in ("l2", "ae")},
                         **{f"test_{k}": v for k, v in ev_test.items() if k in ("l2", "ae")},
                         test_labels=data.test_y.numpy(), test_pred=ev_test["logits"].argmax(1),

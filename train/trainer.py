@@ -127,11 +127,47 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarr
     return [perm[i: i + batch_size] for i in range(0, n, batch_size)]
 
 
+# Config fields a phase does not depend on: changing them keeps that phase's checkpoint usable
+# (e.g. a run resumed with --no-victim keeps its 30 joint epochs; C's epochs do not touch the joint phase).
+_DETECTOR_FIELDS = {"detector", "detector_epochs", "detector_lr", "detector_train_size"}
+_PHASE_IGNORES = {"joint": _DETECTOR_FIELDS | {"train_victim"},
+                  "detector": {"train_victim"},
+                  "victim": _DETECTOR_FIELDS | {"train_victim", "unpool", "recon_weight"}}
+
+
+def _same_schedule(saved: dict | None, now: dict) -> bool:
+    if not isinstance(saved, dict) or saved.get("phase") != now["phase"] or not isinstance(saved.get("schedule"), dict):
+        return False
+    drop = _PHASE_IGNORES.get(now["phase"], set())
+
+    def keep(d):
+        return {k: v for k, v in d.items() if k not in drop}
+
+    return keep(saved["schedule"]) == keep(now["schedule"])
+
+
+def _logged_seconds(log: Path, phase: str, epochs: int) -> list[float]:
+    """Per-epoch seconds of a phase's first ``epochs`` epochs from train_log.jsonl (checkpoints
+    written before they recorded their own); an epoch logged twice counts its last record."""
+    found: dict[int, float] = {}
+    if log.exists():
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("phase") == phase and isinstance(r.get("epoch"), int) and r["epoch"] < epochs:
+                found[r["epoch"]] = float(r.get("seconds", 0.0))
+    return [found.get(e, 0.0) for e in range(epochs)]
+
+
 def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, lr: float, cfg: TrainConfig,
          step: Callable[[np.ndarray, torch.Generator], tuple[torch.Tensor, dict]],
          validate: Callable[[], dict], ckpt: Path, logger: _Logger, resume: bool, quiet: bool,
-         weight_decay: float = 0.0) -> list[float]:
-    """The shared epoch loop: Adam + one-cycle, per-epoch checkpoint, NaN guard, resume."""
+         weight_decay: float = 0.0, earlier: dict | None = None) -> list[float]:
+    """The shared epoch loop: Adam + one-cycle, per-epoch checkpoint, NaN guard, resume.
+    Returns every epoch's seconds, those of earlier (resumed-from) calls included; ``earlier[phase]``
+    gets the part earlier calls spent."""
     from tqdm.auto import tqdm
 
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -145,14 +181,18 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     key = {"phase": phase, "schedule": cfg.schedule_key()}
     start = 0
+    epoch_seconds: list[float] = []
     if ckpt.with_suffix(".json").exists():
         if not resume:
             raise RunFolderError(f"{ckpt.parent} holds an unfinished run; pass --resume to continue it or --overwrite")
         info = load_checkpoint(ckpt, model, opt, sched)
-        if info.get("key") != key:
+        if not _same_schedule(info.get("key"), key):
             raise TrainingError(f"checkpoint {ckpt}.json was made with another configuration; cannot resume it")
         start = int(info["epochs_done"])
-    epoch_seconds = []
+        # the seconds of the epochs earlier calls trained (a run resumed over days reports them all)
+        epoch_seconds = list(info.get("epoch_seconds") or _logged_seconds(logger.path, phase, start))
+    if earlier is not None:
+        earlier[phase] = float(sum(epoch_seconds))
     for epoch in range(start, epochs):
         model.train()
         t0 = time.perf_counter()
@@ -187,7 +227,7 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
         seconds = time.perf_counter() - t0
         rec["seconds"] = seconds
         epoch_seconds.append(seconds)
-        save_checkpoint(ckpt, model, opt, sched, {"key": key, "epochs_done": epoch + 1})
+        save_checkpoint(ckpt, model, opt, sched, {"key": key, "epochs_done": epoch + 1, "epoch_seconds": epoch_seconds})
         logger.log(rec)
     return epoch_seconds
 
@@ -278,12 +318,18 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
             cfg_saved = TrainConfig.from_dict(json.loads(saved.read_text()))
         except (json.JSONDecodeError, TypeError) as exc:
             raise RunFolderError(f"{saved} is unreadable: {exc}") from exc
-        if cfg_saved.schedule_key() != cfg.schedule_key():
+        # Whether to train the victim-only comparison model may change on resume (it is the last
+        # phase and nothing else depends on it): a long run can be finished without it and the
+        # comparison trained later in a copy of the folder.  Every other difference is refused.
+        a, b = cfg_saved.schedule_key(), cfg.schedule_key()
+        a.pop("train_victim"), b.pop("train_victim")
+        if a != b:
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise TrainingError(
-                f"--resume: the options given differ from the run's saved configuration ({saved}); "
+                f"--resume: the options given differ from the run's saved configuration ({saved}) in {diff}; "
                 "resume with the same options, or start a new run"
             )
-        cfg = cfg_saved.replace(device=cfg.device, threads=cfg.threads)
+        cfg = cfg_saved.replace(device=cfg.device, threads=cfg.threads, train_victim=cfg.train_victim)
     _prepare_run_dir(out, resume, overwrite)
     atomic_write_json(out / "config.json", cfg.to_dict())
     if not resume:
@@ -294,6 +340,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
     device = _resolve_device(cfg)
     torch.use_deterministic_algorithms(True, warn_only=True)
     t_start = time.perf_counter()
+    earlier: dict[str, float] = {}  # seconds spent by earlier calls of a resumed run, per phase
 
     splits = load_dataset(cfg.dataset, data_dir, download=download, val_size=cfg.val_size, seed=cfg.seed)
     spec = ARCHS[cfg.dataset.value]
@@ -333,7 +380,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
 
     joint_params = [p for n, p in net.named_parameters() if not n.startswith("C.")]
     seconds = {"joint": _fit("joint", net, joint_params, n_train, cfg.epochs, cfg.lr, cfg, joint_step, joint_val,
-                             ckdir / "joint", logger, resume, quiet, cfg.weight_decay)}
+                             ckdir / "joint", logger, resume, quiet, cfg.weight_decay, earlier=earlier)}
     # the checkpoint holds the final joint weights whether or not this call trained any epoch
     _load_model_only(ckdir / "joint", net)
 
@@ -359,7 +406,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
             return {"val_loss": float(torch.cat(vals).mean())}
 
         seconds["detector"] = _fit("detector", net, list(net.C.parameters()), n_res, cfg.detector_epochs,
-                                   cfg.detector_lr, cfg, det_step, det_val, ckdir / "detector", logger, resume, quiet)
+                                   cfg.detector_lr, cfg, det_step, det_val, ckdir / "detector", logger, resume, quiet, earlier=earlier)
         _load_model_only(ckdir / "detector", net)
         for p in joint_params:
             p.requires_grad_(True)
@@ -385,7 +432,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
             return {"val_acc": hits / n_mon}
 
         seconds["victim"] = _fit("victim", victim, list(victim.parameters()), n_train, cfg.epochs, cfg.lr, cfg,
-                                 victim_step, victim_val, ckdir / "victim", logger, resume, quiet, cfg.weight_decay)
+                                 victim_step, victim_val, ckdir / "victim", logger, resume, quiet, cfg.weight_decay, earlier=earlier)
         _load_model_only(ckdir / "victim", victim)
 
     # ---- evaluation and thresholds
@@ -423,7 +470,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         "threads": torch.get_num_threads(),
         "seconds_per_epoch": {k: v for k, v in seconds.items()},
         "eval_seconds": eval_seconds,
-        "total_seconds": time.perf_counter() - t_start,
+        # every call of a resumed run: this call's wall time plus the epochs earlier calls trained
+        "total_seconds": time.perf_counter() - t_start + sum(earlier.values()),
+        "seconds_in_earlier_calls": earlier,
         "resumed": resume,
     }
     metrics["timing"] = timing
