@@ -337,6 +337,19 @@ def cmd_pretrained(args) -> int:
     return 0
 
 
+def cmd_summary(args) -> int:
+    from dafar.bench.summary import render_markdown, summarize
+
+    d = summarize(args.run)
+    text = json.dumps(d, indent=2, sort_keys=True) + "\n" if args.json else render_markdown(d)
+    if args.out:
+        from dafar.manifest import atomic_write_text
+
+        atomic_write_text(args.out, text)
+    print(text, end="")
+    return 0
+
+
 def cmd_info(args) -> int:
     from dafar.manifest import load_manifest
 
@@ -488,6 +501,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)write a run folder's report.md and plots")
     p.add_argument("run", metavar="RUN_DIR")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("summary", help="one table of a run's headline numbers, from every stage's records")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    p.add_argument("--out", metavar="FILE", help="also write the output to FILE")
+    p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("info", help="show a run folder's manifest and verify its file hashes")
     p.add_argument("run", metavar="RUN_DIR")

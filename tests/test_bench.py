@@ -123,3 +123,25 @@ def test_train_speed_measures_both_models(capsys):
     assert "min per epoch" in capsys.readouterr().out
     with pytest.raises(ValueError, match="dataset"):
         train_speed.measure("imagenet")
+
+
+def test_summary_gathers_what_the_stages_wrote(run_clone, capsys):
+    from dafar.bench.summary import render_markdown, summarize
+    from dafar.cli import main
+    from dafar.errors import RunFolderError
+    from dafar.manifest import read_manifest
+
+    m = read_manifest(run_clone)
+    d = summarize(run_clone)
+    assert d["label"] == "MNIST" and d["quantize"] is None and d["bench"] is None and d["eval"] is None
+    assert d["training"]["victim_test_acc"] == m["metrics"]["victim_test_acc"]
+    floats = [e for e in m["exports"].values() if e.get("precision", "float32") != "int8"]
+    assert d["export"]["files"] == len(floats) > 0  # int8 files are counted under quantize, not here
+    assert d["export"]["label_agreement_min"] == min(e["validation"]["label_agreement"] for e in floats)
+    md = render_markdown(d)
+    assert f"{100 * m['metrics']['victim_test_acc']:.2f}%" in md and "0.16%" in md  # ours beside the paper's
+    assert main(["summary", str(run_clone), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["training"]["victim_test_acc"] == m["metrics"]["victim_test_acc"]
+    (run_clone / "quantize_report.json").write_text("{not json")
+    with pytest.raises(RunFolderError, match="quantize_report.json"):
+        summarize(run_clone)
