@@ -40,6 +40,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="training augmentation: shift (MNIST, +-2 px) or crop-flip (CIFAR-10); default from the profile")
     p.add_argument("--recon-weight", type=float, default=None,
                    help="weight of ||x - D(E(x))||_2 against the cross-entropy in the joint loss")
+    p.add_argument("--weight-decay", type=float, default=None, help="Adam L2 weight decay (default 0)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="dropout on the classifier head's input while training (default 0; never in the exported graph)")
+    p.add_argument("--init-from", metavar="RUN_DIR", default=None,
+                   help="start from a finished run's E, F, D weights (continue a schedule, or fine-tune a pretrained "
+                        "model materialized with `dafar pretrained NAME --out DIR`)")
     p.add_argument("--z", type=float, default=None, help="threshold rule mean + z*std (default 3 MNIST, 2 CIFAR-10)")
     p.add_argument("--train-limit", type=int, default=None, help="train on the first N training images only")
     p.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only")
@@ -59,7 +65,8 @@ def _train_config(args):
 
     overrides = dict(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, detector_epochs=args.detector_epochs,
-        train_victim=args.train_victim, unpool=args.unpool, augment=args.augment, recon_weight=args.recon_weight, z=args.z, train_limit=args.train_limit,
+        train_victim=args.train_victim, unpool=args.unpool, augment=args.augment, recon_weight=args.recon_weight, z=args.z,
+        weight_decay=args.weight_decay, dropout=args.dropout, init_from=args.init_from, train_limit=args.train_limit,
         test_limit=args.test_limit, val_size=args.val_size, seed=args.seed, device=args.device, threads=args.threads,
     )
     if args.no_detector:

@@ -29,10 +29,24 @@ def test_profiles():
     (dict(train_limit=100, batch_size=128), "exceeds train_limit"),
     (dict(augment="crop-flip"), "flipping digits"),
     (dict(recon_weight=0.0), "recon_weight"),
+    (dict(dropout=-0.1), "dropout"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(init_from=""), "init_from"),
+    (dict(init_from=3), "init_from"),
 ])
 def test_validation(kw, msg):
     with pytest.raises(ConfigError, match=msg):
         TrainConfig(**kw)
+
+
+def test_cli_training_options_reach_the_config():
+    from dafar.cli import _train_config, build_parser
+
+    args = build_parser().parse_args(["train", "--dataset", "cifar10", "--profile", "paper", "--out", "r",
+                                      "--dropout", "0.5", "--weight-decay", "5e-4", "--init-from", "runs/c", "--lr", "1e-3"])
+    cfg = _train_config(args)
+    assert (cfg.dropout, cfg.weight_decay, cfg.init_from, cfg.lr, cfg.epochs) == (0.5, 5e-4, "runs/c", 1e-3, 30)
+    assert "dropout" in cfg.schedule_key() and "init_from" in cfg.schedule_key()
 
 
 def test_unknown_override():

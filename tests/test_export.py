@@ -1,6 +1,5 @@
 """Export: the fused graph, ONNX and TFLite parity with torch, builtin ops, named signatures,
 input contracts, the offline 3-channel path, and clean failures."""
-import json
 import os
 import shutil
 
@@ -10,7 +9,7 @@ import torch
 
 from dafar.errors import (ConfigError, DecisionMismatchError, HashMismatchError, ManifestError, OutputShapeError,
                           ToleranceError, UnsupportedOpError)
-from dafar.export.fused import OUTPUT_NAMES, Detector, FusedDafar, InputContract, VictimGraph
+from dafar.export.fused import OUTPUT_NAMES, FusedDafar
 from dafar.export.validate import Tolerance, compare_outputs
 from dafar.manifest import load_manifest, read_manifest, sha256_file, write_manifest
 from dafar.train.models import build_dafar, l2_per_sample

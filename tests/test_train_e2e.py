@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from dafar.cli import main
 from dafar.errors import NonFiniteLossError, RunFolderError
@@ -174,7 +175,7 @@ def test_resume_may_drop_the_victim_only_model_and_keeps_the_time(tmp_path, monk
     # victim-only comparison: its joint and C checkpoints stay valid, the weights are those of an
     # uninterrupted run, and the recorded time counts the epochs the earlier call trained.
     cfg = _tiny(epochs=2, train_victim=True)
-    ref = train(cfg.replace(train_victim=False), tmp_path / "ref", quiet=True)
+    train(cfg.replace(train_victim=False), tmp_path / "ref", quiet=True)
     monkeypatch.setattr(trainer_mod, "l2_per_sample", _FailAfter(7, exc=KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "b", quiet=True)
@@ -196,6 +197,66 @@ def test_phase_checkpoints_ignore_options_the_phase_does_not_use():
                                           {"phase": "detector", "schedule": other})
     assert not trainer_mod._same_schedule(base, {"phase": "joint", "schedule": {**base["schedule"], "lr": 1.0}})
     assert not trainer_mod._same_schedule(None, base) and not trainer_mod._same_schedule({"phase": "joint"}, base)
+
+
+def test_checkpoints_written_before_new_fields_still_resume():
+    # The CIFAR-10 run's joint checkpoint predates dropout/init_from: it was made with their defaults.
+    now = {"phase": "joint", "schedule": _tiny().schedule_key()}
+    old = {"phase": "joint", "schedule": {k: v for k, v in now["schedule"].items() if k not in ("dropout", "init_from")}}
+    assert trainer_mod._same_schedule(old, now)
+    assert not trainer_mod._same_schedule(old, {"phase": "joint", "schedule": {**now["schedule"], "dropout": 0.5}})
+
+
+def test_init_from_continues_a_finished_run(tiny_run, tmp_path):
+    # A second schedule started from a finished run: it starts at the parent's weights (with a
+    # vanishing learning rate it ends there too, unlike a fresh model), records its parent in
+    # the manifest and report, and the exported graph has no dropout (eval mode).
+    parent = load_manifest(tiny_run)
+    cfg = _tiny(epochs=1, lr=1e-12, dropout=0.5, train_victim=True, init_from=str(tiny_run))
+    res = train(cfg, tmp_path / "cont", quiet=True)
+    rec = res.manifest["training"]["init_from"]
+    assert rec["manifest_sha256"] == parent["manifest_sha256"] and rec["epochs_total"] == 2 and rec["same_data"]
+    assert rec["total_seconds"] == pytest.approx(parent["training"]["total_seconds"])
+    for name in ("E", "F", "D", "victim_only"):
+        a = load_file(tiny_run / f"weights/{name}.safetensors")
+        b = load_file(tmp_path / f"cont/weights/{name}.safetensors")
+        assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), name
+    assert res.metrics["victim_test_acc"] == pytest.approx(parent["metrics"]["victim_test_acc"])
+    train(_tiny(epochs=1, lr=1e-12), tmp_path / "fresh", quiet=True)
+    a, b = load_file(tiny_run / "weights/E.safetensors"), load_file(tmp_path / "fresh/weights/E.safetensors")
+    assert not all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    from dafar.train.report import write_report
+
+    text = write_report(tmp_path / "cont").read_text()
+    assert "3 joint epochs in all" in text and "--dropout 0.5" in text and f"--init-from {tiny_run}" in text
+    # dropout acts in training only: eval-mode outputs are deterministic
+    net = build_dafar("mnist", dropout=0.5).eval()
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    assert torch.equal(net(x)[0], net(x)[0])
+    assert not torch.equal(net.train()(x)[0], net(x)[0])
+
+
+def test_init_from_refuses_what_cannot_start_a_run(tiny_run, tmp_path):
+    from dafar.errors import ConfigError, ManifestError
+
+    with pytest.raises(RunFolderError, match="not a finished run"):
+        train(_tiny(init_from=str(tmp_path)), tmp_path / "a", quiet=True)
+    with pytest.raises(ConfigError, match="unpool"):
+        train(_tiny(init_from=str(tiny_run), unpool="maxunpool"), tmp_path / "b", quiet=True)
+    no_victim = train(_tiny(epochs=1), tmp_path / "nv", quiet=True)
+    with pytest.raises(ConfigError, match="--no-victim"):
+        train(_tiny(init_from=str(no_victim.run_dir), train_victim=True), tmp_path / "c", quiet=True)
+    with pytest.raises(ConfigError, match="dropout"):
+        _tiny(dropout=1.0)
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_run, bad)
+    w = bad / "weights/F.safetensors"
+    w.write_bytes(w.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ManifestError):
+        train(_tiny(init_from=str(bad)), tmp_path / "d", quiet=True)
+    assert not any((tmp_path / n).exists() for n in "abcd")  # refused before any run folder was made
 
 
 def test_maxunpool_variant_trains(tmp_path):

@@ -9,6 +9,7 @@ Profiles give the defaults; any field can be overridden (the CLI's ``--epochs`` 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 
@@ -58,6 +59,12 @@ class TrainConfig:
     detector_train_size: int | None = 10000
     detector_lr: float = 1e-3
     train_victim: bool = False  # train the victim-only F(E(x)) for the accuracy comparison
+    # Dropout probability on F's input while training (0 = none; the exported graph never has it).
+    dropout: float = 0.0
+    # A finished run folder whose E, F, D (and victim-only model, when one is trained) start this
+    # run: a longer schedule continued as a second one-cycle, or fine-tuning a published model.
+    # The manifest records the parent (its manifest digest, epochs and training time).
+    init_from: str | None = None
     unpool: Unpool = Unpool.MASK
     z: float = 3.0  # mean + z*std threshold rule (paper: 3 for MNIST, 2 for CIFAR-10)
     target_fprs: tuple[float, ...] = (0.003, 0.01, 0.05)  # quantile thresholds recorded too
@@ -94,6 +101,13 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be in (0, 1), got {v!r}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not (isinstance(self.dropout, (int, float)) and math.isfinite(self.dropout) and 0 <= self.dropout < 1):
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "dropout", float(self.dropout))
+        if self.init_from is not None:
+            if not isinstance(self.init_from, (str, os.PathLike)) or not str(self.init_from).strip():
+                raise ConfigError(f"init_from must be a run folder path, got {self.init_from!r}")
+            object.__setattr__(self, "init_from", str(self.init_from))
         if not (math.isfinite(self.recon_weight) and self.recon_weight > 0):
             raise ConfigError(f"recon_weight must be > 0, got {self.recon_weight!r}")
         if not (math.isfinite(self.z) and self.z > 0):

@@ -162,6 +162,9 @@ def write_report(run_dir: str | Path) -> Path:
            f" --unpool {cfg['unpool']} --augment {cfg.get('augment', 'none')} --recon-weight {cfg.get('recon_weight', 0.25):g}"
            + (f" --lr {cfg['lr']:g} --batch-size {cfg['batch_size']} --detector-epochs {cfg['detector_epochs']}") + ("" if cfg["detector"] else " --no-detector")
            + (" --victim" if cfg["train_victim"] else " --no-victim")
+           + (f" --weight-decay {cfg['weight_decay']:g}" if cfg.get("weight_decay") else "")
+           + (f" --dropout {cfg['dropout']:g}" if cfg.get("dropout") else "")
+           + (f" --init-from {cfg['init_from']}" if cfg.get("init_from") else "")
            + (f" --train-limit {cfg['train_limit']}" if cfg.get("train_limit") else "")
            + (f" --test-limit {cfg['test_limit']}" if cfg.get("test_limit") else "") + " --out RUN_DIR")
     L = [f"# DAFAR training report: {label}", ""]
@@ -201,8 +204,15 @@ def write_report(run_dir: str | Path) -> Path:
     for phase, secs in timing["seconds_per_epoch"].items():
         L.append(f"| {phase} | {len(secs)} | {', '.join(f'{s:.0f}' for s in secs) if secs else 'resumed from checkpoint'} |")
     L += ["", f"Total wall time {timing['total_seconds']:.0f} s (evaluation {timing['eval_seconds']:.0f} s)"
-          + (", resumed from a checkpoint" if timing.get("resumed") else "") + ".", "",
-          "![training curves](plots/training.png)", ""]
+          + (", resumed from a checkpoint" if timing.get("resumed") else "") + ".", ""]
+    parent = timing.get("init_from")
+    if parent:
+        L += [f"Started from the weights of `{parent['run']}` (manifest {parent['manifest_sha256'][:12]}, "
+              f"{parent['epochs_total']} joint epochs, {parent['total_seconds']:.0f} s, victim test accuracy "
+              f"{_pct(parent.get('victim_test_acc'))}" + ("" if parent.get("same_data") else "; trained on other data")
+              + f"): this model has seen {parent['epochs_total'] + cfg['epochs']} joint epochs in all, "
+              f"{parent['total_seconds'] + timing['total_seconds']:.0f} s of training.", ""]
+    L += ["![training curves](plots/training.png)", ""]
     if m.get("exports"):
         L += _exports_section(run_dir, {**m, "exports": {k: v for k, v in m["exports"].items()
                                                          if v.get("precision", "float32") == "float32"}})

@@ -32,7 +32,7 @@ from dafar.threshold import ThresholdRule, calibrate, false_positive_rate
 
 from .config import Augment, Device, TrainConfig
 from .models import ARCHS, DafarNet, Victim, build_dafar, build_victim, l2_per_sample
-from .weights import load_checkpoint, save_checkpoint, save_state
+from .weights import load_checkpoint, load_into, save_checkpoint, save_state
 
 __all__ = ["train", "TrainResult", "to_model_scale", "NORMALIZATION", "evaluate_arrays", "param_count"]
 
@@ -135,6 +135,10 @@ _PHASE_IGNORES = {"joint": _DETECTOR_FIELDS | {"train_victim"},
                   "victim": _DETECTOR_FIELDS | {"train_victim", "unpool", "recon_weight"}}
 
 
+# Fields added after checkpoints were first written: a checkpoint without one was made with its default.
+_ADDED_FIELDS = {"dropout": 0.0, "init_from": None}
+
+
 def _same_schedule(saved: dict | None, now: dict) -> bool:
     if not isinstance(saved, dict) or saved.get("phase") != now["phase"] or not isinstance(saved.get("schedule"), dict):
         return False
@@ -143,7 +147,7 @@ def _same_schedule(saved: dict | None, now: dict) -> bool:
     def keep(d):
         return {k: v for k, v in d.items() if k not in drop}
 
-    return keep(saved["schedule"]) == keep(now["schedule"])
+    return keep({**_ADDED_FIELDS, **saved["schedule"]}) == keep(now["schedule"])
 
 
 def _logged_seconds(log: Path, phase: str, epochs: int) -> list[float]:
@@ -330,6 +334,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
                 "resume with the same options, or start a new run"
             )
         cfg = cfg_saved.replace(device=cfg.device, threads=cfg.threads, train_victim=cfg.train_victim)
+    parent = _parent_run(cfg) if cfg.init_from else None  # refused before the run folder is touched
     _prepare_run_dir(out, resume, overwrite)
     atomic_write_json(out / "config.json", cfg.to_dict())
     if not resume:
@@ -357,9 +362,16 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         x = _augment(x, gen, cfg.augment)
         return x.to(device, memory_format=memfmt), data.train_y[idx].to(device)
 
+    if parent is not None:
+        parent["record"]["same_data"] = parent.pop("fingerprint") == splits.fingerprint
+
     # ---- phase 1: joint E + F + D, loss = mean(||x - D(E(x))||_2 + CE)  (paper Eq. 7)
     _seed_everything(cfg.seed)
-    net = build_dafar(cfg.dataset.value, cfg.unpool, with_detector=cfg.detector).to(device, memory_format=memfmt)
+    net = build_dafar(cfg.dataset.value, cfg.unpool, with_detector=cfg.detector, dropout=cfg.dropout)
+    if parent is not None:  # a resumed checkpoint below overrides these with its own weights
+        for name in ("E", "F", "D"):
+            load_into(getattr(net, name), parent["dir"] / f"weights/{name}.safetensors")
+    net = net.to(device, memory_format=memfmt)
 
     def joint_step(idx, gen):
         x, y = batch(idx, gen)
@@ -416,7 +428,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
     victim = None
     if cfg.train_victim:
         _seed_everything(cfg.seed)
-        victim = build_victim(cfg.dataset.value).to(device, memory_format=memfmt)
+        victim = build_victim(cfg.dataset.value, dropout=cfg.dropout)
+        if parent is not None:
+            load_into(victim, parent["dir"] / "weights/victim_only.safetensors")
+        victim = victim.to(device, memory_format=memfmt)
 
         def victim_step(idx, gen):
             x, y = batch(idx, gen)
@@ -475,6 +490,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         "seconds_in_earlier_calls": earlier,
         "resumed": resume,
     }
+    if parent is not None:
+        timing["init_from"] = parent["record"]
     metrics["timing"] = timing
     atomic_write_json(out / "metrics.json", metrics)
     files["metrics.json"] = ("metrics", None)
@@ -523,6 +540,43 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
     }
     manifest = write_manifest(out, manifest)
     return TrainResult(out, manifest, metrics)
+
+
+def _parent_run(cfg: TrainConfig) -> dict:
+    """Check the run ``cfg.init_from`` can start this one (finished, files verified, same
+    architecture) before any training, and describe it for the manifest."""
+    from dafar.manifest import load_manifest, manifest_digest
+
+    pdir = Path(cfg.init_from)
+    if not (pdir / MANIFEST_NAME).is_file():
+        raise RunFolderError(f"--init-from {pdir}: not a finished run folder (no {MANIFEST_NAME})")
+    man = load_manifest(pdir)  # verifies every listed file's sha256
+    arch = man.get("architecture", {})
+    spec = ARCHS[cfg.dataset.value]
+    if arch.get("name") != spec.name or arch.get("unpool") != cfg.unpool.value:
+        raise ConfigError(f"--init-from {pdir}: its model is {arch.get('name')}/{arch.get('unpool')}, "
+                          f"this run trains {spec.name}/{cfg.unpool.value}")
+    names = ["weights/E.safetensors", "weights/F.safetensors", "weights/D.safetensors"]
+    if cfg.train_victim:
+        names.append("weights/victim_only.safetensors")
+    missing = [n for n in names if n not in man.get("files", {})]
+    if missing:
+        hint = " (pass --no-victim, or start from a run that trained one)" if "weights/victim_only.safetensors" in missing else ""
+        raise ConfigError(f"--init-from {pdir}: the run has no {', '.join(missing)}{hint}")
+    tr = man.get("training", {})
+    pcfg = tr.get("config", {})
+    earlier = tr.get("init_from") or {}
+    record = {
+        "run": str(pdir),
+        "manifest_sha256": manifest_digest(man),
+        "epochs": pcfg.get("epochs"),
+        # the whole chain: a parent that itself continued another run counts those epochs (and seconds) too
+        "epochs_total": int(pcfg.get("epochs") or 0) + int(earlier.get("epochs_total") or 0),
+        "total_seconds": float(tr.get("total_seconds") or 0.0) + float(earlier.get("total_seconds") or 0.0),
+        "config": pcfg,
+        "victim_test_acc": man.get("metrics", {}).get("victim_test_acc"),
+    }
+    return {"dir": pdir, "record": record, "fingerprint": man.get("dataset", {}).get("fingerprint_sha256")}
 
 
 def _load_model_only(ckpt: Path, model: torch.nn.Module) -> None:
