@@ -153,6 +153,13 @@ def publish(run_dir: str | os.PathLike, name: str, command: str, hardware: str |
         "versions": m.get("versions"),
         "weights_dtype": weights_dtype,
     }
+    parent = training.get("init_from")
+    if parent:  # a run continued from another (``--init-from``): the model's whole training
+        prov = pub["provenance"]
+        prov["continued_from"] = {k: parent.get(k) for k in
+                                  ("manifest_sha256", "epochs_total", "total_seconds", "config", "victim_test_acc")}
+        prov["epochs"]["joint_in_all"] = int(cfg.get("epochs") or 0) + int(parent.get("epochs_total") or 0)
+        prov["total_seconds_in_all"] = float(training.get("total_seconds") or 0) + float(parent.get("total_seconds") or 0)
     write_manifest(dest, pub)
     if weights_dtype == "float16":
         from dafar.train.calibrate import recalibrate
@@ -177,7 +184,8 @@ def summary_lines(name: str) -> list[str]:
         lines.append(f"  {det}: alpha {d['alpha']:.4f} ({th['default']}), test FPR {100 * d['test_fpr']:.2f}%")
     if prov:
         ep = ", ".join(f"{k} {v}" for k, v in (prov.get("epochs") or {}).items() if v)
+        secs = prov.get("total_seconds_in_all", prov.get("total_seconds")) or 0
         lines.append(f"  trained with `{prov.get('command')}` (seed {prov.get('seed')}; epochs: {ep}; "
-                     f"{prov.get('total_seconds') or 0:.0f} s on {prov.get('hardware')})")
+                     f"{secs:.0f} s on {prov.get('hardware')})")
     return lines
 

@@ -229,6 +229,12 @@ def test_init_from_continues_a_finished_run(tiny_run, tmp_path):
 
     text = write_report(tmp_path / "cont").read_text()
     assert "3 joint epochs in all" in text and "--dropout 0.5" in text and f"--init-from {tiny_run}" in text
+    from dafar.pretrained import publish
+
+    pub = load_manifest(publish(tmp_path / "cont", "cont", "two commands", dest=tmp_path / "pub"))
+    prov = pub["provenance"]
+    assert prov["epochs"]["joint_in_all"] == 3 and prov["continued_from"]["manifest_sha256"] == parent["manifest_sha256"]
+    assert prov["total_seconds_in_all"] > prov["total_seconds"]
     # dropout acts in training only: eval-mode outputs are deterministic
     net = build_dafar("mnist", dropout=0.5).eval()
     x = torch.rand(4, 1, 28, 28) * 2 - 1
