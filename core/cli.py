@@ -252,12 +252,31 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _budgets(value: str | None, option: str) -> tuple[float, ...] | None:
+    """A comma list of L-inf budgets on the [0, 1] pixel scale, each a decimal (0.3) or k/255 (8/255)."""
+    from dafar.errors import ConfigError
+
+    if not value:
+        return None
+    out = []
+    for item in _csv(value):
+        try:
+            num, _, den = item.partition("/")
+            v = float(num) / (float(den) if den else 1.0)
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"{option}: {item!r} is not a budget (write 0.3 or 8/255)") from None
+        if not 0 < v <= 1:
+            raise ConfigError(f"{option}: {item} is outside (0, 1] (budgets are on the pixels/255 scale)")
+        out.append(v)
+    return tuple(out)
+
+
 def cmd_eval(args) -> int:
     from dafar.bench.eval_report import write_eval_report
     from dafar.bench.evaluate import EvalConfig, run_eval
 
-    eps = tuple(float(e) for e in _csv(args.eps)) if args.eps else None
-    cfg = EvalConfig(images=args.images, slow_images=args.slow_images, eps=eps, peers=not args.no_peers,
+    cfg = EvalConfig(images=args.images, slow_images=args.slow_images, eps=_budgets(args.eps, "--eps"),
+                     adaptive_eps=_budgets(args.adaptive_eps, "--adaptive-eps"), peers=not args.no_peers,
                      adaptive=not args.no_adaptive, adaptive_images=args.adaptive_images,
                      adaptive_steps=args.adaptive_steps, adaptive_restarts=args.adaptive_restarts,
                      deployed=not args.no_deployed, seed=args.seed, peer_train_images=args.peer_train_images)
@@ -483,7 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN_DIR")
     p.add_argument("--images", type=int, default=300, help="images per FGSM/PGD/noise set (default 300)")
     p.add_argument("--slow-images", type=int, default=100, help="images per CW-L2/JSMA set (default 100)")
-    p.add_argument("--eps", default=None, help="comma list of L-inf budgets in [0, 1] (default: the data set's)")
+    p.add_argument("--eps", default=None,
+                   help="comma list of L-inf budgets in (0, 1], e.g. 0.1,0.3 or 2/255,8/255 (default: the data set's)")
+    p.add_argument("--adaptive-eps", default=None,
+                   help="budgets of the adaptive attack, same form (default MNIST 0.05-1, CIFAR-10 2/255-1)")
     p.add_argument("--adaptive-images", type=int, default=100)
     p.add_argument("--adaptive-steps", type=int, default=100)
     p.add_argument("--adaptive-restarts", type=int, default=2)

@@ -40,6 +40,15 @@ def test_invalid_config_value_exit_2(tmp_path, capsys):
     assert "epochs must be a positive integer" in capsys.readouterr().err
 
 
+def test_attack_budgets_read_as_decimals_or_k_over_255(tmp_path, capsys):
+    from dafar.cli import _budgets
+
+    assert _budgets("0.1, 8/255,1", "--eps") == (0.1, 8 / 255, 1.0) and _budgets(None, "--eps") is None
+    for bad in ("8/0", "eight", "0", "2"):
+        assert main(["eval", str(tmp_path), "--adaptive-eps", bad]) == 2
+        assert "--adaptive-eps" in capsys.readouterr().err
+
+
 def test_missing_run_folder(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nope")]) == 4
     assert "does not exist" in capsys.readouterr().err
