@@ -16,7 +16,12 @@ from pathlib import Path
 from dafar.errors import RunFolderError
 from dafar.manifest import dataset_label, read_manifest
 
-__all__ = ["summarize", "render_markdown"]
+__all__ = ["summarize", "render_markdown", "collect"]
+
+# What ``collect`` gathers: the stage reports, the plots they show and the records behind them.
+REPORTS = ("report.md", "quantize_report.md", "bench_report.md", "eval_report.md", "reliability_report.md")
+RECORDS = ("manifest.json", "metrics.json", "quantize_report.json", "bench/summary.json", "eval/summary.json",
+           "reliability/summary.json")
 
 # The paper's numbers (SPEC.md), shown beside ours.
 PAPER = {
@@ -53,6 +58,10 @@ def _training(m: dict, met: dict) -> dict:
     cfg = m.get("training", {}).get("config", {})
     out["epochs"] = {"joint": cfg.get("epochs"), "detector": cfg.get("detector_epochs") if cfg.get("detector") else 0,
                      "victim_only": cfg.get("epochs") if cfg.get("train_victim") else 0}
+    parent = m.get("training", {}).get("init_from") or met.get("timing", {}).get("init_from")
+    if parent:  # continued from another run (--init-from): count the whole training
+        out["continued_from"] = {"epochs": parent.get("epochs_total"), "seconds": parent.get("total_seconds"),
+                                 "victim_test_acc": parent.get("victim_test_acc")}
     for det, t in m.get("thresholds", {}).items():
         rules = t.get("rules", {})
         out["thresholds"][det] = {"default": t.get("default"),
@@ -179,9 +188,11 @@ def render_markdown(d: dict) -> str:
                      f"{r['alpha']:.4g} / {_pct(r['val_fpr'])} / {_pct(r['test_fpr'])} | "
                      f"{paper.get('fpr', '-') if name == default else ''} |")
     if t.get("total_seconds"):
-        ep = t["epochs"]
-        L.append(f"| training: joint / C / victim-only epochs, time | {ep['joint']} / {ep['detector']} / {ep['victim_only']}, "
-                 f"{t['total_seconds'] / 3600:.2f} h | |")
+        ep, cont = t["epochs"], t.get("continued_from")
+        joint = f"{ep['joint']} (+{cont['epochs']} of the run it continued)" if cont else ep["joint"]
+        hours = t["total_seconds"] / 3600 + (cont["seconds"] / 3600 if cont else 0)
+        L.append(f"| training: joint / C / victim-only epochs, time | {joint} / {ep['detector']} / {ep['victim_only']}, "
+                 f"{hours:.2f} h{' in all' if cont else ''} | |")
     e = d.get("export")
     if e:
         L.append(f"| export parity vs torch ({e['files']} files, {e['images']} images; `report.md`) | labels >= {_pct(e['label_agreement_min'])}, "
@@ -229,3 +240,40 @@ def render_markdown(d: dict) -> str:
             for mname, succ in ad["success"].items():
                 L.append(f"| {mname} | " + " | ".join(_pct(v, 0) for v in succ) + " |")
     return "\n".join(L) + "\n"
+
+
+def collect(run_dir: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
+    """Copy run ``run_dir``'s reports, the plots they link and the JSON records behind them into
+    ``dest`` (replacing what an earlier collect put there) and write ``summary.md``: the reports of
+    a run that took hours to make, kept where a reader finds them (e.g. ``bench/reports/cifar10``).
+    Returns the copied paths, relative to ``dest``."""
+    import re
+    import shutil
+
+    run_dir, dest = Path(run_dir), Path(dest)
+    text = render_markdown(summarize(run_dir))  # refuses a folder that is not a run before touching dest
+    if dest.exists():
+        if not dest.is_dir() or any(p.name not in {*REPORTS, "summary.md", "plots", "records"} for p in dest.iterdir()):
+            raise RunFolderError(f"{dest} holds files collect did not write; name an empty or earlier collect folder")
+        shutil.rmtree(dest)
+    (dest / "records").mkdir(parents=True)
+    copied = []
+    for name in REPORTS:
+        src = run_dir / name
+        if not src.is_file():
+            continue
+        body = src.read_text(encoding="utf-8")
+        for rel in sorted(set(re.findall(r"\]\((plots/[^)\s]+\.png)\)", body))):
+            if (run_dir / rel).is_file() and not (dest / rel).exists():
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(run_dir / rel, dest / rel)
+                copied.append(rel)
+        shutil.copyfile(src, dest / name)
+        copied.append(name)
+    for rel in RECORDS:
+        if (run_dir / rel).is_file():
+            target = dest / "records" / rel.replace("/", "-")
+            shutil.copyfile(run_dir / rel, target)
+            copied.append(str(target.relative_to(dest)))
+    (dest / "summary.md").write_text(text, encoding="utf-8")
+    return sorted(copied) + ["summary.md"]

@@ -368,6 +368,11 @@ def cmd_summary(args) -> int:
 
     d = summarize(args.run)
     text = json.dumps(d, indent=2, sort_keys=True) + "\n" if args.json else render_markdown(d)
+    if args.collect:
+        from dafar.bench.summary import collect
+
+        files = collect(args.run, args.collect)
+        print(f"collected {len(files)} files into {args.collect}", file=sys.stderr)
     if args.out:
         from dafar.manifest import atomic_write_text
 
@@ -535,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN_DIR")
     p.add_argument("--json", action="store_true", help="print the numbers as JSON")
     p.add_argument("--out", metavar="FILE", help="also write the output to FILE")
+    p.add_argument("--collect", metavar="DIR",
+                   help="also copy the run's reports, their plots and JSON records into DIR, with summary.md")
     p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("info", help="show a run folder's manifest and verify its file hashes")

@@ -1,6 +1,7 @@
 """The benchmark harness: MAC and parameter counts against torch, the statistics, and a full bench
 of a small run producing well-formed records and a report."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -123,6 +124,31 @@ def test_train_speed_measures_both_models(capsys):
     assert "min per epoch" in capsys.readouterr().out
     with pytest.raises(ValueError, match="dataset"):
         train_speed.measure("imagenet")
+
+
+def test_collect_keeps_a_runs_reports_with_their_plots_and_records(run_clone, tmp_path, capsys):
+    from dafar.cli import main
+    from dafar.errors import RunFolderError
+    from dafar.train.report import write_report
+
+    write_report(run_clone)
+    dest = tmp_path / "reports" / "mnist"
+    assert main(["summary", str(run_clone), "--collect", str(dest)]) == 0
+    capsys.readouterr()
+    assert (dest / "report.md").read_text() == (run_clone / "report.md").read_text()
+    linked = re.findall(r"\]\((plots/[^)]+)\)", (dest / "report.md").read_text())
+    assert linked and all((dest / p).is_file() for p in linked)  # every plot the report shows came along
+    assert json.loads((dest / "records/manifest.json").read_text())["manifest_sha256"]
+    assert "headline numbers" in (dest / "summary.md").read_text()
+    (run_clone / "report.md").unlink()
+    assert main(["summary", str(run_clone), "--collect", str(dest)]) == 0  # a second collect replaces the first
+    assert not (dest / "report.md").exists()
+    (dest / "notes.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="did not write"):
+        from dafar.bench.summary import collect
+
+        collect(run_clone, dest)
+    assert (dest / "notes.txt").read_text() == "mine"
 
 
 def test_summary_gathers_what_the_stages_wrote(run_clone, capsys):
