@@ -251,7 +251,9 @@ def collect(run_dir: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
     import shutil
 
     run_dir, dest = Path(run_dir), Path(dest)
-    text = render_markdown(summarize(run_dir))  # refuses a folder that is not a run before touching dest
+    d = summarize(run_dir)  # refuses a folder that is not a run before touching dest
+    d["run"] = run_dir.resolve().name  # the committed copy names the run folder, not this machine's path
+    text = render_markdown(d)
     if dest.exists():
         if not dest.is_dir() or any(p.name not in {*REPORTS, "summary.md", "plots", "records"} for p in dest.iterdir()):
             raise RunFolderError(f"{dest} holds files collect did not write; name an empty or earlier collect folder")
