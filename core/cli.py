@@ -43,6 +43,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-decay", type=float, default=None, help="Adam L2 weight decay (default 0)")
     p.add_argument("--dropout", type=float, default=None,
                    help="dropout on the classifier head's input while training (default 0; never in the exported graph)")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (per-step decay, e.g. 0.999; default "
+                        "off); the monitor and the saved model use the average")
+    p.add_argument("--keep-best", action="store_true", default=None,
+                   help="keep the epoch with the best validation accuracy instead of the last one")
     p.add_argument("--init-from", metavar="RUN_DIR", default=None,
                    help="start from a finished run's E, F, D weights (continue a schedule, or fine-tune a pretrained "
                         "model materialized with `dafar pretrained NAME --out DIR`)")
@@ -66,7 +71,8 @@ def _train_config(args):
     overrides = dict(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, detector_epochs=args.detector_epochs,
         train_victim=args.train_victim, unpool=args.unpool, augment=args.augment, recon_weight=args.recon_weight, z=args.z,
-        weight_decay=args.weight_decay, dropout=args.dropout, init_from=args.init_from, train_limit=args.train_limit,
+        weight_decay=args.weight_decay, dropout=args.dropout, ema=args.ema,
+        keep_best=args.keep_best, init_from=args.init_from, train_limit=args.train_limit,
         test_limit=args.test_limit, val_size=args.val_size, seed=args.seed, device=args.device, threads=args.threads,
     )
     if args.no_detector:

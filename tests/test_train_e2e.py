@@ -189,6 +189,62 @@ def test_resume_may_drop_the_victim_only_model_and_keeps_the_time(tmp_path, monk
     assert t["total_seconds"] >= sum(t["seconds_per_epoch"]["joint"])
 
 
+def test_keep_best_with_weight_average_keeps_that_epoch_and_resumes_identically(tmp_path, monkeypatch):
+    # With a validation set no larger than the monitor (300 < 2,000 images), the kept weights'
+    # whole-validation accuracy must be the best logged epoch's monitor accuracy.
+    cfg = _tiny(epochs=3, ema=0.9, keep_best=True, lr=5e-3, train_victim=True)
+    ref = train(cfg, tmp_path / "ref", quiet=True)
+    log = [json.loads(line) for line in (tmp_path / "ref/train_log.jsonl").read_text().splitlines()]
+    joint = [r for r in log if r["phase"] == "joint"]
+    assert all(r["val_of"] == "ema" for r in joint)
+    accs = [r["val_acc"] for r in joint]
+    best = int(np.argmax(accs))  # the first maximum: a later tie does not replace it
+    kept = ref.manifest["training"]["kept_weights"]["joint"]
+    assert kept["weights"] == "best validation epoch" and kept["best_epoch"] == best + 1 and kept["ema_decay"] == 0.9
+    assert ref.metrics["victim_val_acc"] == pytest.approx(accs[best], abs=1e-9)
+    assert ref.manifest["training"]["kept_weights"]["victim"]["weights"] == "best validation epoch"
+    from dafar.train.report import write_report
+
+    assert f"best validation epoch (epoch {best + 1} of 3" in write_report(tmp_path / "ref").read_text()
+    # the kept weights are neither the last step's nor (unless it was best) the last average's
+    st = load_file(str(tmp_path / "ref/checkpoints/joint.safetensors"))
+    e = load_file(str(tmp_path / "ref/weights/E.safetensors"))
+    assert any(not torch.equal(e[k], st[f"model.E.{k}"]) for k in e)
+    assert all(torch.equal(e[k], st[f"best.E.{k}"]) for k in e)
+    # interrupted in epoch 2 and resumed: the average and the best epoch survive the checkpoint
+    monkeypatch.setattr(trainer_mod, "l2_per_sample", _FailAfter(7, exc=KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "b", quiet=True)
+    monkeypatch.undo()
+    train(cfg, tmp_path / "b", resume=True, quiet=True)
+    assert _state(tmp_path / "ref") == _state(tmp_path / "b")
+
+
+def test_weight_average_follows_the_ema_rule_and_is_swapped_back():
+    lin = torch.nn.Linear(3, 2)
+    ema = trainer_mod._Ema(lin, list(lin.parameters()), 0.5)
+    w0 = lin.weight.detach().clone()
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    ema.update()  # decay min(0.5, 2/11): the average moves 9/11 of the way
+    np.testing.assert_allclose(ema.shadow["weight"].numpy(), (w0 + 9 / 11).numpy(), rtol=1e-6)
+    live = lin.weight.detach().clone()
+    with ema.applied():
+        assert torch.equal(lin.weight, ema.shadow["weight"])
+    assert torch.equal(lin.weight, live)
+    with pytest.raises(Exception, match="no weight average"):
+        ema.load({}, 3)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(ema=1.0), "ema"), (dict(ema=0.2), "ema"), (dict(ema=True), "ema"),
+                                       (dict(keep_best="yes"), "keep_best")])
+def test_averaging_options_are_validated(kw, match):
+    from dafar.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        _tiny(**kw)
+
+
 def test_phase_checkpoints_ignore_options_the_phase_does_not_use():
     base = {"phase": "joint", "schedule": _tiny().schedule_key()}
     other = {**base["schedule"], "train_victim": True, "detector_epochs": 99}
@@ -202,7 +258,7 @@ def test_phase_checkpoints_ignore_options_the_phase_does_not_use():
 def test_checkpoints_written_before_new_fields_still_resume():
     # The CIFAR-10 run's joint checkpoint predates dropout/init_from: it was made with their defaults.
     now = {"phase": "joint", "schedule": _tiny().schedule_key()}
-    old = {"phase": "joint", "schedule": {k: v for k, v in now["schedule"].items() if k not in ("dropout", "init_from")}}
+    old = {"phase": "joint", "schedule": {k: v for k, v in now["schedule"].items() if k not in ("dropout", "init_from", "ema", "keep_best")}}
     assert trainer_mod._same_schedule(old, now)
     assert not trainer_mod._same_schedule(old, {"phase": "joint", "schedule": {**now["schedule"], "dropout": 0.5}})
 

@@ -212,6 +212,12 @@ def write_report(run_dir: str | Path) -> Path:
               f"{_pct(parent.get('victim_test_acc'))}" + ("" if parent.get("same_data") else "; trained on other data")
               + f"): this model has seen {parent['epochs_total'] + cfg['epochs']} joint epochs in all, "
               f"{parent['total_seconds'] + timing['total_seconds']:.0f} s of training.", ""]
+    for phase, k in (timing.get("kept_weights") or {}).items():
+        if k.get("weights") != "last epoch":
+            L += [f"{phase} phase: the saved weights are the {k['weights']}"
+                  + (f" (epoch {k['best_epoch']} of {k['epochs_done']}, monitor validation accuracy "
+                     f"{_pct(k['best_monitor_val_acc'])})" if k.get("best_epoch") else "")
+                  + (f"; weights averaged with per-step decay {k['ema_decay']}" if k.get("ema_decay") else "") + ".", ""]
     L += ["![training curves](plots/training.png)", ""]
     if m.get("exports"):
         L += _exports_section(run_dir, {**m, "exports": {k: v for k, v in m["exports"].items()

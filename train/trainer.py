@@ -8,6 +8,7 @@ checkpoint takes exactly the same steps as an uninterrupted one (bitwise on CPU)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -136,7 +137,7 @@ _PHASE_IGNORES = {"joint": _DETECTOR_FIELDS | {"train_victim"},
 
 
 # Fields added after checkpoints were first written: a checkpoint without one was made with its default.
-_ADDED_FIELDS = {"dropout": 0.0, "init_from": None}
+_ADDED_FIELDS = {f: TrainConfig.__dataclass_fields__[f].default for f in ("dropout", "init_from", "ema", "keep_best")}
 
 
 def _same_schedule(saved: dict | None, now: dict) -> bool:
@@ -168,10 +169,13 @@ def _logged_seconds(log: Path, phase: str, epochs: int) -> list[float]:
 def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, lr: float, cfg: TrainConfig,
          step: Callable[[np.ndarray, torch.Generator], tuple[torch.Tensor, dict]],
          validate: Callable[[], dict], ckpt: Path, logger: _Logger, resume: bool, quiet: bool,
-         weight_decay: float = 0.0, earlier: dict | None = None) -> list[float]:
+         weight_decay: float = 0.0, earlier: dict | None = None, ema: float = 0.0,
+         keep_best: bool = False) -> list[float]:
     """The shared epoch loop: Adam + one-cycle, per-epoch checkpoint, NaN guard, resume.
     Returns every epoch's seconds, those of earlier (resumed-from) calls included; ``earlier[phase]``
-    gets the part earlier calls spent."""
+    gets the part earlier calls spent.  With ``ema`` the weights are averaged (:class:`_Ema`); with
+    ``keep_best`` the checkpoint also keeps the weights of the best ``val_acc`` epoch.  The
+    checkpoint's ``info["final"]`` names the weights the phase ends with (see :func:`_load_model_only`)."""
     from tqdm.auto import tqdm
 
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -186,13 +190,22 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
     key = {"phase": phase, "schedule": cfg.schedule_key()}
     start = 0
     epoch_seconds: list[float] = []
+    averager = _Ema(model, params, ema) if ema else None
+    best: dict = {"val_acc": -1.0, "epoch": None, "state": None}
+    final = "best" if keep_best else "ema" if averager else "model"
     if ckpt.with_suffix(".json").exists():
         if not resume:
             raise RunFolderError(f"{ckpt.parent} holds an unfinished run; pass --resume to continue it or --overwrite")
-        info = load_checkpoint(ckpt, model, opt, sched)
+        extra: dict = {}
+        info = load_checkpoint(ckpt, model, opt, sched, extra)
         if not _same_schedule(info.get("key"), key):
             raise TrainingError(f"checkpoint {ckpt}.json was made with another configuration; cannot resume it")
         start = int(info["epochs_done"])
+        if averager is not None:
+            averager.load(extra, int(info.get("ema_steps", 0)))
+        if keep_best and info.get("best_epoch") is not None:
+            best = {"val_acc": float(info["best_val_acc"]), "epoch": int(info["best_epoch"]),
+                    "state": {k[5:]: v for k, v in extra.items() if k.startswith("best.")}}
         # the seconds of the epochs earlier calls trained (a run resumed over days reports them all)
         epoch_seconds = list(info.get("epoch_seconds") or _logged_seconds(logger.path, phase, start))
     if earlier is not None:
@@ -219,6 +232,8 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
             loss.backward()
             opt.step()
             sched.step()
+            if averager is not None:
+                averager.update()
             k = len(idx)
             count += k
             for name, v in stats.items():
@@ -227,13 +242,88 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
                 bar.set_postfix(loss=f"{loss.item():.4f}")
         rec = {"phase": phase, "epoch": epoch, "epochs": epochs, "lr_end": sched.get_last_lr()[0]}
         rec.update({name: v / count for name, v in sums.items()})
-        rec.update(validate())
+        with averager.applied() if averager is not None else contextlib.nullcontext():
+            rec.update(validate())  # the monitor judges the weights the phase would end with
+            if keep_best and rec["val_acc"] > best["val_acc"]:
+                best = {"val_acc": rec["val_acc"], "epoch": epoch,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        if averager is not None:
+            rec["val_of"] = "ema"
+        if keep_best:
+            rec["best_epoch"] = best["epoch"]
         seconds = time.perf_counter() - t0
         rec["seconds"] = seconds
         epoch_seconds.append(seconds)
-        save_checkpoint(ckpt, model, opt, sched, {"key": key, "epochs_done": epoch + 1, "epoch_seconds": epoch_seconds})
+        info = {"key": key, "epochs_done": epoch + 1, "epoch_seconds": epoch_seconds, "final": final}
+        extra = {}
+        if averager is not None:
+            info["ema_steps"] = averager.steps
+            extra.update(averager.tensors())
+        if keep_best:
+            info.update(best_epoch=best["epoch"], best_val_acc=best["val_acc"])
+            extra.update({f"best.{k}": v for k, v in best["state"].items()})
+        save_checkpoint(ckpt, model, opt, sched, info, extra)
         logger.log(rec)
     return epoch_seconds
+
+
+def _kept(info: dict, cfg: TrainConfig) -> dict:
+    out = {"weights": {"model": "last epoch", "ema": "weight average after the last epoch",
+                       "best": "best validation epoch"}[info.get("final", "model")],
+           "epochs_done": info.get("epochs_done")}
+    if cfg.ema:
+        out["ema_decay"] = cfg.ema
+    if info.get("best_epoch") is not None:
+        out.update(best_epoch=int(info["best_epoch"]) + 1, best_monitor_val_acc=info.get("best_val_acc"))
+    return out
+
+
+class _Ema:
+    """Exponential moving average of ``params`` of ``model`` (Polyak averaging), updated after every
+    optimizer step.  The decay warms up as min(decay, (1 + t) / (10 + t)) so the average follows
+    the weights closely for the first steps (TensorFlow's ExponentialMovingAverage rule)."""
+
+    def __init__(self, model: torch.nn.Module, params, decay: float):
+        ids = {id(p) for p in params}
+        self.model, self.decay, self.steps = model, float(decay), 0
+        self.names = [n for n, p in model.named_parameters() if id(p) in ids]
+        live = dict(model.named_parameters())
+        self.shadow = {n: live[n].detach().clone() for n in self.names}
+
+    def _live(self) -> list[torch.Tensor]:
+        live = dict(self.model.named_parameters())
+        return [live[n] for n in self.names]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(list(self.shadow.values()), [p.detach() for p in self._live()], 1.0 - d)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f"ema.{n}": v for n, v in self.shadow.items()}
+
+    def load(self, tensors: dict, steps: int) -> None:
+        missing = [n for n in self.names if f"ema.{n}" not in tensors]
+        if missing:
+            raise TrainingError(f"the checkpoint has no weight average for {missing[:3]}; cannot resume it with ema")
+        self.shadow = {n: tensors[f"ema.{n}"].to(self.shadow[n]) for n in self.names}
+        self.steps = steps
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The model holds the averaged weights inside the block, its own weights again after it."""
+        live = self._live()
+        saved = [p.detach().clone() for p in live]
+        with torch.no_grad():
+            for p, v in zip(live, self.shadow.values()):
+                p.copy_(v)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, v in zip(live, saved):
+                    p.copy_(v)
 
 
 @torch.no_grad()
@@ -392,9 +482,10 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
 
     joint_params = [p for n, p in net.named_parameters() if not n.startswith("C.")]
     seconds = {"joint": _fit("joint", net, joint_params, n_train, cfg.epochs, cfg.lr, cfg, joint_step, joint_val,
-                             ckdir / "joint", logger, resume, quiet, cfg.weight_decay, earlier=earlier)}
+                             ckdir / "joint", logger, resume, quiet, cfg.weight_decay, earlier=earlier,
+                             ema=cfg.ema, keep_best=cfg.keep_best)}
     # the checkpoint holds the final joint weights whether or not this call trained any epoch
-    _load_model_only(ckdir / "joint", net)
+    kept = {"joint": _kept(_load_model_only(ckdir / "joint", net), cfg)}
 
     # ---- phase 2: C on clean residuals of the training images (Eq. 8)
     if cfg.detector:
@@ -447,8 +538,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
             return {"val_acc": hits / n_mon}
 
         seconds["victim"] = _fit("victim", victim, list(victim.parameters()), n_train, cfg.epochs, cfg.lr, cfg,
-                                 victim_step, victim_val, ckdir / "victim", logger, resume, quiet, cfg.weight_decay, earlier=earlier)
-        _load_model_only(ckdir / "victim", victim)
+                                 victim_step, victim_val, ckdir / "victim", logger, resume, quiet, cfg.weight_decay, earlier=earlier,
+                                 ema=cfg.ema, keep_best=cfg.keep_best)
+        kept["victim"] = _kept(_load_model_only(ckdir / "victim", victim), cfg)
 
     # ---- evaluation and thresholds
     t_eval = time.perf_counter()
@@ -489,6 +581,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         "total_seconds": time.perf_counter() - t_start + sum(earlier.values()),
         "seconds_in_earlier_calls": earlier,
         "resumed": resume,
+        # which weights each phase ended with (the last epoch's, the average's, the best epoch's)
+        "kept_weights": kept,
     }
     if parent is not None:
         timing["init_from"] = parent["record"]
@@ -579,17 +673,26 @@ def _parent_run(cfg: TrainConfig) -> dict:
     return {"dir": pdir, "record": record, "fingerprint": man.get("dataset", {}).get("fingerprint_sha256")}
 
 
-def _load_model_only(ckpt: Path, model: torch.nn.Module) -> None:
-    """Reload the model weights of a finished phase from its checkpoint (skipping optimizer state)."""
+def _load_model_only(ckpt: Path, model: torch.nn.Module) -> dict:
+    """Load the weights a finished phase ends with from its checkpoint (skipping optimizer state):
+    the last step's, the weight average's (``ema``), or the best epoch's (``best``), as the
+    checkpoint's ``info["final"]`` says.  Returns that ``info``."""
+    from dafar.manifest import sha256_file
+
     from .weights import load_state
 
     meta = json.loads(ckpt.with_suffix(".json").read_text())
-    from dafar.manifest import sha256_file
-
     if sha256_file(ckpt.with_suffix(".safetensors")) != meta.get("tensors_sha256"):
         raise TrainingError(f"checkpoint {ckpt}.safetensors does not match its JSON")
+    info = meta.get("info", {})
+    final = info.get("final", "model")
     st = load_state(ckpt.with_suffix(".safetensors"))
-    model.load_state_dict({k[6:]: v for k, v in st.items() if k.startswith("model.")}, strict=True)
+    state = {k[6:]: v for k, v in st.items() if k.startswith("model.")}
+    overlay = {k[len(final) + 1:]: v for k, v in st.items() if k.startswith(f"{final}.")} if final != "model" else {}
+    if final != "model" and not overlay:
+        raise TrainingError(f"checkpoint {ckpt} should end with its {final!r} weights but holds none")
+    model.load_state_dict({**state, **overlay}, strict=True)
+    return info
 
 
 @torch.no_grad()

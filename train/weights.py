@@ -90,11 +90,15 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 
 def save_checkpoint(prefix: str | os.PathLike, model: torch.nn.Module, opt: torch.optim.Optimizer,
-                    sched, info: dict) -> None:
-    """Write ``prefix.safetensors`` (model + optimizer tensors) then ``prefix.json`` (the rest)."""
+                    sched, info: dict, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``prefix.safetensors`` (model + optimizer tensors, and ``extra`` tensors, e.g. a weight
+    average, whose names must start with a prefix of their own) then ``prefix.json`` (the rest)."""
     prefix = Path(prefix)
     opt_t, opt_meta = _flatten_optimizer(opt)
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()} | opt_t
+    extra = dict(extra or {})
+    if any(k.startswith(("model.", "opt.")) for k in extra):
+        raise ValueError("extra checkpoint tensors must not use the model./opt. prefixes")
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()} | opt_t | extra
     st_path = prefix.with_suffix(".safetensors")
     save_state(st_path, tensors)
     meta = {
@@ -106,8 +110,10 @@ def save_checkpoint(prefix: str | os.PathLike, model: torch.nn.Module, opt: torc
     atomic_write_json(prefix.with_suffix(".json"), meta)
 
 
-def load_checkpoint(prefix: str | os.PathLike, model: torch.nn.Module, opt: torch.optim.Optimizer, sched) -> dict:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns its ``info``."""
+def load_checkpoint(prefix: str | os.PathLike, model: torch.nn.Module, opt: torch.optim.Optimizer, sched,
+                    extra: dict | None = None) -> dict:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns its ``info`` (and fills
+    ``extra`` with the extra tensors, when given)."""
     prefix = Path(prefix)
     st_path, js_path = prefix.with_suffix(".safetensors"), prefix.with_suffix(".json")
     try:
@@ -121,4 +127,6 @@ def load_checkpoint(prefix: str | os.PathLike, model: torch.nn.Module, opt: torc
     opt.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     if sched is not None and meta.get("scheduler") is not None:
         sched.load_state_dict(meta["scheduler"])
+    if extra is not None:
+        extra.update({k: v for k, v in tensors.items() if not k.startswith(("model.", "opt."))})
     return meta["info"]
