@@ -33,7 +33,7 @@ from dafar.threshold import ThresholdRule, calibrate, false_positive_rate
 
 from .config import Augment, Device, TrainConfig
 from .models import ARCHS, DafarNet, Victim, build_dafar, build_victim, l2_per_sample
-from .weights import load_checkpoint, load_into, save_checkpoint, save_state
+from .weights import load_checkpoint, load_into, read_checkpoint, save_checkpoint, save_state
 
 __all__ = ["train", "TrainResult", "to_model_scale", "NORMALIZATION", "evaluate_arrays", "param_count"]
 
@@ -285,20 +285,17 @@ class _Ema:
 
     def __init__(self, model: torch.nn.Module, params, decay: float):
         ids = {id(p) for p in params}
-        self.model, self.decay, self.steps = model, float(decay), 0
-        self.names = [n for n, p in model.named_parameters() if id(p) in ids]
-        live = dict(model.named_parameters())
-        self.shadow = {n: live[n].detach().clone() for n in self.names}
-
-    def _live(self) -> list[torch.Tensor]:
-        live = dict(self.model.named_parameters())
-        return [live[n] for n in self.names]
+        self.decay, self.steps = float(decay), 0
+        named = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+        self.names = [n for n, _ in named]
+        self.live = [p for _, p in named]  # the parameters are updated in place, never replaced
+        self.shadow = {n: p.detach().clone() for n, p in named}
 
     @torch.no_grad()
     def update(self) -> None:
         self.steps += 1
         d = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        torch._foreach_lerp_(list(self.shadow.values()), [p.detach() for p in self._live()], 1.0 - d)
+        torch._foreach_lerp_(list(self.shadow.values()), [p.detach() for p in self.live], 1.0 - d)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {f"ema.{n}": v for n, v in self.shadow.items()}
@@ -313,16 +310,15 @@ class _Ema:
     @contextlib.contextmanager
     def applied(self):
         """The model holds the averaged weights inside the block, its own weights again after it."""
-        live = self._live()
-        saved = [p.detach().clone() for p in live]
+        saved = [p.detach().clone() for p in self.live]
         with torch.no_grad():
-            for p, v in zip(live, self.shadow.values()):
+            for p, v in zip(self.live, self.shadow.values()):
                 p.copy_(v)
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, v in zip(live, saved):
+                for p, v in zip(self.live, saved):
                     p.copy_(v)
 
 
@@ -677,16 +673,9 @@ def _load_model_only(ckpt: Path, model: torch.nn.Module) -> dict:
     """Load the weights a finished phase ends with from its checkpoint (skipping optimizer state):
     the last step's, the weight average's (``ema``), or the best epoch's (``best``), as the
     checkpoint's ``info["final"]`` says.  Returns that ``info``."""
-    from dafar.manifest import sha256_file
-
-    from .weights import load_state
-
-    meta = json.loads(ckpt.with_suffix(".json").read_text())
-    if sha256_file(ckpt.with_suffix(".safetensors")) != meta.get("tensors_sha256"):
-        raise TrainingError(f"checkpoint {ckpt}.safetensors does not match its JSON")
+    meta, st = read_checkpoint(ckpt)
     info = meta.get("info", {})
     final = info.get("final", "model")
-    st = load_state(ckpt.with_suffix(".safetensors"))
     state = {k[6:]: v for k, v in st.items() if k.startswith("model.")}
     overlay = {k[len(final) + 1:]: v for k, v in st.items() if k.startswith(f"{final}.")} if final != "model" else {}
     if final != "model" and not overlay:

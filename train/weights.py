@@ -110,10 +110,9 @@ def save_checkpoint(prefix: str | os.PathLike, model: torch.nn.Module, opt: torc
     atomic_write_json(prefix.with_suffix(".json"), meta)
 
 
-def load_checkpoint(prefix: str | os.PathLike, model: torch.nn.Module, opt: torch.optim.Optimizer, sched,
-                    extra: dict | None = None) -> dict:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns its ``info`` (and fills
-    ``extra`` with the extra tensors, when given)."""
+def read_checkpoint(prefix: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The JSON part and the tensors of a checkpoint written by :func:`save_checkpoint`, after
+    checking that the two belong together."""
     prefix = Path(prefix)
     st_path, js_path = prefix.with_suffix(".safetensors"), prefix.with_suffix(".json")
     try:
@@ -122,7 +121,14 @@ def load_checkpoint(prefix: str | os.PathLike, model: torch.nn.Module, opt: torc
         raise TrainingError(f"checkpoint {js_path} is unreadable: {exc}") from exc
     if sha256_file(st_path) != meta.get("tensors_sha256"):
         raise TrainingError(f"checkpoint {st_path} does not match {js_path} (interrupted write or edited file)")
-    tensors = load_state(st_path)
+    return meta, load_state(st_path)
+
+
+def load_checkpoint(prefix: str | os.PathLike, model: torch.nn.Module, opt: torch.optim.Optimizer, sched,
+                    extra: dict | None = None) -> dict:
+    """Restore a checkpoint written by :func:`save_checkpoint`; returns its ``info`` (and fills
+    ``extra`` with the extra tensors, when given)."""
+    meta, tensors = read_checkpoint(prefix)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
     opt.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
     if sched is not None and meta.get("scheduler") is not None:
