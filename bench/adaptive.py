@@ -50,6 +50,10 @@ class DafarTarget:
         self.net, self.alpha, self.detector = net.eval(), float(alpha), detector
         self.straight_through = straight_through
 
+    def identity(self) -> tuple:
+        """What decides this target's outcome (its cache key in ``dafar eval``)."""
+        return (self.net, self.alpha, self.detector, self.straight_through)
+
     def _set_bpda(self, on: bool):
         self.net.D.unpool.straight_through = on
 
@@ -95,6 +99,9 @@ class MagNetTarget:
     def __init__(self, magnet):
         self.m = magnet
 
+    def identity(self) -> tuple:
+        return (self.m.ae1, self.m.ae2, self.m.victim, [float(t) for t in self.m.thresholds])
+
     def _errs(self, x):
         torch = _torch()
         e1 = torch.mean((self.m.ae1(x) - x) ** 2, dim=(1, 2, 3)) / self.m.thresholds[0]
@@ -124,6 +131,9 @@ class SqueezeTarget:
 
     def __init__(self, fs, bit_depth: int, threshold: float):
         self.fs, self.bits, self.threshold = fs, bit_depth, threshold
+
+    def identity(self) -> tuple:
+        return (self.fs.victim, self.bits, float(self.threshold))
 
     def _squeezed(self, x):
         torch = _torch()

@@ -14,10 +14,16 @@ Settings (all recorded in ``RUN/eval/summary.json``):
   for: more steps and restarts do not help, success rises with eps and reaches ~100% at a large
   eps, and per image the adaptive attack succeeds wherever the gray-box one did;
 * the exported float and int8 files through the runtime, on the same adversarial images.
+
+Hours of work on a CPU for CIFAR-10, so the expensive parts are cached in the run folder and a
+rerun resumes: gray-box sets (``RUN/attacks/``), trained peers (``RUN/eval/peers.safetensors``)
+and each adaptive piece (``RUN/eval/adaptive/*.json``), each under a key of everything it
+depends on.
 """
 from __future__ import annotations
 
 import time
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -86,6 +92,9 @@ def _victim_module(net, norm):
         def __call__(self, x):
             return self.g(x)[1]
 
+        def state_dict(self):  # its identity for the evaluation's caches
+            return self.g.state_dict()
+
     return Logits()
 
 
@@ -106,6 +115,26 @@ def _dafar_outputs(net, x01: np.ndarray, batch: int = 500) -> dict:
                 out["ae"].append(net.ae_score(xm, recon).numpy())
             out["purified"].append(net.purified_logits(recon).argmax(1).numpy())
     return {k: np.concatenate(v) for k, v in out.items() if v}
+
+
+def _digest(*parts) -> str:
+    """sha256 (16 hex digits) over arrays (bytes, dtype and shape), torch modules (their state)
+    and JSON values: the key under which long-running results are cached."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in parts:
+        if hasattr(p, "state_dict"):
+            for k, v in sorted(p.state_dict().items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(p, np.ndarray):
+            a = np.ascontiguousarray(p)
+            h.update(f"{a.dtype.str}{a.shape}".encode())
+            h.update(a.tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True).encode())
+    return h.hexdigest()[:16]
 
 
 def _features(net, x01: np.ndarray) -> np.ndarray:
@@ -189,23 +218,34 @@ def run_eval(run_dir, cfg: EvalConfig = EvalConfig(), *, data_dir=None, log=prin
                                lambda x: _dafar_outputs(net, x)["purified"], alphas[d], "dafar"))
     peers = None
     if cfg.peers:
-        from .peers import binary_filter, train_peers
+        from .attacks import _victim_hash, generate
+        from .peers import binary_filter, load_peers, save_peers, train_peers
 
         t = time.perf_counter()
         # adversarial training images for the binary detector: FGSM and PGD at random eps (train split only)
-        from .attacks import generate
-
         n_adv = min(5000, len(x_train))
         eps_list = cfg.eps or (MNIST_EPS if ds == "mnist" else CIFAR_EPS)
-        parts = []
-        chunk = n_adv // 4
-        for j, (kind, e) in enumerate([("fgsm", eps_list[len(eps_list) // 2]), ("fgsm", eps_list[-1]),
-                                       ("pgd", eps_list[len(eps_list) // 4]), ("pgd", eps_list[len(eps_list) // 2])]):
-            sl = slice(j * chunk, (j + 1) * chunk)
-            spec = spec_from_string(f"{kind}@{e}" + (",max_iter=10" if kind == "pgd" else ""))
-            parts.append(generate(run_dir, spec, x_train[sl], y_train[sl], cfg.seed + j)[0])
-        x_adv_train = np.concatenate(parts)
-        peers = train_peers(victim, x_train, x_adv_train, ds, epochs=cfg.peer_epochs, seed=cfg.seed, log=log)
+        plan = [("fgsm", eps_list[len(eps_list) // 2]), ("fgsm", eps_list[-1]),
+                ("pgd", eps_list[len(eps_list) // 4]), ("pgd", eps_list[len(eps_list) // 2])]
+        # trained peers are cached in the run folder under everything that determines them, so a
+        # rerun of an interrupted evaluation (hours on a CPU for CIFAR-10) does not train them again
+        peer_key = {"victim_sha256": _victim_hash(m), "dataset": ds, "epochs": cfg.peer_epochs, "seed": cfg.seed,
+                    "train_images_sha256": _digest(splits.train.images[tr_idx]), "n_adv": n_adv,
+                    "adv_plan": [[k, float(e)] for k, e in plan]}
+        peer_path = out_dir / "peers.safetensors"
+        peers = load_peers(victim, peer_path, peer_key, ds, x_train.shape[1], x_train.shape[2])
+        if peers is not None:
+            log(f"peers: reused from {peer_path.name} (trained under the same victim, images and settings)")
+        else:
+            parts = []
+            chunk = n_adv // 4
+            for j, (kind, e) in enumerate(plan):
+                sl = slice(j * chunk, (j + 1) * chunk)
+                spec = spec_from_string(f"{kind}@{e}" + (",max_iter=10" if kind == "pgd" else ""))
+                parts.append(generate(run_dir, spec, x_train[sl], y_train[sl], cfg.seed + j)[0])
+            x_adv_train = np.concatenate(parts)
+            peers = train_peers(victim, x_train, x_adv_train, ds, epochs=cfg.peer_epochs, seed=cfg.seed, log=log)
+            save_peers(peers, peer_path, peer_key)
         timing["peers_train_s"] = time.perf_counter() - t
         fpr0 = cfg.fprs[0]
         peers.magnet.calibrate(x_val, fpr0)
@@ -351,7 +391,13 @@ def _deployed(run_dir: Path, m: dict, sets, log) -> list[dict]:
 
 def _adaptive(run_dir, net, alphas, peers, sets, cfg, ds, log, DafarTarget, MagNetTarget, SqueezeTarget,
               pgd_attack, cw_attack) -> dict:
+    """White-box attacks per (method, eps), then the sanity checks and the CW variant.  Each piece
+    is cached in ``RUN/eval/adaptive/`` under a key naming everything it depends on (the target's
+    weights and threshold, the images, the gray-box starts, the attack settings), so an
+    interrupted evaluation resumes where it stopped and a changed model never reuses a result."""
     import torch
+
+    from dafar.bench.peers import squeeze_bits
 
     eps_list = cfg.adaptive_eps or ((0.05, 0.1, 0.2, 0.3, 0.4, 1.0) if ds == "mnist" else (2 / 255, 4 / 255, 8 / 255, 16 / 255, 64 / 255, 1.0))
     n = cfg.adaptive_images
@@ -367,39 +413,66 @@ def _adaptive(run_dir, net, alphas, peers, sets, cfg, ds, log, DafarTarget, MagN
                         DafarTarget(net, alphas["autoencoder"], "autoencoder", straight_through=True)))
     if peers is not None:
         targets.append(("MagNet", MagNetTarget(peers.magnet), None))
-        targets.append(("Feature Squeezing", SqueezeTarget(peers.squeeze, 1 if ds == "mnist" else 5,
-                                                           peers.squeeze.threshold), None))
+        targets.append(("Feature Squeezing", SqueezeTarget(peers.squeeze, squeeze_bits(ds), peers.squeeze.threshold), None))
     results: dict = {"images": n, "steps": cfg.adaptive_steps, "restarts": cfg.adaptive_restarts, "eps": list(eps_list),
-                     "methods": {}, "sanity": {}}
+                     "methods": {}, "sanity": {}, "reused_from_cache": 0}
+    cache_dir = Path(run_dir) / "eval" / "adaptive"
+    ids = {name: _digest(*tgt.identity()) for name, tgt, _ in targets}
+
+    def cached(label: str, key: dict, compute):
+        path = cache_dir / (label.replace(" ", "_").replace("(", "").replace(")", "").replace("/", "_") + ".json")
+        key = {"version": 1, **key}
+        if path.is_file():
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, ValueError):
+                old = {}
+            if old.get("key") == key:
+                results["reused_from_cache"] += 1
+                log(f"adaptive {label}: reused from {path.parent.name}/{path.name}")
+                return old["value"]
+        value = compute()
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, {"key": key, "value": value})
+        return value
+
+    def one_eps(tgt, tgt_bpda, eps, g):
+        t0 = time.perf_counter()
+        # restarts: the clean image, then the gray-box PGD example (so the adaptive attack is never
+        # weaker than the gray-box one), then random starts
+        r = pgd_attack(tgt, x, y, eps, steps=cfg.adaptive_steps, restarts=cfg.adaptive_restarts, seed=cfg.seed,
+                       inits=[g.x_adv[:n]] if g is not None else None)
+        success = r.success.copy()
+        x_best = r.x_adv
+        if tgt_bpda is not None and not success.all():
+            rest = np.flatnonzero(~success)
+            rb = pgd_attack(tgt_bpda, x[rest], y[rest], eps, steps=cfg.adaptive_steps, restarts=1, seed=cfg.seed + 1)
+            ok = rb.success & tgt.success(torch.from_numpy(rb.x_adv), torch.from_numpy(y[rest]))
+            success[rest[ok]] = True
+            x_best = x_best.copy()
+            x_best[rest[ok]] = rb.x_adv[ok]
+        rej, lab = tgt.decide(torch.from_numpy(x_best))
+        row = {"eps": eps, "attack_success": float(success.mean()),
+               "defence_success": float(np.mean(rej | (lab == y))), "robust_accuracy": float(np.mean(~rej & (lab == y))),
+               "broken_from_clean_start": int(np.sum(r.first_restart == 0)),
+               "broken_only_from_graybox_start": int(np.sum(r.first_restart == 1)) if g is not None else 0,
+               "seconds": time.perf_counter() - t0}
+        if g is not None:
+            grej, glab = tgt.decide(torch.from_numpy(g.x_adv[:n]))
+            grey_ok = ~grej & (glab != y)
+            row["graybox_attack_success"] = float(grey_ok.mean())
+            row["graybox_only_images"] = int(np.sum(grey_ok & ~success))  # adaptive should cover these
+        return row
+
+    images = _digest(x, y)
     for name, tgt, tgt_bpda in targets:
         rows = []
         for eps in eps_list:
-            t0 = time.perf_counter()
             g = grey_by_eps.get(round(eps, 6))
-            # restarts: the clean image, then the gray-box PGD example (so the adaptive attack is never
-            # weaker than the gray-box one), then random starts
-            r = pgd_attack(tgt, x, y, eps, steps=cfg.adaptive_steps, restarts=cfg.adaptive_restarts, seed=cfg.seed,
-                           inits=[g.x_adv[:n]] if g is not None else None)
-            success = r.success.copy()
-            x_best = r.x_adv
-            if tgt_bpda is not None and not success.all():
-                rest = np.flatnonzero(~success)
-                rb = pgd_attack(tgt_bpda, x[rest], y[rest], eps, steps=cfg.adaptive_steps, restarts=1, seed=cfg.seed + 1)
-                ok = rb.success & tgt.success(torch.from_numpy(rb.x_adv), torch.from_numpy(y[rest]))
-                success[rest[ok]] = True
-                x_best = x_best.copy()
-                x_best[rest[ok]] = rb.x_adv[ok]
-            rej, lab = tgt.decide(torch.from_numpy(x_best))
-            row = {"eps": eps, "attack_success": float(success.mean()),
-                   "defence_success": float(np.mean(rej | (lab == y))), "robust_accuracy": float(np.mean(~rej & (lab == y))),
-                   "broken_from_clean_start": int(np.sum(r.first_restart == 0)),
-                   "broken_only_from_graybox_start": int(np.sum(r.first_restart == 1)) if g is not None else 0,
-                   "seconds": time.perf_counter() - t0}
-            if g is not None:
-                grej, glab = tgt.decide(torch.from_numpy(g.x_adv[:n]))
-                grey_ok = ~grej & (glab != y)
-                row["graybox_attack_success"] = float(grey_ok.mean())
-                row["graybox_only_images"] = int(np.sum(grey_ok & ~success))  # adaptive should cover these
+            key = {"target": ids[name], "bpda": tgt_bpda is not None, "images": images, "eps": float(eps),
+                   "steps": cfg.adaptive_steps, "restarts": cfg.adaptive_restarts, "seed": cfg.seed,
+                   "graybox_start": _digest(g.x_adv[:n]) if g is not None else None}
+            row = cached(f"{name} eps {eps:.6g}", key, lambda: one_eps(tgt, tgt_bpda, eps, g))
             rows.append(row)
             log(f"adaptive {name} eps {eps:.3g}: attack success {100 * row['attack_success']:.1f}% "
                 f"({row['seconds']:.0f} s)")
@@ -408,14 +481,24 @@ def _adaptive(run_dir, net, alphas, peers, sets, cfg, ds, log, DafarTarget, MagN
     k = min(50, n)
     e_mid = 0.1 if ds == "mnist" else 4 / 255
     for name, tgt, _ in targets[:1] + targets[2:]:
-        row = {}
-        for steps, restarts in ((cfg.adaptive_steps, cfg.adaptive_restarts), (4 * cfg.adaptive_steps, 2 * cfg.adaptive_restarts)):
-            r = pgd_attack(tgt, x[:k], y[:k], e_mid, steps=steps, restarts=restarts, seed=cfg.seed + 7)
-            row[f"steps{steps}_restarts{restarts}"] = float(r.success.mean())
+        def sanity(tgt=tgt):
+            row = {}
+            for steps, restarts in ((cfg.adaptive_steps, cfg.adaptive_restarts), (4 * cfg.adaptive_steps, 2 * cfg.adaptive_restarts)):
+                r = pgd_attack(tgt, x[:k], y[:k], e_mid, steps=steps, restarts=restarts, seed=cfg.seed + 7)
+                row[f"steps{steps}_restarts{restarts}"] = float(r.success.mean())
+            return row
+        key = {"target": ids[name], "images": _digest(x[:k], y[:k]), "eps": e_mid, "steps": cfg.adaptive_steps,
+               "restarts": cfg.adaptive_restarts, "seed": cfg.seed + 7}
+        row = cached(f"sanity {name}", key, sanity)
         results["sanity"][name] = {"eps": e_mid, "images": k, **row}
         log(f"sanity {name}: {row}")
+
     # CW-style L2 variant against DAFAR
-    r, dist = cw_attack(targets[0][1], x[: min(50, n)], y[: min(50, n)], steps=100)
-    results["cw_l2"] = {"method": targets[0][0], "images": int(len(dist)), "attack_success": float(r.success.mean()),
-                        "median_l2_of_successes": float(np.median(dist[np.isfinite(dist)])) if np.isfinite(dist).any() else None}
+    def cw():
+        r, dist = cw_attack(targets[0][1], x[: min(50, n)], y[: min(50, n)], steps=100)
+        return {"method": targets[0][0], "images": int(len(dist)), "attack_success": float(r.success.mean()),
+                "median_l2_of_successes": float(np.median(dist[np.isfinite(dist)])) if np.isfinite(dist).any() else None}
+
+    results["cw_l2"] = cached(f"cw-l2 {targets[0][0]}", {"target": ids[targets[0][0]], "images": _digest(x[:50], y[:50]),
+                                                          "steps": 100}, cw)
     return results

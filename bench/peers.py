@@ -22,12 +22,15 @@ so every method is compared at the same FPR.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["MagNet", "FeatureSqueezing", "BinaryDetector", "DenoisingAE", "binary_filter", "train_peers"]
+__all__ = ["MagNet", "FeatureSqueezing", "BinaryDetector", "DenoisingAE", "binary_filter", "train_peers", "save_peers",
+           "load_peers", "squeeze_bits"]
 
 
 def _torch():
@@ -252,6 +255,11 @@ def binary_filter(victim, x: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return _batched(lambda t: victim((t > threshold).float()).argmax(1), x.astype(np.float32))
 
 
+def squeeze_bits(dataset: str) -> int:
+    """Feature Squeezing's bit depth: 1 on MNIST, 5 on CIFAR-10 (Xu et al.)."""
+    return 1 if dataset == "mnist" else 5
+
+
 @dataclass
 class Peers:
     magnet: MagNet
@@ -271,7 +279,7 @@ def train_peers(victim, x_train: np.ndarray, x_adv_train: np.ndarray, dataset: s
     magnet = MagNet(victim, c).fit(x_train, epochs, seed)
     secs["magnet"] = time.perf_counter() - t
     t = time.perf_counter()
-    squeeze = FeatureSqueezing(victim, bit_depth=1 if dataset == "mnist" else 5)
+    squeeze = FeatureSqueezing(victim, bit_depth=squeeze_bits(dataset))
     secs["squeeze"] = time.perf_counter() - t
     t = time.perf_counter()
     log("binary detector")
@@ -282,3 +290,45 @@ def train_peers(victim, x_train: np.ndarray, x_adv_train: np.ndarray, dataset: s
     dae = DenoisingAE(victim, c).fit(x_train, epochs, seed=seed)
     secs["dae"] = time.perf_counter() - t
     return Peers(magnet, squeeze, binary, dae, secs)
+
+
+def _peer_modules(p: Peers) -> dict:
+    return {"magnet.ae1": p.magnet.ae1, "magnet.ae2": p.magnet.ae2, "binary": p.binary.net, "dae": p.dae.ae}
+
+
+def save_peers(peers: Peers, path, key: dict) -> None:
+    """Store the trained peers (safetensors) with the ``key`` that produced them, so a rerun of a
+    long evaluation skips their training (thresholds are set again on every run)."""
+    from dafar.train.weights import save_state
+
+    state = {f"{name}.{k}": v for name, mod in _peer_modules(peers).items() for k, v in mod.state_dict().items()}
+    save_state(path, state, {"key": key, "seconds": peers.seconds})
+
+
+def load_peers(victim, path, key: dict, dataset: str, c: int, h: int) -> Peers | None:
+    """The peers stored at ``path`` when they were trained under exactly ``key``; else None (a
+    missing, stale, unreadable or ill-fitting file is retrained, never trusted)."""
+    from safetensors import safe_open
+
+    from dafar.errors import WeightsError
+    from dafar.train.weights import load_into
+
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        with safe_open(str(p), "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("dafar", "{}"))
+    except Exception:  # noqa: BLE001 - any unreadable cache means: train again
+        return None
+    if meta.get("key") != key:
+        return None
+    peers = Peers(MagNet(victim, c), FeatureSqueezing(victim, squeeze_bits(dataset)), BinaryDetector(victim, c, h),
+                  DenoisingAE(victim, c), dict(meta.get("seconds", {})))
+    try:
+        for name, mod in _peer_modules(peers).items():
+            load_into(mod, p, prefix=name + ".")
+            mod.eval()
+    except WeightsError:
+        return None
+    return peers

@@ -96,6 +96,45 @@ def test_eval_end_to_end_writes_records_and_report(eval_run):
     for rows in s["adaptive"]["methods"].values():
         assert rows[-1]["attack_success"] >= rows[0]["attack_success"] - 1e-9 or rows[-1]["eps"] == 1.0
     assert s["deployed"] and {d["precision"] for d in s["deployed"]} == {"float32"}
+    assert s["adaptive"]["reused_from_cache"] == 0 and (eval_run / "eval" / "peers.safetensors").is_file()
+
+    # a rerun (an interrupted evaluation resumed) reuses the trained peers and every adaptive piece
+    # whose key still matches; a damaged cache entry is recomputed, never trusted
+    import dafar.bench.adaptive as A
+    import dafar.bench.peers as P
+
+    calls = []
+    real_pgd = A.pgd_attack
+
+    def counting_pgd(*a, **k):
+        calls.append(a[3])
+        return real_pgd(*a, **k)
+
+    def no_training(*a, **k):
+        raise AssertionError("peers retrained although cached")
+
+    cache = eval_run / "eval" / "adaptive"
+    damaged = cache / "DAFAR_l2_eps_1.json"
+    assert damaged.is_file(), sorted(p.name for p in cache.iterdir())
+    damaged.write_text("{not json")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(A, "pgd_attack", counting_pgd)
+    mp.setattr(P, "train_peers", no_training)
+    try:
+        s2 = run_eval(eval_run, cfg, log=lambda *a: None)
+    finally:
+        mp.undo()
+    assert calls and set(calls) == {1.0}  # only the damaged row (exact gradient, then BPDA) ran again
+    n_pieces = sum(len(r) for r in s["adaptive"]["methods"].values()) + len(s["adaptive"]["sanity"]) + 1
+    assert s2["adaptive"]["reused_from_cache"] == n_pieces - 1
+    for key in ("methods", "sanity", "cw_l2"):
+        a, b = s["adaptive"][key], s2["adaptive"][key]
+        if key == "methods":  # seconds differ for the recomputed row only
+            a = {m: [{k: v for k, v in r.items() if k != "seconds"} for r in rows] for m, rows in a.items()}
+            b = {m: [{k: v for k, v in r.items() if k != "seconds"} for r in rows] for m, rows in b.items()}
+        assert a == b, key
+    assert [r["detection_rate"] for r in s2["records"]] == [r["detection_rate"] for r in s["records"]]
+
     text = write_eval_report(eval_run).read_text()
     for part in ("## Detection (gray-box)", "Table 4", "White-box adaptive", "Sanity checks", "MagNet"):
         assert part in text
