@@ -509,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("eval", help="adversarial evaluation: gray-box attacks, peers, adaptive attacks (eval_report.md)")
+    p = sub.add_parser("eval", help="adversarial evaluation: gray-box attacks, peers, adaptive attacks (eval_report.md)",
+                       description="Adversarial evaluation. Attack sets, trained peers and adaptive results are "
+                                   "cached in the run folder: rerunning an interrupted evaluation resumes it.")
     p.add_argument("run", metavar="RUN_DIR")
     p.add_argument("--images", type=int, default=300, help="images per FGSM/PGD/noise set (default 300)")
     p.add_argument("--slow-images", type=int, default=100, help="images per CW-L2/JSMA set (default 100)")
