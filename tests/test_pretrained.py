@@ -125,3 +125,15 @@ def test_cifar10_pretrained_reproduces_its_numbers(tmp_path, shared_cifar):
     np.testing.assert_allclose(ev["l2"], rec_l2, rtol=1e-3)
     acc = float(np.mean(ev["logits"].argmax(1) == test.labels[idx]))
     assert acc >= m["metrics"]["victim_test_acc"] - 0.05  # 300 images: a few points of sampling noise
+
+
+def test_report_of_a_published_model_shows_its_whole_recorded_training(tmp_path):
+    """A published model may come from chained runs (``--init-from``); its report gives the
+    recorded command, not a reconstruction of the last run's flags."""
+    pytest.importorskip("matplotlib")
+    from dafar.train.report import write_report
+
+    run = pretrained.materialize("mnist", tmp_path / "run")
+    text = write_report(run).read_text()
+    assert "Trained with (as published):" in text
+    assert load_manifest(run)["provenance"]["command"] in text

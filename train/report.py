@@ -164,13 +164,18 @@ def write_report(run_dir: str | Path) -> Path:
            + (" --victim" if cfg["train_victim"] else " --no-victim")
            + (f" --weight-decay {cfg['weight_decay']:g}" if cfg.get("weight_decay") else "")
            + (f" --dropout {cfg['dropout']:g}" if cfg.get("dropout") else "")
+           + (f" --ema {cfg['ema']:g}" if cfg.get("ema") else "") + (" --keep-best" if cfg.get("keep_best") else "")
            + (f" --init-from {cfg['init_from']}" if cfg.get("init_from") else "")
            + (f" --train-limit {cfg['train_limit']}" if cfg.get("train_limit") else "")
            + (f" --test-limit {cfg['test_limit']}" if cfg.get("test_limit") else "") + " --out RUN_DIR")
     L = [f"# DAFAR training report: {label}", ""]
     L += [f"Run folder `{run_dir.name}`, written {m['created_utc']} by dafar {m['versions']['dafar']} "
           f"(torch {m['versions']['torch']}, {m['versions']['machine']}, {timing['device']}, {timing['threads']} threads).", ""]
-    L += ["Reproduce:", "", "```", cmd, "```", ""]
+    published = (m.get("provenance") or {}).get("command")
+    if published:  # a published model: the whole recorded training, chained runs included
+        L += ["Trained with (as published):", "", "```", published, "```", ""]
+    else:
+        L += ["Reproduce:", "", "```", cmd, "```", ""]
     L += ["## Accuracy (test set)", "", "| | ours | paper |", "|---|---|---|"]
     L.append(f"| victim F(E(x)), trained jointly with D | {_pct(met['victim_test_acc'])} | {_pct(paper.get('victim_test_acc'))} |")
     L.append(f"| victim-only model, same schedule | {_pct(met.get('victim_only_test_acc'))} | {_pct(paper.get('victim_only_test_acc'))} |")
