@@ -151,7 +151,8 @@ def cmd_quantize(args) -> int:
         calib_seed=args.calib_seed, victim=not args.no_victim,
         validate_images=None if args.validate == "all" else int(args.validate), activation_type=args.activation_type,
         tflite_batch=args.tflite_batch, compare_naive=not args.no_naive,
-        checks=Checks(min_decision_agreement=args.min_decision_agreement),
+        checks=Checks(min_decision_agreement=args.min_decision_agreement, min_label_agreement=args.min_label_agreement,
+                      max_accuracy_drop=args.max_accuracy_drop),
     )
     entries = quantize_run(args.run, cfg, data_dir=args.data_dir, attack_images=args.attack_images,
                            log=(lambda *a: None) if args.quiet else print)
@@ -473,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adversarial images per attack for the detection comparison (0 to skip; default 200)")
     p.add_argument("--min-decision-agreement", type=float, default=0.99,
                    help="fail when clean reject decisions agree with float on fewer images (default 0.99)")
+    p.add_argument("--min-label-agreement", type=float, default=0.99,
+                   help="fail when the int8 top-1 label (purified for the defence) agrees with float on fewer test "
+                        "images (default 0.99; a 10-class model at 85%% accuracy has more near-ties than one at 99%%)")
+    p.add_argument("--max-accuracy-drop", type=float, default=0.005,
+                   help="fail when victim or purified accuracy falls by more than this, absolute (default 0.005)")
     p.add_argument("--no-naive", action="store_true", help="skip evaluating the naive full-int8 layout for the report")
     p.add_argument("--no-victim", action="store_true", help="do not quantize the victim-only graphs")
     p.add_argument("--data-dir", default=None)

@@ -6,12 +6,15 @@ Every number is read from the manifest that ``dafar quantize`` wrote; nothing is
 """
 from __future__ import annotations
 
+from dataclasses import asdict
+
 from pathlib import Path
 
 import numpy as np
 
 from dafar.bench.attacks import attack_label
 from dafar.manifest import atomic_write_json, atomic_write_text, dataset_label, load_manifest
+from dafar.quantize.api import Checks
 
 __all__ = ["write_quantize_report", "quantize_records"]
 
@@ -116,6 +119,21 @@ def _plots(run_dir: Path, recs: list[dict]) -> list[str]:
     return made
 
 
+def _gates(checks: dict) -> str:
+    d = {**asdict(Checks()), **checks}
+    return (f"top-1 agreement >= {100 * d['min_label_agreement']:.1f}%, accuracy drop <= {100 * d['max_accuracy_drop']:.1f} "
+            f"points, reject decisions agree >= {100 * d['min_decision_agreement']:.1f}%, score correlation >= "
+            f"{d['min_score_correlation']:g}.")
+
+
+def _gate_flags(checks: dict) -> str:
+    """The command-line flags that reproduce non-default gates."""
+    default = asdict(Checks())
+    flags = {"min_label_agreement": "--min-label-agreement", "max_accuracy_drop": "--max-accuracy-drop",
+             "min_decision_agreement": "--min-decision-agreement"}
+    return "".join(f" {flag} {checks[k]:g}" for k, flag in flags.items() if k in checks and checks[k] != default[k])
+
+
 def write_quantize_report(run_dir) -> Path | None:
     """Write ``quantize_report.json`` / ``.md`` (and plots) from the manifest; None without int8 models."""
     run_dir = Path(run_dir)
@@ -133,7 +151,9 @@ def write_quantize_report(run_dir) -> Path | None:
          f"(seed {recs[0]['calibration']['seed']}); every number below is measured on the clean test set "
          f"({recs[0]['metrics']['images']} images) or on adversarial images made against the float victim (gray-box), "
          "int8 against its own float source file.", "",
-         "Reproduce: `dafar quantize RUN_DIR --layout " + str(cfg.get("layout")) + f" --calib {recs[0]['calibration']['images']}`", "",
+         "Reproduce: `dafar quantize RUN_DIR --layout " + str(cfg.get("layout")) + f" --calib {recs[0]['calibration']['images']}"
+         + _gate_flags(cfg.get("checks") or {}) + "`", "",
+         "Gates (a model failing one is not written): " + _gates(cfg.get("checks") or {}), "",
          "alpha is recalibrated for each int8 model on its own clean validation scores with the float model's rule, "
          "written into the graph, and checked (the model's decisions follow it on every test image).", "",
          "## Clean test set", "",

@@ -69,6 +69,26 @@ def test_config_errors():
         check_calibration(np.full((32, 1, 28, 28), 3.0, np.float32), "float-nchw", (1, 28, 28))
 
 
+def test_gates_are_settable_and_reported_with_the_flags_that_reproduce_them():
+    from dafar.cli import build_parser
+    from dafar.quantize.api import Checks, _check
+    from dafar.quantize.report import _gate_flags, _gates
+
+    args = build_parser().parse_args(["quantize", "RUN", "--min-label-agreement", "0.98", "--max-accuracy-drop", "0.01"])
+    assert (args.min_label_agreement, args.max_accuracy_drop, args.min_decision_agreement) == (0.98, 0.01, 0.99)
+    with pytest.raises(ConfigError, match="min_label_agreement"):
+        Checks(min_label_agreement=98)  # a percentage where a fraction belongs
+    r = {"label_agreement": 0.9874, "purified_acc_float": 0.845, "purified_acc_int8": 0.842}
+    with pytest.raises(QuantizationError, match=r"98.74% < 99.00%"):
+        _check(r, Checks(), "m")
+    _check(r, Checks(min_label_agreement=0.98), "m")  # the relaxed gate passes it
+    with pytest.raises(QuantizationError, match="purified accuracy fell"):
+        _check(r, Checks(min_label_agreement=0.98, max_accuracy_drop=0.002), "m")
+    assert _gate_flags({}) == "" and _gate_flags({**Checks().__dict__}) == ""
+    assert _gate_flags({"min_label_agreement": 0.98}) == " --min-label-agreement 0.98"
+    assert "top-1 agreement >= 98.0%" in _gates({"min_label_agreement": 0.98})
+
+
 def test_check_rejects_a_useless_score():
     """The decision check fails when int8 scores no longer separate like the float ones did."""
     from dafar.quantize.api import Checks, _check, _compare
