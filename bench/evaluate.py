@@ -117,6 +117,11 @@ def _dafar_outputs(net, x01: np.ndarray, batch: int = 500) -> dict:
     return {k: np.concatenate(v) for k, v in out.items() if v}
 
 
+def _slug(text: str) -> str:
+    """A file-name-safe form of a method / attack name ("DAFAR (l2)" -> "DAFAR_l2")."""
+    return text.replace(" ", "_").replace("(", "").replace(")", "").replace("/", "_")
+
+
 def _digest(*parts) -> str:
     """sha256 (16 hex digits) over arrays (bytes, dtype and shape), torch modules (their state)
     and JSON values: the key under which long-running results are cached."""
@@ -306,7 +311,7 @@ def run_eval(run_dir, cfg: EvalConfig = EvalConfig(), *, data_dir=None, log=prin
 
     # ---- write
     for rec in records + deployed:
-        name = "__".join(str(rec[k]).replace(" ", "_").replace("(", "").replace(")", "").replace("/", "_")
+        name = "__".join(_slug(str(rec[k]))
                          for k in ("model", "format", "precision", "attack"))
         atomic_write_json(out_dir / "records" / f"{name}.json", rec)
     summary = {"run": run_dir.name, "dataset": ds, "config": {**asdict(cfg)}, "alphas": alphas,
@@ -420,7 +425,7 @@ def _adaptive(run_dir, net, alphas, peers, sets, cfg, ds, log, DafarTarget, MagN
     ids = {name: _digest(*tgt.identity()) for name, tgt, _ in targets}
 
     def cached(label: str, key: dict, compute):
-        path = cache_dir / (label.replace(" ", "_").replace("(", "").replace(")", "").replace("/", "_") + ".json")
+        path = cache_dir / (_slug(label) + ".json")
         key = {"version": 1, **key}
         if path.is_file():
             try:
