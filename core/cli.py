@@ -38,6 +38,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="decoder unpooling: index-free mask (default, exportable to TFLite) or the paper's MaxUnpool")
     p.add_argument("--augment", choices=["none", "shift", "crop-flip"], default=None,
                    help="training augmentation: shift (MNIST, +-2 px) or crop-flip (CIFAR-10); default from the profile")
+    p.add_argument("--cutout", type=int, default=None, metavar="PIXELS",
+                   help="also grey out one PIXELS x PIXELS square per training image (Cutout; default 0 = off)")
     p.add_argument("--recon-weight", type=float, default=None,
                    help="weight of ||x - D(E(x))||_2 against the cross-entropy in the joint loss")
     p.add_argument("--weight-decay", type=float, default=None, help="Adam L2 weight decay (default 0)")
@@ -70,7 +72,7 @@ def _train_config(args):
 
     overrides = dict(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, detector_epochs=args.detector_epochs,
-        train_victim=args.train_victim, unpool=args.unpool, augment=args.augment, recon_weight=args.recon_weight, z=args.z,
+        train_victim=args.train_victim, unpool=args.unpool, augment=args.augment, cutout=args.cutout, recon_weight=args.recon_weight, z=args.z,
         weight_decay=args.weight_decay, dropout=args.dropout, ema=args.ema,
         keep_best=args.keep_best, init_from=args.init_from, train_limit=args.train_limit,
         test_limit=args.test_limit, val_size=args.val_size, seed=args.seed, device=args.device, threads=args.threads,

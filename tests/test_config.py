@@ -33,6 +33,10 @@ def test_profiles():
     (dict(dropout=1.0), "dropout"),
     (dict(init_from=""), "init_from"),
     (dict(init_from=3), "init_from"),
+    (dict(cutout=-1), "cutout"),
+    (dict(cutout=28), "cutout"),
+    (dict(cutout=True), "cutout"),
+    (dict(cutout=4.0), "cutout"),
 ])
 def test_validation(kw, msg):
     with pytest.raises(ConfigError, match=msg):

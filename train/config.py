@@ -51,6 +51,8 @@ class TrainConfig:
     # epochs (98.94% vs 99.26% victim-only), 0.25 kept the victim within 0.05 points (99.22%).
     recon_weight: float = 0.25
     augment: Augment = Augment.NONE  # see Augment; a bool is read as crop-flip (True) / none (False)
+    # Cutout: side in pixels of one grey square per training image, after crop/flip (0 = off).
+    cutout: int = 0
     detector: bool = True  # train the anomaly autoencoder C
     detector_epochs: int = 10
     # C learns from the clean residuals of this many training images (a seeded random subset;
@@ -139,6 +141,9 @@ class TrainConfig:
             raise ConfigError(f"threads must be None or >= 1, got {self.threads!r}")
         if self.train_limit is not None and self.batch_size > self.train_limit:
             raise ConfigError(f"batch_size {self.batch_size} exceeds train_limit {self.train_limit}")
+        side = 28 if self.dataset is DatasetName.MNIST else 32
+        if not isinstance(self.cutout, int) or isinstance(self.cutout, bool) or not 0 <= self.cutout < side:
+            raise ConfigError(f"cutout must be an integer side in pixels, 0 (off) to {side - 1}, got {self.cutout!r}")
         if self.augment is Augment.CROP_FLIP and self.dataset is DatasetName.MNIST:
             raise ConfigError("augment=crop-flip is for CIFAR-10: flipping digits changes their meaning (use shift)")
 

@@ -164,6 +164,7 @@ def write_report(run_dir: str | Path) -> Path:
            + (" --victim" if cfg["train_victim"] else " --no-victim")
            + (f" --weight-decay {cfg['weight_decay']:g}" if cfg.get("weight_decay") else "")
            + (f" --dropout {cfg['dropout']:g}" if cfg.get("dropout") else "")
+           + (f" --cutout {cfg['cutout']}" if cfg.get("cutout") else "")
            + (f" --ema {cfg['ema']:g}" if cfg.get("ema") else "") + (" --keep-best" if cfg.get("keep_best") else "")
            + (f" --init-from {cfg['init_from']}" if cfg.get("init_from") else "")
            + (f" --train-limit {cfg['train_limit']}" if cfg.get("train_limit") else "")
