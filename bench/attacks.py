@@ -180,6 +180,7 @@ def _make(spec: AttackSpec, clf, batch_size: int):
         return CarliniL2Method(clf, confidence=p.get("confidence", 0.0), max_iter=int(p.get("max_iter", 50)),
                                binary_search_steps=int(p.get("binary_search_steps", 5)),
                                learning_rate=p.get("learning_rate", 0.01), initial_const=p.get("initial_const", 0.1),
+                               max_halving=int(p.get("max_halving", 5)), max_doubling=int(p.get("max_doubling", 5)),
                                batch_size=batch_size, verbose=False)
     if spec.attack is Attack.JSMA:
         return SaliencyMapMethod(clf, theta=p.get("theta", 1.0), gamma=p.get("gamma", 0.1), batch_size=batch_size,
