@@ -72,7 +72,8 @@ def _train_config(args):
 
     overrides = dict(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, detector_epochs=args.detector_epochs,
-        train_victim=args.train_victim, unpool=args.unpool, augment=args.augment, cutout=args.cutout, recon_weight=args.recon_weight, z=args.z,
+        train_victim=args.train_victim, unpool=args.unpool, augment=args.augment, cutout=args.cutout,
+        recon_weight=args.recon_weight, z=args.z,
         weight_decay=args.weight_decay, dropout=args.dropout, ema=args.ema,
         keep_best=args.keep_best, init_from=args.init_from, train_limit=args.train_limit,
         test_limit=args.test_limit, val_size=args.val_size, seed=args.seed, device=args.device, threads=args.threads,

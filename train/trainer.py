@@ -499,17 +499,18 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         acc = (logits.argmax(1) == y).float().mean()
         return loss, {"loss": loss.detach(), "ce": ce.detach(), "recon": recon_l2.detach(), "train_acc": acc}
 
-    # Per-epoch monitoring uses the first 2,000 validation images (the log's val_acc/val_recon);
-    # the threshold is calibrated on the whole validation split after training.
-    # The subset is a seeded random draw, not the first 2,000: the validation indices are sorted and
-    # an image-folder data set (CIFAR-10 here) lists its images class by class, so the first 2,000
-    # were four classes only (airplane to cat), a monitor ~3 points below the whole split's accuracy.
+    # Per-epoch monitoring uses 2,000 validation images (the log's val_acc/val_recon); the threshold
+    # is calibrated on the whole validation split after training.  The subset is a seeded random
+    # draw, not the first 2,000: the validation indices are sorted and an image-folder data set
+    # (CIFAR-10 here) lists its images class by class, so the first 2,000 were four classes only
+    # (airplane to cat), a monitor ~3 points below the whole split's accuracy.
     mon = _monitor_index(len(data.val_y), cfg.seed)
+    mon_x, mon_y = data.val_x[mon], data.val_y[mon]  # gathered once, read every epoch
     n_mon = len(mon)
 
     def joint_val():
-        ev = evaluate_arrays(net, data.val_x[mon], device, cfg.eval_batch_size, purify=False, with_ae=False)
-        return {"val_acc": _accuracy(ev["logits"], data.val_y[mon]), "val_recon": float(ev["l2"].mean())}
+        ev = evaluate_arrays(net, mon_x, device, cfg.eval_batch_size, purify=False, with_ae=False)
+        return {"val_acc": _accuracy(ev["logits"], mon_y), "val_recon": float(ev["l2"].mean())}
 
     joint_params = [p for n, p in net.named_parameters() if not n.startswith("C.")]
     seconds = {"joint": _fit("joint", net, joint_params, n_train, cfg.epochs, cfg.lr, cfg, joint_step, joint_val,
@@ -523,7 +524,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         n_res = n_train if cfg.detector_train_size is None else min(cfg.detector_train_size, n_train)
         pick = np.sort(np.random.default_rng([cfg.seed, 99]).choice(n_train, n_res, replace=False))
         res = _residuals(net, data.train_x[pick], device, cfg.eval_batch_size)
-        res_val = _residuals(net, data.val_x[mon], device, cfg.eval_batch_size)  # C's val loss, for the log
+        res_val = _residuals(net, mon_x, device, cfg.eval_batch_size)  # C's val loss, for the log
         for p in joint_params:
             p.requires_grad_(False)
 
@@ -564,8 +565,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         @torch.no_grad()
         def victim_val():
             victim.eval()
-            hits = sum(int((victim(to_model_scale(data.val_x[mon[i: i + 1000]]).to(device)).argmax(1).cpu()
-                            == data.val_y[mon[i: i + 1000]]).sum()) for i in range(0, n_mon, 1000))
+            hits = sum(int((victim(to_model_scale(mon_x[i: i + 1000]).to(device)).argmax(1).cpu()
+                            == mon_y[i: i + 1000]).sum()) for i in range(0, n_mon, 1000))
             return {"val_acc": hits / n_mon}
 
         seconds["victim"] = _fit("victim", victim, list(victim.parameters()), n_train, cfg.epochs, cfg.lr, cfg,
