@@ -110,8 +110,16 @@ class ImageSet:
         on every call and every machine."""
         if n is None or n >= len(self):
             return self
-        idx = np.sort(np.random.default_rng([seed, 0x5A3]).permutation(len(self))[:n])
-        return self.subset(idx)
+        return self.subset(sample_index(len(self), n, seed))
+
+
+def sample_index(total: int, n: int | None, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a fixed, seeded random ``n`` of ``total`` items (all of them for ``None``
+    or ``n >= total``): the draw behind :meth:`ImageSet.sample` and the trainer's per-epoch monitor,
+    the same on every call and every machine."""
+    if n is None or n >= total:
+        return np.arange(total)
+    return np.sort(np.random.default_rng([seed, 0x5A3]).permutation(total)[:n])
 
 
 @dataclass(frozen=True)

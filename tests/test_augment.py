@@ -3,7 +3,8 @@ import numpy as np
 import torch
 
 from dafar.train.config import Augment
-from dafar.train.trainer import _augment, _monitor_index
+from dafar.data import sample_index
+from dafar.train.trainer import _augment
 
 
 def _gen(seed=0):
@@ -38,11 +39,12 @@ def test_monitor_is_a_class_mixed_fixed_subset():
     # validation indices are sorted and an image-folder set lists its images class by class: the
     # first 2,000 of 5,000 would be four classes; the monitor must draw across all of them
     labels = np.repeat(np.arange(10), 500)
-    idx = _monitor_index(len(labels), seed=0)
+    idx = sample_index(len(labels), 2000, seed=0)
     assert len(idx) == 2000 and len(set(idx.tolist())) == 2000
-    assert torch.equal(idx, torch.sort(idx).values)
-    counts = np.bincount(labels[idx.numpy()], minlength=10)
+    assert np.array_equal(idx, np.sort(idx))
+    counts = np.bincount(labels[idx], minlength=10)
     assert counts.min() > 150 and counts.max() < 250
-    assert torch.equal(idx, _monitor_index(len(labels), seed=0))  # the same every epoch and resume
-    assert not torch.equal(idx, _monitor_index(len(labels), seed=1))
-    assert torch.equal(_monitor_index(300, seed=0), torch.arange(300))
+    assert np.array_equal(idx, sample_index(len(labels), 2000, seed=0))  # the same every epoch and resume
+    assert not np.array_equal(idx, sample_index(len(labels), 2000, seed=1))
+    assert np.array_equal(sample_index(300, 2000, seed=0), np.arange(300))
+    assert np.array_equal(sample_index(300, None, seed=0), np.arange(300))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as Fn
 
 import dafar
-from dafar.data import Splits, load_dataset
+from dafar.data import Splits, load_dataset, sample_index
 from dafar.errors import ConfigError, NonFiniteLossError, RunFolderError, TrainingError
 from dafar.manifest import MANIFEST_NAME, atomic_write_json, file_entry, write_manifest
 from dafar.threshold import ThresholdRule, calibrate, false_positive_rate
@@ -92,15 +92,6 @@ def _cutout(x: torch.Tensor, gen: torch.Generator, size: int) -> torch.Tensor:
     lo_y, lo_x = (cy - size // 2).view(n, 1, 1), (cx - size // 2).view(n, 1, 1)
     hole = (rows >= lo_y) & (rows < lo_y + size) & (cols >= lo_x) & (cols < lo_x + size)  # (n, h, w)
     return x.masked_fill(hole.unsqueeze(1), 0.0)
-
-
-def _monitor_index(n_val: int, seed: int, size: int = 2000) -> torch.Tensor:
-    """Indices of the per-epoch monitor: ``size`` validation images drawn at random (sorted, so
-    reads stay in order), the same for every epoch and every resume of a run."""
-    if n_val <= size:
-        return torch.arange(n_val)
-    pick = np.sort(np.random.default_rng([seed, 0x4D4F4E]).choice(n_val, size, replace=False))
-    return torch.from_numpy(pick)
 
 
 def _crop_flip(x: torch.Tensor, gen: torch.Generator, mode: Augment) -> torch.Tensor:
@@ -504,7 +495,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
     # draw, not the first 2,000: the validation indices are sorted and an image-folder data set
     # (CIFAR-10 here) lists its images class by class, so the first 2,000 were four classes only
     # (airplane to cat), a monitor ~3 points below the whole split's accuracy.
-    mon = _monitor_index(len(data.val_y), cfg.seed)
+    mon = torch.from_numpy(sample_index(len(data.val_y), 2000, cfg.seed))
     mon_x, mon_y = data.val_x[mon], data.val_y[mon]  # gathered once, read every epoch
     n_mon = len(mon)
 
