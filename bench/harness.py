@@ -199,6 +199,9 @@ def _machine() -> dict:
                     break
     except OSError:
         pass
+    from dafar.runtime.cpu import int8_saturation_risk
+
+    info["onnx_int8_saturation_risk"] = int8_saturation_risk()  # x86 without VNNI: full-range int8 ONNX loses accuracy
     import importlib.metadata as md
 
     for pkg in ("numpy", "onnxruntime", "ai-edge-litert", "tflite-runtime", "torch"):

@@ -153,6 +153,7 @@ def cmd_quantize(args) -> int:
         contracts=tuple(_csv(args.input)) if args.input else None, layout=args.layout, calib_images=args.calib,
         calib_seed=args.calib_seed, victim=not args.no_victim,
         validate_images=None if args.validate == "all" else int(args.validate), activation_type=args.activation_type,
+        onnx_weights=args.onnx_weights,
         tflite_batch=args.tflite_batch, compare_naive=not args.no_naive,
         checks=Checks(min_decision_agreement=args.min_decision_agreement, min_label_agreement=args.min_label_agreement,
                       max_accuracy_drop=args.max_accuracy_drop),
@@ -471,6 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seed", type=int, default=0)
     p.add_argument("--activation-type", default="uint8", choices=["uint8", "int8"],
                    help="ONNX Runtime activation type (uint8 for x86, int8 for ARM; default uint8)")
+    p.add_argument("--onnx-weights", default="int7", choices=["int7", "int8"],
+                   help="int8 ONNX weight range: int7 (-64..63, default) gives the same results on every CPU; int8 "
+                        "(full range) is a little more precise on ARM and VNNI CPUs but loses accuracy in ONNX "
+                        "Runtime on x86 CPUs without VNNI (16-bit saturation)")
     p.add_argument("--tflite-batch", type=int, default=1, help="which fixed-batch TFLite export to quantize (default 1)")
     p.add_argument("--validate", default="all", help="test images for the float-vs-int8 checks, or 'all' (default)")
     p.add_argument("--attack-images", type=int, default=200,

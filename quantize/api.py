@@ -28,6 +28,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ from dafar.threshold import ThresholdRule, calibrate, false_positive_rate, rejec
 
 from .layout import Layout
 
-__all__ = ["QuantizeConfig", "quantize_run", "Checks", "SCORES"]
+__all__ = ["QuantizeConfig", "quantize_run", "Checks", "OnnxWeights", "SCORES"]
 
 SCORES = "quantize_scores.npz"
 
@@ -47,6 +48,21 @@ def _enum_tuple(values, enum, name):
     from dafar.export.api import _enum_tuple as et
 
     return et(values, enum, name)
+
+
+class OnnxWeights(str, Enum):
+    """Range of the int8 ONNX weights.  ``int7`` (-64..63, ONNX Runtime's ``reduce_range``) gives
+    the same results on every CPU; ``int8`` (full range) is a little more precise on ARM and on x86
+    CPUs with VNNI, but saturates ONNX Runtime's kernels on x86 CPUs without it (AVX2, AVX-512
+    before VNNI) and loses accuracy there (:mod:`dafar.runtime.cpu`).  An int8 file is built once
+    and run anywhere, so the safe range is the default.  LiteRT (XNNPACK) has no such problem."""
+
+    INT7 = "int7"
+    INT8 = "int8"
+
+    @property
+    def bits(self) -> int:
+        return 7 if self is OnnxWeights.INT7 else 8
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,7 @@ class QuantizeConfig:
     victim: bool = True  # also quantize the victim-only graphs (for the benchmark)
     validate_images: int | None = None  # test images for the checks; None = all
     activation_type: str = "uint8"  # ONNX Runtime activations (uint8 suits x86; int8 suits ARM)
+    onnx_weights: OnnxWeights = OnnxWeights.INT7  # see OnnxWeights: the range that is safe on every CPU
     tflite_batch: int = 1
     compare_naive: bool = True  # evaluate the naive full-int8 layout for the report (never written)
     checks: Checks = Checks()
@@ -100,6 +117,10 @@ class QuantizeConfig:
                               f"got {self.calib_images!r}")
         if self.activation_type not in ("uint8", "int8"):
             raise ConfigError(f"activation_type must be uint8 or int8, got {self.activation_type!r}")
+        try:
+            object.__setattr__(self, "onnx_weights", OnnxWeights(self.onnx_weights))
+        except ValueError:
+            raise ConfigError(f"onnx_weights must be int7 or int8, got {self.onnx_weights!r}") from None
         if self.validate_images is not None and (not isinstance(self.validate_images, int) or self.validate_images < 10):
             raise ConfigError(f"validate_images must be None (all) or an integer >= 10, got {self.validate_images!r}")
         if not isinstance(self.tflite_batch, int) or not 1 <= self.tflite_batch <= 1024:
@@ -213,7 +234,17 @@ def _compare(f: dict, q: dict, labels: np.ndarray, alpha_f: float | None, alpha_
     return r
 
 
-def _check(r: dict, checks: Checks, what: str) -> None:
+def _host() -> dict:
+    """The CPU the float-vs-int8 checks ran on: ONNX Runtime's int8 results depend on it."""
+    import platform
+
+    from dafar.runtime.cpu import int8_saturation_risk
+
+    return {"machine": platform.machine(), "platform": platform.platform(),
+            "onnx_int8_saturation_risk": int8_saturation_risk()}
+
+
+def _check(r: dict, checks: Checks, what: str, hint: str = "") -> None:
     fails = []
     if r["label_agreement"] < checks.min_label_agreement:
         fails.append(f"top-1 agreement with float {100 * r['label_agreement']:.2f}% < {100 * checks.min_label_agreement:.2f}%")
@@ -230,7 +261,7 @@ def _check(r: dict, checks: Checks, what: str) -> None:
         if not r["decision_follows_alpha"]:
             fails.append("the model's reject output does not follow the recalibrated alpha written into it")
     if fails:
-        raise QuantizationError(f"{what}: " + "; ".join(fails))
+        raise QuantizationError(f"{what}: " + "; ".join(fails) + hint)
 
 
 def _nan_rejected(run, chw) -> bool:
@@ -347,7 +378,8 @@ def quantize_run(run_dir: str | os.PathLike, cfg: QuantizeConfig = QuantizeConfi
             for layout in layouts:
                 out = dst if layout is cfg.layout else staging / f"naive-{dst.name}"
                 if fmt is Format.ONNX:  # the exported float graph itself
-                    info = quantize_onnx(run_dir / frel, out, calib_x, layout, cfg.activation_type, work_dir=staging)
+                    info = quantize_onnx(run_dir / frel, out, calib_x, layout, cfg.activation_type, work_dir=staging,
+                                         weight_bits=cfg.onnx_weights.bits)
                 else:
                     src = float_source(graph, det, cfg.tflite_batch)
                     info = quantize_tflite(src, out, contract=contract, batch=cfg.tflite_batch, input_chw=chw,
@@ -399,7 +431,11 @@ def quantize_run(run_dir: str | os.PathLike, cfg: QuantizeConfig = QuantizeConfi
             rep = main["validation"]
             if graph == "dafar" and contract == "float-nchw" and not rep.get("nan_input_rejected"):
                 raise QuantizationError(f"{rel}: an image holding NaN was accepted; the int8 graph must fail closed")
-            _check(rep, cfg.checks, rel)
+            hint = ""
+            if fmt is Format.ONNX and cfg.onnx_weights is OnnxWeights.INT8 and _host()["onnx_int8_saturation_risk"]:
+                hint = (" (this x86 CPU has no VNNI: ONNX Runtime's int8 kernels saturate with full-range weights; "
+                        "use --onnx-weights int7, the default)")
+            _check(rep, cfg.checks, rel, hint)
             # where the error comes from: the worst tensors on 64 validation images
             xs = _contract_input(val_u8[:64], contract)
             if fmt is Format.ONNX:
@@ -451,7 +487,8 @@ def quantize_run(run_dir: str | os.PathLike, cfg: QuantizeConfig = QuantizeConfi
             table[rel] = entry
         man["files"], man["exports"] = files, table
         man["quantize_config"] = {"layout": cfg.layout.value, "calib_images": cfg.calib_images, "calib_seed": cfg.calib_seed,
-                                  "activation_type_onnx": cfg.activation_type, "checks": asdict(cfg.checks),
+                                  "activation_type_onnx": cfg.activation_type, "onnx_weights": cfg.onnx_weights.value,
+                                  "checked_on": _host(), "checks": asdict(cfg.checks),
                                   "attack_images": attack_images}
         write_manifest(run_dir, man)
         return entries

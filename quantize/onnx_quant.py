@@ -5,8 +5,10 @@ Steps: ONNX Runtime's ``quant_pre_process`` (shape inference, graph clean-up); t
 int8 node and a float node is split (:func:`_split_float_tensors`), because ORT quantizes a *tensor* and
 every consumer then reads the rounded copy (an Identity gives the int8 consumers their own
 tensor, so the residual and the NaN check read the exact input); ``quantize_static`` (QDQ, per-channel int8 weights,
-MinMax calibration); with the ``precise`` layout, the float convolutions keep int8-stored
-weights (DequantizeLinear on an int8 initializer: float compute, quarter-size file).
+MinMax calibration, 7-bit weights by default); with the ``precise`` layout, the float convolutions
+keep int8-stored weights at the full 8-bit range (DequantizeLinear on an int8 initializer: float
+compute, quarter-size file), on their own copy where an int8 node shares the weight
+(:func:`_split_shared_weights`).
 """
 from __future__ import annotations
 
@@ -59,6 +61,34 @@ def _split_float_tensors(model, keep_names: set[str]) -> int:
         ident = helper.make_node("Identity", [t], [t_q], name=f"{t}__to_int8_identity")
         idx = (list(model.graph.node).index(producer[t]) + 1) if t in producer else 0
         model.graph.node.insert(idx, ident)
+        count += 1
+    return count
+
+
+def _split_shared_weights(model, keep_names: set[str]) -> int:
+    """Give float conv/linear nodes their own copy of a weight they share with an int8 node.
+
+    In the precise layout E runs twice with the same weights: in float on the input, in int8 on
+    the reconstruction.  ORT quantizes the shared initializer once, for the int8 node, and the
+    float node would read that copy: 7-bit weights (``weight_bits=7``) on the score's own path,
+    where float compute needs no such care.  With a copy, :func:`_weight_only_int8` stores the
+    float node's weights at the full 8-bit range instead."""
+    inits = {i.name: i for i in model.graph.initializer}
+    users: dict[str, list] = {}
+    for n in model.graph.node:
+        if n.op_type in COMPUTE_OPS and len(n.input) > 1 and n.input[1] in inits:
+            users.setdefault(n.input[1], []).append(n)
+    count = 0
+    for wname, nodes in users.items():
+        floats = [n for n in nodes if n.name in keep_names]
+        if not floats or len(floats) == len(nodes):
+            continue
+        copy = type(inits[wname])()
+        copy.CopyFrom(inits[wname])
+        copy.name = f"{wname}__float"
+        model.graph.initializer.append(copy)
+        for n in floats:
+            n.input[1] = copy.name
         count += 1
     return count
 
@@ -131,8 +161,15 @@ class _Reader:
 
 
 def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, calib: np.ndarray, layout: Layout | str,
-                  activation_type: str = "uint8", work_dir: str | os.PathLike | None = None) -> dict:
-    """Quantize the float ONNX graph ``src`` into ``dst``; returns what was kept float."""
+                  activation_type: str = "uint8", work_dir: str | os.PathLike | None = None,
+                  weight_bits: int = 7) -> dict:
+    """Quantize the float ONNX graph ``src`` into ``dst``; returns what was kept float.
+
+    ``weight_bits=7`` stores the int8 weights in -64..63 (ONNX Runtime's ``reduce_range``): exact
+    on every CPU, where full-range weights saturate ONNX Runtime's x86 kernels on CPUs without
+    VNNI (see :mod:`dafar.runtime.cpu`); 8 is a little more precise on ARM and VNNI CPUs only."""
+    if weight_bits not in (7, 8):
+        raise ValueError(f"weight_bits must be 7 or 8, got {weight_bits!r}")
     onnx = require("onnx", "export", "ONNX quantization")
     require("onnxruntime", "onnx-runtime", "ONNX quantization")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -149,12 +186,13 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, calib: np.ndar
         ops, outputs = onnx_ops(model)
         keep = {ops[i].name for i in float_ops(ops, outputs, layout)}
         dup = _split_float_tensors(model, keep) if layout is not Layout.NAIVE else 0
+        shared = _split_shared_weights(model, keep) if layout is Layout.PRECISE else 0
         onnx.save(model, str(staged))
         act = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activation_type]
         try:
             quantize_static(str(staged), str(dst), _Reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=act, weight_type=QuantType.QInt8, nodes_to_exclude=sorted(keep),
-                            calibrate_method=CalibrationMethod.MinMax,
+                            calibrate_method=CalibrationMethod.MinMax, reduce_range=weight_bits == 7,
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
         except Exception as exc:
             raise QuantizationError(f"ONNX Runtime quantization of {src.name} failed: {type(exc).__name__}: {exc}") from exc
@@ -173,8 +211,8 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, calib: np.ndar
             if o.name in keep:
                 kept_types[o.type] = kept_types.get(o.type, 0) + 1
         return {"float_nodes": len(keep), "float_node_types": dict(sorted(kept_types.items())),
-                "split_float_tensors": dup, "weight_only_int8_nodes": w8, "activation_type": activation_type,
-                "weight_type": "int8 per-channel", "calibration": "MinMax", "format": "QDQ"}
+                "split_float_tensors": dup, "split_shared_weights": shared, "weight_only_int8_nodes": w8, "activation_type": activation_type,
+                "weight_type": "int8 per-channel", "weight_bits": weight_bits, "calibration": "MinMax", "format": "QDQ"}
     finally:
         for p in (pre, staged):
             p.unlink(missing_ok=True)

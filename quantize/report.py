@@ -134,6 +134,21 @@ def _gate_flags(checks: dict) -> str:
     return "".join(f" {flag} {checks[k]:g}" for k, flag in flags.items() if k in checks and checks[k] != default[k])
 
 
+def _onnx_weights_line(cfg: dict) -> str:
+    """Which int8 ONNX weight range, and whether the CPU the checks ran on could have hidden a problem."""
+    w = cfg.get("onnx_weights", "int8")  # runs quantized before the option existed used the full range
+    host = cfg.get("checked_on") or {}
+    risk = host.get("onnx_int8_saturation_risk")
+    cpu = {True: "an x86 CPU without VNNI", False: "a CPU without the 16-bit saturation problem (VNNI or not x86)",
+           None: "a CPU whose int8 features could not be read"}.get(risk, "an unrecorded CPU")
+    if w == "int7":
+        return (f"ONNX int8 weights use 7 bits (-64..63): the same results on every CPU. Checked on {cpu}"
+                f"{' (' + host['machine'] + ')' if host.get('machine') else ''}.")
+    return ("ONNX int8 weights use the full 8-bit range, a little more precise on ARM and VNNI CPUs; on x86 CPUs "
+            "without VNNI, ONNX Runtime's int8 kernels saturate with such weights and these files lose accuracy "
+            f"there (`--onnx-weights int7` avoids it). Checked on {cpu}.")
+
+
 def write_quantize_report(run_dir) -> Path | None:
     """Write ``quantize_report.json`` / ``.md`` (and plots) from the manifest; None without int8 models."""
     run_dir = Path(run_dir)
@@ -152,8 +167,10 @@ def write_quantize_report(run_dir) -> Path | None:
          f"({recs[0]['metrics']['images']} images) or on adversarial images made against the float victim (gray-box), "
          "int8 against its own float source file.", "",
          "Reproduce: `dafar quantize RUN_DIR --layout " + str(cfg.get("layout")) + f" --calib {recs[0]['calibration']['images']}"
+         + (" --onnx-weights int8" if cfg.get("onnx_weights", "int8") == "int8" else "")
          + _gate_flags(cfg.get("checks") or {}) + "`", "",
          "Gates (a model failing one is not written): " + _gates(cfg.get("checks") or {}), "",
+         _onnx_weights_line(cfg), "",
          "alpha is recalibrated for each int8 model on its own clean validation scores with the float model's rule, "
          "written into the graph, and checked (the model's decisions follow it on every test image).", "",
          "## Clean test set", "",

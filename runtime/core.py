@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -242,6 +243,14 @@ class Defence:
             import onnxruntime as ort
         except ImportError:
             raise MissingExtraError("running .onnx models needs onnxruntime: pip install 'dafar[onnx-runtime]'") from None
+        if self.precision == "int8" and (self.entry.get("quantization") or {}).get("weight_bits", 8) == 8:
+            from .cpu import int8_saturation_risk
+
+            if int8_saturation_risk():
+                warnings.warn(f"{self.model_rel} has full-range int8 weights, and this x86 CPU has no VNNI: ONNX "
+                              "Runtime's int8 kernels saturate here and the model loses accuracy (the quantize "
+                              "report's numbers do not hold on this CPU). Re-quantize with `dafar quantize "
+                              "--onnx-weights int7` (the default), or run the .tflite file.", RuntimeWarning, stacklevel=3)
         so = ort.SessionOptions()
         so.log_severity_level = 3
         if self.threads:

@@ -269,3 +269,17 @@ def test_predict_cli(exported_run, tmp_path, capsys):
     (tmp_path / "bad.png").write_bytes(b"garbage")
     assert main(["predict", str(exported_run), str(tmp_path / "bad.png")]) == 2
     assert "bad.png" in capsys.readouterr().err
+
+
+def test_int8_saturation_risk_reads_the_cpu_flags():
+    from dafar.runtime.cpu import cpu_flags, int8_saturation_risk
+
+    avx2 = "processor : 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    vnni = "processor : 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n"
+    assert cpu_flags(avx2) == {"fpu", "sse2", "avx", "avx2", "fma"}
+    assert int8_saturation_risk("x86_64", avx2) is True  # VPMADDUBSW: 16-bit pair sums saturate
+    assert int8_saturation_risk("x86_64", vnni) is False
+    assert int8_saturation_risk("x86_64", "flags : avx2 avx_vnni") is False
+    assert int8_saturation_risk("aarch64", avx2) is False  # ARM: no such kernel
+    assert int8_saturation_risk("x86_64", "processor : 0\n") is None  # flags unreadable: unknown, not safe
+    assert isinstance(int8_saturation_risk(), (bool, type(None)))  # this machine, whatever it is
