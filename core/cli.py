@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--activation-type", default="uint8", choices=["uint8", "int8"],
                    help="ONNX Runtime activation type (uint8 for x86, int8 for ARM; default uint8)")
     p.add_argument("--onnx-weights", default="int7", choices=["int7", "int8"],
-                   help="int8 ONNX weight range: int7 (-64..63, default) gives the same results on every CPU; int8 "
+                   help="int8 ONNX weight range: int7 (-64..63, default) is safe on every CPU; int8 "
                         "(full range) is a little more precise on ARM and VNNI CPUs but loses accuracy in ONNX "
                         "Runtime on x86 CPUs without VNNI (16-bit saturation)")
     p.add_argument("--tflite-batch", type=int, default=1, help="which fixed-batch TFLite export to quantize (default 1)")

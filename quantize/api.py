@@ -52,10 +52,10 @@ def _enum_tuple(values, enum, name):
 
 class OnnxWeights(str, Enum):
     """Range of the int8 ONNX weights.  ``int7`` (-64..63, ONNX Runtime's ``reduce_range``) gives
-    the same results on every CPU; ``int8`` (full range) is a little more precise on ARM and on x86
+    no 16-bit saturation on any CPU; ``int8`` (full range) is a little more precise on ARM and on x86
     CPUs with VNNI, but saturates ONNX Runtime's kernels on x86 CPUs without it (AVX2, AVX-512
     before VNNI) and loses accuracy there (:mod:`dafar.runtime.cpu`).  An int8 file is built once
-    and run anywhere, so the safe range is the default.  LiteRT (XNNPACK) has no such problem."""
+    and run anywhere, so the safe range is the default.  LiteRT (XNNPACK) int8 showed no such loss."""
 
     INT7 = "int7"
     INT8 = "int8"

@@ -139,10 +139,11 @@ def _onnx_weights_line(cfg: dict) -> str:
     w = cfg.get("onnx_weights", "int8")  # runs quantized before the option existed used the full range
     host = cfg.get("checked_on") or {}
     risk = host.get("onnx_int8_saturation_risk")
-    cpu = {True: "an x86 CPU without VNNI", False: "a CPU without the 16-bit saturation problem (VNNI or not x86)",
-           None: "a CPU whose int8 features could not be read"}.get(risk, "an unrecorded CPU")
+    cpu = ("an unrecorded CPU" if not host else
+           {True: "an x86 CPU without VNNI", False: "a CPU without the 16-bit saturation problem (VNNI or not x86)",
+            None: "a CPU whose int8 features could not be read"}[risk])
     if w == "int7":
-        return (f"ONNX int8 weights use 7 bits (-64..63): the same results on every CPU. Checked on {cpu}"
+        return (f"ONNX int8 weights use 7 bits (-64..63): no 16-bit saturation on any CPU. Checked on {cpu}"
                 f"{' (' + host['machine'] + ')' if host.get('machine') else ''}.")
     return ("ONNX int8 weights use the full 8-bit range, a little more precise on ARM and VNNI CPUs; on x86 CPUs "
             "without VNNI, ONNX Runtime's int8 kernels saturate with such weights and these files lose accuracy "
