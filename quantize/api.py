@@ -288,6 +288,7 @@ def quantize_run(run_dir: str | os.PathLike, cfg: QuantizeConfig = QuantizeConfi
 
     run_dir = Path(run_dir)
     manifest = load_manifest(run_dir)
+    host = _host()  # read once: recorded in the manifest, and named in an int8 ONNX check's failure
     exports = manifest.get("exports", {})
     floats = {rel: e for rel, e in exports.items() if e.get("precision", "float32") == "float32"}
     if not floats:
@@ -432,7 +433,7 @@ def quantize_run(run_dir: str | os.PathLike, cfg: QuantizeConfig = QuantizeConfi
             if graph == "dafar" and contract == "float-nchw" and not rep.get("nan_input_rejected"):
                 raise QuantizationError(f"{rel}: an image holding NaN was accepted; the int8 graph must fail closed")
             hint = ""
-            if fmt is Format.ONNX and cfg.onnx_weights is OnnxWeights.INT8 and _host()["onnx_int8_saturation_risk"]:
+            if fmt is Format.ONNX and cfg.onnx_weights is OnnxWeights.INT8 and host["onnx_int8_saturation_risk"]:
                 hint = (" (this x86 CPU has no VNNI: ONNX Runtime's int8 kernels saturate with full-range weights; "
                         "use --onnx-weights int7, the default)")
             _check(rep, cfg.checks, rel, hint)
@@ -488,7 +489,7 @@ def quantize_run(run_dir: str | os.PathLike, cfg: QuantizeConfig = QuantizeConfi
         man["files"], man["exports"] = files, table
         man["quantize_config"] = {"layout": cfg.layout.value, "calib_images": cfg.calib_images, "calib_seed": cfg.calib_seed,
                                   "activation_type_onnx": cfg.activation_type, "onnx_weights": cfg.onnx_weights.value,
-                                  "checked_on": _host(), "checks": asdict(cfg.checks),
+                                  "checked_on": host, "checks": asdict(cfg.checks),
                                   "attack_images": attack_images}
         write_manifest(run_dir, man)
         return entries
