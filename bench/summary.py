@@ -168,7 +168,7 @@ def summarize(run_dir: str | os.PathLike) -> dict:
 
 
 def render_markdown(d: dict) -> str:
-    from dafar.bench.attacks import attack_label, eps_label
+    from dafar.train.attacks import attack_label, eps_label
 
     paper = PAPER.get(d["dataset"], {})
     t = d["training"]
@@ -245,7 +245,7 @@ def render_markdown(d: dict) -> str:
 def collect(run_dir: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
     """Copy run ``run_dir``'s reports, the plots they link and the JSON records behind them into
     ``dest`` (replacing what an earlier collect put there) and write ``summary.md``: the reports of
-    a run that took hours to make, kept where a reader finds them (e.g. ``bench/reports/cifar10``).
+    a run that took hours to make, kept where a reader finds them (e.g. ``bench/results/cifar10``).
     Returns the copied paths, relative to ``dest``."""
     import re
     import shutil

@@ -41,6 +41,7 @@ __all__ = [
     "file_entry",
     "get_field",
     "clean_stale_staging",
+    "package_versions",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -206,3 +207,16 @@ def dataset_label(manifest: dict) -> str:
     if name == "cifar10":
         return "CIFAR-10 (JPEG q75)" if ("jpg" in src or "jpeg" in src) else "CIFAR-10"
     return "MNIST" if name == "mnist" else str(name)
+
+
+def package_versions(*packages: str) -> dict[str, str]:
+    """Installed versions of ``packages`` (distribution names); absent ones are left out."""
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in packages:
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out

@@ -10,28 +10,27 @@ verifies every file's sha256 against the manifest, so the copy is exactly what w
 every later stage (``dafar export/quantize/bench/eval``) treats it like a folder ``dafar train``
 wrote.
 
-Standard library only (the device install can materialize a model and run ``dafar info``).
+Standard library only (the device install can materialize a model and run ``dafar info``);
+publishing a model (which needs torch) is :func:`dafar.train.publish.publish`.
 """
 from __future__ import annotations
 
 import os
-import platform
 import shutil
-from datetime import datetime, timezone
 from pathlib import Path
 
 from dafar.errors import ConfigError, RunFolderError
-from dafar.manifest import MANIFEST_NAME, load_manifest, write_manifest
+from dafar.manifest import MANIFEST_NAME, load_manifest
 
-__all__ = ["PRETRAINED_DIR", "available", "describe", "materialize", "publish"]
+__all__ = ["PRETRAINED_DIR", "available", "describe", "materialize", "summary_lines", "KEEP_ROLES", "DROP_FIELDS"]
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "assets" / "pretrained"
 
 # What a published model keeps from its run folder: the training stage only.  Exports, int8
 # models and attack sets are rebuilt by the user's own `dafar export/quantize/eval` (they depend
 # on the installed converter versions, and would add tens of MB).
-_KEEP_ROLES = {"weights", "scores", "metrics", "config", "log"}
-_DROP_FIELDS = {"exports", "attacks", "quantize_config", "export_versions", "manifest_sha256"}
+KEEP_ROLES = {"weights", "scores", "metrics", "config", "log"}
+DROP_FIELDS = {"exports", "attacks", "quantize_config", "export_versions", "manifest_sha256"}
 
 
 def available() -> list[str]:
@@ -82,92 +81,6 @@ def materialize(name: str, out: str | os.PathLike, overwrite: bool = False) -> P
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
-
-
-def _to_float16(path: Path) -> None:
-    """Rewrite a weights file with its floating-point tensors stored as float16 (needs torch)."""
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from dafar.train.weights import save_state
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("dafar", "{}"))
-    state = load_file(str(path))
-    save_state(path, {k: (v.half() if v.is_floating_point() else v) for k, v in state.items()},
-               {**meta, "stored_dtype": "float16"})
-
-
-def publish(run_dir: str | os.PathLike, name: str, command: str, hardware: str | None = None,
-            dest: str | os.PathLike | None = None, weights_dtype: str = "float32",
-            data_dir: str | os.PathLike | None = None) -> Path:
-    """Write run folder ``run_dir``'s training stage as pretrained model ``name`` (maintainers:
-    the result goes into ``core/assets/pretrained/<name>/`` and is committed).
-
-    ``command`` is the command that trained the run, recorded with the seed, epochs, seconds and
-    ``hardware`` (default: this machine's platform and CPU count).  ``weights_dtype="float16"``
-    halves the files (for models that would not fit a repository comfortably); the weights are
-    upcast to float32 at load, and alpha, the false-positive rates and the accuracies are then
-    recalibrated on the weights as loaded, with the run's own data (``data_dir``) and rules."""
-    if weights_dtype not in ("float32", "float16"):
-        raise ConfigError(f"weights_dtype must be float32 or float16, got {weights_dtype!r}")
-    run_dir = Path(run_dir)
-    m = load_manifest(run_dir, verify=True)
-    files = {rel: e for rel, e in m["files"].items()
-             if e.get("role") in _KEEP_ROLES and rel != "quantize_scores.npz"}  # that one is dafar quantize's
-    missing = {"weights/E.safetensors", "weights/F.safetensors", "weights/D.safetensors", "metrics.json"} - set(files)
-    if missing:
-        raise RunFolderError(f"{run_dir} lacks {sorted(missing)}; is it a finished training run?")
-    dest = Path(dest) if dest is not None else PRETRAINED_DIR / name
-    if dest.exists():
-        shutil.rmtree(dest)
-    for rel in files:
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run_dir / rel, dest / rel)
-    training = m.get("training", {})
-    cfg = training.get("config", {})
-    pub = {k: v for k, v in m.items() if k not in _DROP_FIELDS}
-    if weights_dtype == "float16":
-        from dafar.manifest import file_entry
-
-        for rel, e in list(files.items()):
-            if e.get("role") == "weights":
-                _to_float16(dest / rel)
-                files[rel] = file_entry(dest, rel, "weights", **({"module": e["module"]} if "module" in e else {}),
-                                        stored_dtype="float16")
-    pub["files"] = files
-    pub["provenance"] = {
-        "pretrained_name": name,
-        "published_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "trained_utc": m.get("created_utc"),
-        "command": command,
-        "seed": cfg.get("seed"),
-        "epochs": {"joint": cfg.get("epochs"), "detector": cfg.get("detector_epochs") if cfg.get("detector") else 0,
-                   "victim_only": cfg.get("epochs") if cfg.get("train_victim") else 0},
-        "total_seconds": training.get("total_seconds"),
-        "device": training.get("device"),
-        "threads": training.get("threads"),
-        "hardware": hardware or f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, no GPU",
-        "versions": m.get("versions"),
-        "weights_dtype": weights_dtype,
-    }
-    parent = training.get("init_from")
-    if parent:  # a run continued from another (``--init-from``): the model's whole training
-        prov = pub["provenance"]
-        prov["continued_from"] = {k: parent.get(k) for k in
-                                  ("manifest_sha256", "epochs_total", "total_seconds", "config", "victim_test_acc")}
-        prov["epochs"]["joint_in_all"] = int(cfg.get("epochs") or 0) + int(parent.get("epochs_total") or 0)
-        prov["total_seconds_in_all"] = float(training.get("total_seconds") or 0) + float(parent.get("total_seconds") or 0)
-    write_manifest(dest, pub)
-    if weights_dtype == "float16":
-        from dafar.train.calibrate import recalibrate
-
-        recalibrate(dest, data_dir, reason="weights stored as float16 (upcast to float32 at load); alpha, FPRs and "
-                                           "accuracies re-measured on the weights as loaded", download=False)
-    load_manifest(dest, verify=True)
-    return dest
 
 
 def summary_lines(name: str) -> list[str]:

@@ -16,27 +16,13 @@ Normalization (``(x01 - mean) / std``) always lives inside the graph, and alpha 
 """
 from __future__ import annotations
 
-from enum import Enum
-
 import torch
 from torch import nn
 
-from dafar.train.models import DafarNet, Victim
+from dafar.schema import OUTPUT_NAMES, VICTIM_OUTPUT_NAMES, Detector, InputContract
+from dafar.train.models import DafarNet, Normalize, Victim
 
-__all__ = ["InputContract", "Detector", "OUTPUT_NAMES", "VICTIM_OUTPUT_NAMES", "FusedDafar", "VictimGraph"]
-
-OUTPUT_NAMES = ("label", "score", "rejected", "logits", "purified_logits")
-VICTIM_OUTPUT_NAMES = ("label", "logits")
-
-
-class InputContract(str, Enum):
-    FLOAT_NCHW = "float-nchw"  # float32, N x C x H x W, values in [0, 1]
-    UINT8_NHWC = "uint8-nhwc"  # uint8, N x H x W x C, raw pixels 0..255
-
-
-class Detector(str, Enum):
-    L2 = "l2"
-    AUTOENCODER = "autoencoder"
+__all__ = ["OUTPUT_NAMES", "VICTIM_OUTPUT_NAMES", "FusedDafar", "VictimGraph"]
 
 
 class _Preprocess(nn.Module):
@@ -45,19 +31,13 @@ class _Preprocess(nn.Module):
     def __init__(self, contract: InputContract, mean: list[float], std: list[float]):
         super().__init__()
         self.contract = InputContract(contract)
-        c = len(mean)
-        # x_model = (x01 - mean) / std = x01 * scale + shift, one fused multiply-add per pixel
-        scale = torch.tensor([1.0 / s for s in std], dtype=torch.float32).view(1, c, 1, 1)
-        shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32).view(1, c, 1, 1)
-        if self.contract is InputContract.UINT8_NHWC:
-            scale = scale / 255.0
-        self.register_buffer("scale", scale, persistent=False)
-        self.register_buffer("shift", shift, persistent=False)
+        # raw pixels: the 1/255 joins the normalization's multiply (one multiply-add per pixel)
+        self.norm = Normalize(mean, std, 255.0 if self.contract is InputContract.UINT8_NHWC else 1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.contract is InputContract.UINT8_NHWC:
             x = x.permute(0, 3, 1, 2).to(torch.float32)
-        return x * self.scale + self.shift
+        return self.norm(x)
 
 
 class FusedDafar(nn.Module):

@@ -14,12 +14,11 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dafar.errors import ExportError, require
 
-__all__ = ["export_onnx", "onnx_op_counts", "run_onnx", "ort_session"]
+__all__ = ["OPSET", "export_onnx", "onnx_op_counts"]
 
 OPSET = 18
 
@@ -75,26 +74,3 @@ def onnx_op_counts(path: str | os.PathLike) -> dict[str, int]:
     onnx = require("onnx", "export", "ONNX export")
     model = onnx.load(str(path))
     return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
-
-
-def ort_session(path: str | os.PathLike, threads: int | None = None):
-    ort = require("onnxruntime", "onnx-runtime", "running ONNX models")
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = threads
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def run_onnx(sess, x: np.ndarray, batch_size: int = 500) -> dict[str, np.ndarray]:
-    """Run an ONNX Runtime session over ``x`` in batches; outputs by name."""
-    names = [o.name for o in sess.get_outputs()]
-    fixed = sess.get_inputs()[0].shape[0]
-    bs = fixed if isinstance(fixed, int) else batch_size
-    outs: dict[str, list] = {n: [] for n in names}
-    for i in range(0, len(x), bs):
-        chunk = x[i: i + bs]
-        res = sess.run(names, {"x": chunk})
-        for n, r in zip(names, res):
-            outs[n].append(r)
-    return {n: np.concatenate(v) for n, v in outs.items()}

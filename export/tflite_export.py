@@ -9,33 +9,35 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-
 from dafar.errors import ExportError, UnsupportedOpError, require, require_available
 
-__all__ = ["convert_to_tflite", "tflite_op_counts", "check_builtin_only", "tflite_interpreter", "run_tflite",
-           "signature_io"]
+__all__ = ["convert_to_tflite", "tflite_builtin_names", "tflite_op_counts", "check_builtin_only"]
 
 CONVERT_TIMEOUT_S = 900
 
 
+FLOAT_WORKER = "dafar.export._tflite_worker"
+
+
 def convert_to_tflite(onnx_path: str | os.PathLike, out_path: str | os.PathLike, *, contract: str, batch: int,
                       input_chw: tuple[int, int, int], output_names: tuple[str, ...],
-                      quantize: dict | None = None) -> Path:
-    """Convert a float-NCHW ONNX graph to ``out_path`` (.tflite) with the given input contract
-    (float32; int8 when ``quantize`` holds ``calib`` (.npy path), ``layout`` and ``info`` (.json path))."""
+                      worker: str = FLOAT_WORKER, extra: dict | None = None) -> Path:
+    """Convert a float-NCHW ONNX graph to ``out_path`` (.tflite, float32) with the given input
+    contract, in a child process running ``python -m <worker> SPEC.json``.  A later stage converts
+    with its own worker module (built on :mod:`dafar.export.tf_convert`) and passes what that
+    worker needs in ``extra`` (merged into the spec)."""
     for mod in ("onnx2tf", "tensorflow", "psutil"):
         require_available(mod, "export", "TFLite conversion")
     out_path = Path(out_path)
     with tempfile.TemporaryDirectory(prefix="dafar-tflite-") as work:
         spec = {"onnx": str(Path(onnx_path).resolve()), "out": str(out_path.resolve()), "work_dir": work,
                 "contract": contract, "batch": int(batch), "input_chw": list(input_chw),
-                "output_names": list(output_names), "quantize": quantize}
+                "output_names": list(output_names), **(extra or {})}
         spec_path = Path(work) / "spec.json"
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
         try:
-            proc = subprocess.run([sys.executable, "-m", "dafar.export._tflite_worker", str(spec_path)],
+            proc = subprocess.run([sys.executable, "-m", worker, str(spec_path)],
                                   capture_output=True, text=True, timeout=CONVERT_TIMEOUT_S, env=env, cwd=work)
         except subprocess.TimeoutExpired as exc:
             raise ExportError(f"TFLite conversion of {Path(onnx_path).name} timed out after {CONVERT_TIMEOUT_S} s") from exc
@@ -50,7 +52,9 @@ def convert_to_tflite(onnx_path: str | os.PathLike, out_path: str | os.PathLike,
     return out_path
 
 
-def _builtin_names() -> dict[int, str]:
+def tflite_builtin_names() -> dict[int, str]:
+    """LiteRT's builtin operator codes by number (from the flatbuffer schema the wheel ships)."""
+    require("ai_edge_litert", "litert", "reading TFLite files")
     from ai_edge_litert import schema_py_generated as S
 
     return {v: k for k, v in vars(S.BuiltinOperator).items() if not k.startswith("_") and isinstance(v, int)}
@@ -63,7 +67,7 @@ def tflite_op_counts(path: str | os.PathLike) -> dict[str, int]:
 
     buf = Path(path).read_bytes()
     model = S.Model.GetRootAs(buf, 0)
-    names = _builtin_names()
+    names = tflite_builtin_names()
     codes = []
     for i in range(model.OperatorCodesLength()):
         oc = model.OperatorCodes(i)
@@ -86,46 +90,3 @@ def check_builtin_only(path: str | os.PathLike) -> dict[str, int]:
     if bad:
         raise UnsupportedOpError(f"{Path(path).name} holds non-builtin ops {bad}; a stock LiteRT interpreter cannot run it")
     return ops
-
-
-def tflite_interpreter(path: str | os.PathLike, threads: int | None = None):
-    """A stock LiteRT interpreter (``ai_edge_litert``, falling back to ``tflite_runtime``)."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        try:
-            from tflite_runtime.interpreter import Interpreter  # type: ignore
-        except ImportError:
-            require("ai_edge_litert", "litert", "running TFLite models")
-            raise
-    return Interpreter(model_path=str(path), num_threads=threads or 1)
-
-
-def signature_io(interp) -> dict:
-    """The ``serving_default`` signature's input/output names, shapes and dtypes."""
-    sigs = interp.get_signature_list()
-    if "serving_default" not in sigs:
-        raise ExportError(f"no serving_default signature (found {list(sigs)})")
-    runner = interp.get_signature_runner("serving_default")
-    ins = runner.get_input_details()
-    outs = runner.get_output_details()
-    return {
-        "inputs": {k: {"shape": [int(s) for s in v["shape"]], "dtype": np.dtype(v["dtype"]).name} for k, v in ins.items()},
-        "outputs": {k: {"shape": [int(s) for s in v["shape"]], "dtype": np.dtype(v["dtype"]).name} for k, v in outs.items()},
-    }
-
-
-def run_tflite(interp, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Run ``serving_default`` over ``x`` in chunks of the model's fixed batch; outputs by name."""
-    runner = interp.get_signature_runner("serving_default")
-    batch = int(runner.get_input_details()["x"]["shape"][0])
-    outs: dict[str, list] = {}
-    n = len(x)
-    for i in range(0, n, batch):
-        chunk = x[i: i + batch]
-        if len(chunk) < batch:  # pad the last chunk to the fixed batch, drop the padding after
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])
-        res = runner(x=chunk)
-        for k, v in res.items():
-            outs.setdefault(k, []).append(v)
-    return {k: np.concatenate(v)[:n] for k, v in outs.items()}

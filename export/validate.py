@@ -25,7 +25,7 @@ import numpy as np
 
 from dafar.errors import DecisionMismatchError, OutputShapeError, ToleranceError
 
-__all__ = ["Tolerance", "compare_outputs"]
+__all__ = ["Tolerance", "validate_model_outputs"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def _rel(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.abs(a - b) / np.maximum(np.abs(a), 1e-6)
 
 
-def compare_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], tol: Tolerance,
+def validate_model_outputs(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], tol: Tolerance,
                     what: str) -> dict:
     """Check ``candidate`` against ``reference`` (same output names); returns the measured report."""
     missing = sorted(set(reference) - set(candidate))

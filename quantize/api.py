@@ -18,36 +18,45 @@ alone), in every asked format:
    as the report's warning of what a default converter does to the detector.
 
 Files are staged inside the run folder and moved into ``RUN/export/`` only when every model
-passed; the manifest's ``exports`` table then holds them with ``precision: int8``.
+passed; the manifest's ``exports`` table then holds them with ``precision: int8``.  Every model,
+float and int8, is run through the device runtime's backends (:mod:`dafar.runtime.backends`).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-import shutil
-import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 
 import numpy as np
 
 from dafar.errors import ConfigError, ManifestError, QuantizationError
-from dafar.manifest import file_entry, get_field, load_manifest, read_manifest, write_manifest
+from dafar.manifest import atomic_write_bytes
+from dafar.options import option
+from dafar.run import RunFolder
+from dafar.schema import (
+    Detector,
+    ExportEntry,
+    Format,
+    Graph,
+    InputContract,
+    Precision,
+    input_spec,
+    output_specs,
+    parse_enum,
+    parse_enums,
+)
 from dafar.threshold import ThresholdRule, calibrate, false_positive_rate, rejects
 
 from .layout import Layout
 
-__all__ = ["QuantizeConfig", "quantize_run", "Checks", "OnnxWeights", "SCORES"]
+__all__ = ["QuantizeConfig", "QuantizeResult", "quantize", "quantize_run", "Checks", "OnnxWeights", "ActivationType",
+           "SCORES", "default_attack_specs", "calibration_images", "check_calibration"]
 
 SCORES = "quantize_scores.npz"
-
-
-def _enum_tuple(values, enum, name):
-    from dafar.export.api import _enum_tuple as et
-
-    return et(values, enum, name)
 
 
 class OnnxWeights(str, Enum):
@@ -65,14 +74,23 @@ class OnnxWeights(str, Enum):
         return 7 if self is OnnxWeights.INT7 else 8
 
 
+class ActivationType(str, Enum):
+    """ONNX Runtime activation type: uint8 suits x86, int8 suits ARM."""
+
+    UINT8 = "uint8"
+    INT8 = "int8"
+
+
 @dataclass(frozen=True)
 class Checks:
     """What an int8 model must keep, measured against its float source on the test set."""
 
-    min_label_agreement: float = 0.99  # top-1 (purified label for the defence, victim label otherwise)
-    max_accuracy_drop: float = 0.005  # victim and purified accuracy, absolute
-    min_decision_agreement: float = 0.99  # reject decisions, float alpha vs recalibrated int8 alpha
-    min_score_correlation: float = 0.95  # Pearson, int8 score vs float score
+    min_label_agreement: float = option(
+        0.99, help="fail when the int8 top-1 label (purified for the defence) agrees with float on fewer test images "
+                   "(a 10-class model at 85% accuracy has more near-ties than one at 99%)")
+    max_accuracy_drop: float = option(0.005, help="fail when victim or purified accuracy falls by more than this, absolute")
+    min_decision_agreement: float = option(0.99, help="fail when clean reject decisions agree with float on fewer images")
+    min_score_correlation: float = option(0.95, help="fail when the int8 score's Pearson correlation with float is lower")
 
     def __post_init__(self):
         for k, v in asdict(self).items():
@@ -82,67 +100,86 @@ class Checks:
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    formats: tuple = ("onnx", "tflite")
-    detectors: tuple | None = None  # None: every detector with a float export
-    contracts: tuple | None = None  # None: every input contract with a float export
-    layout: Layout = Layout.PRECISE
-    calib_images: int = 256
-    calib_seed: int = 0
-    victim: bool = True  # also quantize the victim-only graphs (for the benchmark)
-    validate_images: int | None = None  # test images for the checks; None = all
-    activation_type: str = "uint8"  # ONNX Runtime activations (uint8 suits x86; int8 suits ARM)
-    onnx_weights: OnnxWeights = OnnxWeights.INT7  # see OnnxWeights: the range that is safe on every CPU
-    tflite_batch: int = 1
-    compare_naive: bool = True  # evaluate the naive full-int8 layout for the report (never written)
-    checks: Checks = Checks()
+    formats: tuple[Format, ...] = option((Format.ONNX, Format.TFLITE), flag="--format",
+                                         help="comma list of model formats to quantize")
+    detectors: tuple[Detector, ...] | None = option(None, flag="--detector", none="all",
+                                                    help="comma list of detectors (default: every exported one)")
+    contracts: tuple[InputContract, ...] | None = option(None, flag="--input", none="all",
+                                                         help="comma list of input contracts (default: every exported one)")
+    layout: Layout = option(Layout.PRECISE, metavar="{precise,mixed}",
+                            help="precise: E on the input path and D compute in float with int8-stored weights (keeps "
+                                 "the score); mixed: every conv/linear layer in int8, only the residual/score/threshold "
+                                 "in float")
+    calib_images: int = option(256, flag="--calib", metavar="N", help="calibration images from the training split")
+    calib_seed: int = option(0, help="seed of the calibration images' draw")
+    victim: bool = option(True, help="do not quantize the victim-only graphs")
+    validate_images: int | None = option(None, flag="--validate", none="all",
+                                         help="test images for the float-vs-int8 checks, or 'all'")
+    activation_type: ActivationType = option(ActivationType.UINT8,
+                                             help="ONNX Runtime activation type (uint8 for x86, int8 for ARM)")
+    onnx_weights: OnnxWeights = option(
+        OnnxWeights.INT7, help="int8 ONNX weight range: int7 (-64..63) is safe on every CPU; int8 (full range) is a "
+                               "little more precise on ARM and VNNI CPUs but loses accuracy in ONNX Runtime on x86 "
+                               "CPUs without VNNI (16-bit saturation)")
+    tflite_batch: int = option(1, help="which fixed-batch TFLite export to quantize")
+    compare_naive: bool = option(True, flag="--no-naive",
+                                 help="skip evaluating the naive full-int8 layout for the report")
+    attack_images: int = option(200, help="adversarial images per attack for the detection comparison (0 to skip)")
+    attacks: tuple[str, ...] | None = option(
+        None, none="default", metavar="SPECS", parse=lambda text: _attack_list(text),
+        help="comma list of gray-box attacks for the detection comparison, e.g. fgsm@0.1,pgd@0.3,max_iter=20 "
+             "(default: FGSM and PGD at the data set's usual budgets)")
+    checks: Checks = field(default_factory=Checks)
 
     def __post_init__(self):
-        from dafar.export.api import Format
-        from dafar.export.fused import Detector, InputContract
-
-        object.__setattr__(self, "formats", _enum_tuple(self.formats, Format, "format"))
+        object.__setattr__(self, "formats", parse_enums(self.formats, Format, "format"))
         if self.detectors is not None:
-            object.__setattr__(self, "detectors", _enum_tuple(self.detectors, Detector, "detector"))
+            object.__setattr__(self, "detectors", parse_enums(self.detectors, Detector, "detector"))
         if self.contracts is not None:
-            object.__setattr__(self, "contracts", _enum_tuple(self.contracts, InputContract, "input contract"))
-        try:
-            object.__setattr__(self, "layout", Layout(self.layout))
-        except ValueError:
-            raise ConfigError(f"unknown layout {self.layout!r}; choose from: {', '.join(l.value for l in Layout)}") from None
+            object.__setattr__(self, "contracts", parse_enums(self.contracts, InputContract, "input contract"))
+        object.__setattr__(self, "layout", parse_enum(self.layout, Layout, "layout"))
         if self.layout is Layout.NAIVE:
             raise ConfigError("the naive layout quantizes the detector's score and is only evaluated for comparison "
                               "(compare_naive); choose mixed or precise")
         if not isinstance(self.calib_images, int) or isinstance(self.calib_images, bool) or self.calib_images < 16:
             raise ConfigError(f"calib_images must be an integer >= 16 (too few images give unstable int8 ranges), "
                               f"got {self.calib_images!r}")
-        if self.activation_type not in ("uint8", "int8"):
-            raise ConfigError(f"activation_type must be uint8 or int8, got {self.activation_type!r}")
-        try:
-            object.__setattr__(self, "onnx_weights", OnnxWeights(self.onnx_weights))
-        except ValueError:
-            raise ConfigError(f"onnx_weights must be int7 or int8, got {self.onnx_weights!r}") from None
+        object.__setattr__(self, "activation_type", parse_enum(self.activation_type, ActivationType, "activation type"))
+        object.__setattr__(self, "onnx_weights", parse_enum(self.onnx_weights, OnnxWeights, "onnx weight range"))
         if self.validate_images is not None and (not isinstance(self.validate_images, int) or self.validate_images < 10):
             raise ConfigError(f"validate_images must be None (all) or an integer >= 10, got {self.validate_images!r}")
         if not isinstance(self.tflite_batch, int) or not 1 <= self.tflite_batch <= 1024:
             raise ConfigError(f"tflite_batch must be an integer in 1..1024, got {self.tflite_batch!r}")
+        if not isinstance(self.attack_images, int) or isinstance(self.attack_images, bool) or self.attack_images < 0:
+            raise ConfigError(f"attack_images must be an integer >= 0, got {self.attack_images!r}")
+        if self.attacks is not None:
+            from dafar.train.attacks import spec_from_string
+
+            object.__setattr__(self, "attacks", tuple(self.attacks))
+            for a in self.attacks:
+                spec_from_string(a)  # a bad spec is refused now, not after an hour of quantizing
+
+
+def _attack_list(text: str) -> tuple[str, ...]:
+    from dafar.train.attacks import parse_attack_list
+
+    return parse_attack_list(text)
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """What :func:`quantize` wrote: the new manifest entries and the report."""
+
+    run_dir: Path
+    entries: dict[str, dict]
+    report: Path | None
 
 
 # ---------------------------------------------------------------- data
-def _splits(manifest: dict, data_dir):
-    from dafar.data import load_dataset
-
-    ds = get_field(manifest, "dataset.name")
-    src = manifest.get("dataset", {}).get("source", "")
-    if data_dir is None and ds != "mnist" and not src.startswith("vendored"):
-        data_dir = src
-    vs = manifest["dataset"]["val_split"]
-    return load_dataset(ds, data_dir, val_size=int(vs["size"]), seed=int(vs["seed"]))
-
-
 def default_attack_specs(dataset: str) -> list:
     """The gray-box sets the float-vs-int8 detection comparison uses: the L-inf budgets that matter
     for each data set (MNIST 0.1-0.3; CIFAR-10 2/255-16/255, where 0.1 would be a visible smear)."""
-    from dafar.bench.attacks import spec_from_string
+    from dafar.train.attacks import spec_from_string
 
     eps = ("0.1", "0.2", "0.3") if dataset == "mnist" else tuple(f"{k / 255!r}" for k in (2, 8, 16))
     return [spec_from_string(f"{a}@{e}") for a in ("fgsm", "pgd") for e in eps]
@@ -155,41 +192,278 @@ def calibration_images(train_u8: np.ndarray, n: int, seed: int) -> tuple[np.ndar
     return train_u8[idx], idx
 
 
-def check_calibration(x: np.ndarray, contract: str, chw) -> None:
+def check_calibration(x: np.ndarray, contract: InputContract | str, chw) -> None:
     """Calibration data must match the model input: clear errors for shape, dtype and range."""
-    c, h, w = chw
-    want = (h, w, c) if contract == "uint8-nhwc" else (c, h, w)
+    contract = InputContract(contract)
+    want = tuple(contract.shape(chw, 0)[1:])
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
-        raise ConfigError(f"calibration data of shape {x.shape} does not fit the {contract} input (N, {', '.join(map(str, want))})")
+        raise ConfigError(f"calibration data of shape {x.shape} does not fit the {contract.value} input "
+                          f"(N, {', '.join(map(str, want))})")
     if len(x) < 16:
         raise ConfigError(f"{len(x)} calibration images are too few; at least 16 are needed (256 recommended)")
-    if contract == "uint8-nhwc" and x.dtype != np.uint8:
-        raise ConfigError(f"calibration data for a uint8 input must be uint8, got {x.dtype}")
-    if contract != "uint8-nhwc":
-        if x.dtype != np.float32:
-            raise ConfigError(f"calibration data for a float input must be float32, got {x.dtype}")
-        if not np.all(np.isfinite(x)) or x.min() < 0 or x.max() > 1:
-            raise ConfigError("calibration data for a float input must be finite and lie in [0, 1]")
-
-
-def _contract_input(u8_nchw: np.ndarray, contract: str) -> np.ndarray:
-    if contract == "uint8-nhwc":
-        return np.ascontiguousarray(u8_nchw.transpose(0, 2, 3, 1))
-    return u8_nchw.astype(np.float32) / 255.0
+    if x.dtype != contract.dtype:
+        raise ConfigError(f"calibration data for a {contract.value} input must be {contract.dtype.name}, got {x.dtype}")
+    if contract is InputContract.FLOAT_NCHW and (not np.all(np.isfinite(x)) or x.min() < 0 or x.max() > 1):
+        raise ConfigError("calibration data for a float input must be finite and lie in [0, 1]")
 
 
 # ---------------------------------------------------------------- running models
 def _runner(path: Path):
     """x -> outputs by name, for an .onnx or .tflite file (ONNX Runtime or LiteRT, two threads)."""
-    if path.suffix == ".onnx":
-        from dafar.export.onnx_export import ort_session, run_onnx
+    from dafar.runtime.backends import open_model
 
-        sess = ort_session(path, threads=2)
-        return lambda x: run_onnx(sess, x)
-    from dafar.export.tflite_export import run_tflite, tflite_interpreter
+    return open_model(path, threads=2).run
 
-    interp = tflite_interpreter(path, threads=2)
-    return lambda x: run_tflite(interp, x)
+
+# ---------------------------------------------------------------- the stage
+@dataclass
+class _Images:
+    """The images every model of one quantize call is calibrated and checked on."""
+
+    calib_u8: np.ndarray
+    calib_record: dict
+    val_u8: np.ndarray
+    test_u8: np.ndarray
+    test_y: np.ndarray
+    adversarial: list = field(default_factory=list)  # gray-box attack sets against the float victim
+
+
+def _jobs(run: RunFolder, cfg: QuantizeConfig) -> list[tuple[Format, ExportEntry]]:
+    """The float exports the config selects, each with the format to quantize it for."""
+    exports = run.exports()
+    if not any(e.precision is Precision.FLOAT32 for e in exports.values()):
+        raise ManifestError(f"{run.path} has no float exports to quantize: run `dafar export {run.path}` first")
+    jobs = []
+    for rel, e in exports.items():
+        if e.precision is not Precision.FLOAT32 or e.format not in cfg.formats:
+            continue
+        if e.graph is Graph.VICTIM and not cfg.victim:
+            continue
+        if e.format is Format.TFLITE and e.batch != cfg.tflite_batch:
+            continue
+        if e.graph is Graph.DAFAR and cfg.detectors is not None and e.detector not in cfg.detectors:
+            continue
+        if cfg.contracts is not None and e.contract not in cfg.contracts:
+            continue
+        jobs.append((e.format, e))
+    if not jobs:
+        raise ManifestError(
+            f"{run.path} has no float export matching formats={[f.value for f in cfg.formats]}, "
+            f"detectors={cfg.detectors and [d.value for d in cfg.detectors]}, "
+            f"contracts={cfg.contracts and [c.value for c in cfg.contracts]}, tflite batch {cfg.tflite_batch}: "
+            "export those first (dafar export)")
+    return jobs
+
+
+def _images(run: RunFolder, cfg: QuantizeConfig, jobs, data_dir, log) -> _Images:
+    splits = run.splits(data_dir)
+    calib_u8, calib_idx = calibration_images(splits.train.images, cfg.calib_images, cfg.calib_seed)
+    test = splits.test.sample(cfg.validate_images)  # the same class-mixed subset the exporter validated on
+    calib_record = {"images": cfg.calib_images, "seed": cfg.calib_seed, "source": "training split (never validation or test)",
+                    "indices_sha256": hashlib.sha256(calib_idx.astype(np.int64).tobytes()).hexdigest()}
+    imgs = _Images(calib_u8, calib_record, splits.val.images, test.images, test.labels.astype(np.int64))
+    if cfg.attack_images and any(e.graph is Graph.DAFAR for _, e in jobs):
+        from dafar.train.attacks import attack_sets, spec_from_string
+
+        specs = ([spec_from_string(a) for a in cfg.attacks] if cfg.attacks is not None
+                 else default_attack_specs(run.dataset))
+        imgs.adversarial = attack_sets(run.path, specs, n=cfg.attack_images, data_dir=data_dir, log=log)
+        run.reload()  # the attack sets are registered in the manifest
+    return imgs
+
+
+class _Sources:
+    """Static-batch float-NCHW ONNX graphs rebuilt from the weights by the exporter's own code
+    (what onnx2tf converts to int8 TFLite), one per (graph, detector, batch)."""
+
+    def __init__(self, run: RunFolder, staging: Path):
+        from dafar.train.loading import load_dafar
+
+        self.run, self.staging = run, staging
+        self.net, _ = load_dafar(run.path, run.manifest)
+        self._cache: dict[tuple, Path] = {}
+
+    def get(self, e: ExportEntry, batch: int) -> Path:
+        from dafar.export.api import source_onnx
+
+        key = (e.graph, e.detector, batch)
+        if key not in self._cache:
+            det = e.detector.value if e.detector else None
+            self._cache[key] = source_onnx(self.net, e.graph, e.detector, e.alpha, self.run.normalization, self.run.chw,
+                                           batch, self.staging / f"src-{e.graph.value}-{det}-{batch}.onnx")
+        return self._cache[key]
+
+
+def _int8_rel(fmt: Format, e: ExportEntry, batch: int) -> str:
+    stem = Path(e.rel).name
+    if fmt is Format.ONNX:
+        return f"export/{stem[:-len('.onnx')]}-int8.onnx"
+    return f"export/{stem[:-len(f'-b{batch}.tflite')]}-int8-b{batch}.tflite"
+
+
+def _convert(fmt: Format, e: ExportEntry, out: Path, calib_x: np.ndarray, layout: Layout, cfg: QuantizeConfig,
+             run: RunFolder, sources: _Sources, staging: Path) -> dict:
+    from .onnx_quant import quantize_onnx
+    from .tflite_quant import quantize_tflite
+
+    if fmt is Format.ONNX:  # the exported float graph itself
+        return quantize_onnx(run.path / e.rel, out, calib_x, layout, cfg.activation_type.value, work_dir=staging,
+                             weight_bits=cfg.onnx_weights.bits)
+    return quantize_tflite(sources.get(e, cfg.tflite_batch), out, contract=e.contract.value, batch=cfg.tflite_batch,
+                           input_chw=run.chw, output_names=e.output_names, calib=calib_x, layout=layout,
+                           work_dir=staging)
+
+
+def _evaluate(e: ExportEntry, out: Path, layout: Layout, cfg: QuantizeConfig, run: RunFolder, imgs: _Images,
+              f_test: dict, ref_run, scores: dict, rel: str) -> dict:
+    """Recalibrate (defence graphs), then compare one int8 file with its float source."""
+    x_val, x_test = e.contract.from_pixels(imgs.val_u8), e.contract.from_pixels(imgs.test_u8)
+    # the naive layout is a comparison, not a product: a subset of the images is enough
+    n_val, n_test = (len(x_val), len(x_test)) if layout is cfg.layout else (2000, 2000)
+    q_run = _runner(out)
+    alpha_q = thresholds = None
+    record_val = {}
+    if e.graph is Graph.DAFAR:
+        # alpha first (validation scores), written into the graph, then the test set once
+        q_val = q_run(x_val[:n_val])["score"]
+        if not np.all(np.isfinite(q_val)):
+            raise QuantizationError(f"{rel}: the int8 model gives non-finite scores on clean validation images")
+        rules = run.manifest["thresholds"][e.detector.value]["rules"]
+        alpha_q = _recalibrate(q_val, q_val, {e.threshold_rule: rules[e.threshold_rule]})[e.threshold_rule]["alpha"]
+        record_val = {"int8_val_score_mean": float(q_val.mean())}
+        if layout is not Layout.NAIVE:  # (naive: the comparison constant is int8 too; judged in numpy)
+            _set_alpha(out, alpha_q)
+            q_run = _runner(out)
+    q_test = q_run(x_test[:n_test])
+    if e.graph is Graph.DAFAR:
+        thresholds = _recalibrate(q_val, q_test["score"], rules)  # every rule, with its test FPR
+        scores[f"{Path(rel).name}|float"] = f_test["score"].astype(np.float32)
+        scores[f"{Path(rel).name}|{layout.value}"] = q_test["score"].astype(np.float32)
+    f_sub = {k: v[:n_test] for k, v in f_test.items()}
+    rep = _compare(f_sub, q_test, imgs.test_y[:n_test], e.alpha, alpha_q)
+    if layout is Layout.NAIVE:
+        rep.pop("decision_follows_alpha", None)
+    rep.update(record_val)
+    if e.graph is Graph.DAFAR and e.contract is InputContract.FLOAT_NCHW:
+        rep["nan_input_rejected"] = _nan_rejected(q_run, run.chw)
+    if imgs.adversarial and e.graph is Graph.DAFAR:
+        rep["adversarial"] = _adversarial(ref_run, q_run, imgs.adversarial, e.contract, e.alpha, alpha_q)
+    rep["size_bytes"] = out.stat().st_size
+    rep["float_size_bytes"] = (run.path / e.rel).stat().st_size
+    rep["size_ratio"] = rep["size_bytes"] / rep["float_size_bytes"]
+    return {"validation": rep, "alpha": alpha_q, "thresholds": thresholds}
+
+
+def _quantize_one(fmt: Format, e: ExportEntry, cfg: QuantizeConfig, run: RunFolder, imgs: _Images, sources: _Sources,
+                  staging: Path, host: dict, scores: dict) -> tuple[str, dict]:
+    """Build, recalibrate, check one int8 file in ``staging``; returns its relative path and manifest entry."""
+    from .onnx_quant import onnx_layer_errors
+    from .tflite_quant import tflite_layer_errors
+
+    t0 = time.perf_counter()
+    rel = _int8_rel(fmt, e, cfg.tflite_batch)
+    dst = staging / Path(rel).name
+    calib_x = e.contract.from_pixels(imgs.calib_u8)
+    check_calibration(calib_x, e.contract, run.chw)
+    layouts = [cfg.layout] + ([Layout.NAIVE] if cfg.compare_naive and e.graph is Graph.DAFAR else [])
+    built = {}
+    for layout in layouts:
+        out = dst if layout is cfg.layout else staging / f"naive-{dst.name}"
+        built[layout] = (out, _convert(fmt, e, out, calib_x, layout, cfg, run, sources, staging))
+    ref_run = _runner(run.path / e.rel)
+    f_test = ref_run(e.contract.from_pixels(imgs.test_u8))
+    record = {layout: {"info": info, **_evaluate(e, out, layout, cfg, run, imgs, f_test, ref_run, scores, rel)}
+              for layout, (out, info) in built.items()}
+    main = record[cfg.layout]
+    rep = main["validation"]
+    if e.graph is Graph.DAFAR and e.contract is InputContract.FLOAT_NCHW and not rep.get("nan_input_rejected"):
+        raise QuantizationError(f"{rel}: an image holding NaN was accepted; the int8 graph must fail closed")
+    hint = ""
+    if fmt is Format.ONNX and cfg.onnx_weights is OnnxWeights.INT8 and host["onnx_int8_saturation_risk"]:
+        hint = (" (this x86 CPU has no VNNI: ONNX Runtime's int8 kernels saturate with full-range weights; "
+                "use --onnx-weights int7, the default)")
+    _check(rep, cfg.checks, rel, hint)
+    # where the error comes from: the worst tensors on 64 validation images
+    xs = e.contract.from_pixels(imgs.val_u8[:64])
+    if fmt is Format.ONNX:
+        layers = onnx_layer_errors(run.path / e.rel, dst, xs, staging)
+    else:
+        layers = tflite_layer_errors(run.path / e.rel, dst, xs)
+    entry = {k: v for k, v in e.raw.items() if k not in ("validation", "ops", "seconds", "opset")}
+    entry.update({
+        "precision": "int8", "layout": cfg.layout.value, "source": e.rel, "alpha": main["alpha"],
+        "alpha_float": e.alpha, "thresholds_int8": main["thresholds"],
+        "calibration": imgs.calib_record, "quantization": {k: v for k, v in main["info"].items() if k != "ops"},
+        "validation": rep, "layer_errors": layers, "seconds": round(time.perf_counter() - t0, 2),
+    })
+    if fmt is Format.ONNX:
+        from dafar.export.onnx_export import onnx_op_counts
+
+        entry["ops"] = onnx_op_counts(dst)
+        entry["input"] = input_spec(e.contract, run.chw, "N")
+        entry["outputs"] = output_specs(e.output_names, "N", run.num_classes)
+    else:
+        entry["ops"] = main["info"].get("ops", {})
+        entry["input"] = input_spec(e.contract, run.chw, cfg.tflite_batch)
+    if Layout.NAIVE in record:
+        entry["naive_comparison"] = {"validation": record[Layout.NAIVE]["validation"],
+                                     "alpha": record[Layout.NAIVE]["alpha"],
+                                     "float_nodes": record[Layout.NAIVE]["info"].get("float_nodes", 0)}
+    return rel, entry
+
+
+def _save_scores(run: RunFolder, scores: dict, test_y: np.ndarray) -> None:
+    """Clean test scores, float and int8, for the report's plots (merged with an earlier call's)."""
+    old = {}
+    if (run.path / SCORES).is_file() and SCORES in run.manifest.get("files", {}):
+        with np.load(run.path / SCORES, allow_pickle=False) as z:
+            old = {k: z[k] for k in z.files}
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **{**old, **scores}, test_labels=test_y)
+    atomic_write_bytes(run.path / SCORES, buf.getvalue())
+
+
+def quantize_run(run_dir: str | os.PathLike, cfg: QuantizeConfig = QuantizeConfig(), *, data_dir=None,
+                 log=print) -> dict:
+    """Quantize, recalibrate, check and register int8 models; returns the new manifest entries."""
+    from tqdm.auto import tqdm
+
+    run = RunFolder.open(run_dir)
+    host = _host()  # read once: recorded in the manifest, and named in an int8 ONNX check's failure
+    jobs = _jobs(run, cfg)
+    imgs = _images(run, cfg, jobs, data_dir, log)
+    entries: dict[str, dict] = {}
+    scores: dict[str, np.ndarray] = {}
+    with run.staging("quantize", log) as staging:
+        sources = _Sources(run, staging)
+        bar = tqdm(jobs, desc="quantize", unit="model", leave=False)
+        for fmt, e in bar:
+            bar.set_postfix_str(Path(_int8_rel(fmt, e, cfg.tflite_batch)).name)
+            rel, entry = _quantize_one(fmt, e, cfg, run, imgs, sources, staging, host, scores)
+            entries[rel] = entry
+            log(f"{rel}: {_summary(entry['validation'])}")
+        # every model passed: move into place and register
+        for rel in entries:
+            run.place(staging / Path(rel).name, rel)
+        _save_scores(run, scores, imgs.test_y)
+        run.register({SCORES: {"role": "scores"},
+                      **{rel: {"role": "export", "format": e["format"], "graph": e["graph"], "precision": "int8"}
+                         for rel, e in entries.items()}},
+                     tables={"exports": entries},
+                     fields={"quantize_config": {
+                         "layout": cfg.layout.value, "calib_images": cfg.calib_images, "calib_seed": cfg.calib_seed,
+                         "activation_type_onnx": cfg.activation_type.value, "onnx_weights": cfg.onnx_weights.value,
+                         "checked_on": host, "checks": asdict(cfg.checks), "attack_images": cfg.attack_images}})
+    return entries
+
+
+def quantize(run_dir: str | os.PathLike, cfg: QuantizeConfig = QuantizeConfig(), *, data_dir=None,
+             log=print) -> QuantizeResult:
+    """``dafar quantize``: :func:`quantize_run`, then the float-vs-int8 report (``quantize_report.md``)."""
+    from .report import write_quantize_report
+
+    entries = quantize_run(run_dir, cfg, data_dir=data_dir, log=log)
+    return QuantizeResult(Path(run_dir), entries, write_quantize_report(run_dir))
 
 
 def _rule_params(rule: dict) -> dict:
@@ -271,231 +545,6 @@ def _nan_rejected(run, chw) -> bool:
     return bool(np.asarray(run(x)["rejected"]).all())
 
 
-# ---------------------------------------------------------------- the stage
-def quantize_run(run_dir: str | os.PathLike, cfg: QuantizeConfig = QuantizeConfig(), *, data_dir=None,
-                 log=print, attack_images: int = 200, attack_specs: list | None = None) -> dict:
-    """Quantize, recalibrate, check and register int8 models; returns the new manifest entries."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from dafar.export.api import Format, _input_spec, _output_specs
-    from dafar.export.fused import OUTPUT_NAMES, VICTIM_OUTPUT_NAMES, FusedDafar, InputContract, VictimGraph
-    from dafar.export.onnx_export import export_onnx
-    from dafar.train.loading import load_dafar
-
-    from .onnx_quant import onnx_layer_errors, quantize_onnx
-    from .tflite_quant import quantize_tflite, tflite_layer_errors
-
-    run_dir = Path(run_dir)
-    manifest = load_manifest(run_dir)
-    host = _host()  # read once: recorded in the manifest, and named in an int8 ONNX check's failure
-    exports = manifest.get("exports", {})
-    floats = {rel: e for rel, e in exports.items() if e.get("precision", "float32") == "float32"}
-    if not floats:
-        raise ManifestError(f"{run_dir} has no float exports to quantize: run `dafar export {run_dir}` first")
-    jobs = []  # (format, graph, detector, contract, float rel)
-    for rel, e in floats.items():
-        fmt = Format(e["format"])
-        if fmt not in cfg.formats:
-            continue
-        if e["graph"] == "victim" and not cfg.victim:
-            continue
-        if e["format"] == "tflite" and e.get("batch") != cfg.tflite_batch:
-            continue
-        if e["graph"] == "dafar" and cfg.detectors is not None and e["detector"] not in [d.value for d in cfg.detectors]:
-            continue
-        if cfg.contracts is not None and e["contract"] not in [c.value for c in cfg.contracts]:
-            continue
-        jobs.append((fmt, e["graph"], e.get("detector"), e["contract"], rel))
-    if not jobs:
-        raise ManifestError(
-            f"{run_dir} has no float export matching formats={[f.value for f in cfg.formats]}, "
-            f"detectors={cfg.detectors and [d.value for d in cfg.detectors]}, contracts={cfg.contracts and [c.value for c in cfg.contracts]}"
-            f", tflite batch {cfg.tflite_batch}: export those first (dafar export)")
-    chw = tuple(get_field(manifest, "input.shape", run_dir))
-    norm = get_field(manifest, "input.normalization", run_dir)
-    num_classes = int(get_field(manifest, "architecture.num_classes", run_dir))
-    net, _ = load_dafar(run_dir, manifest)
-
-    splits = _splits(manifest, data_dir)
-    calib_u8, calib_idx = calibration_images(splits.train.images, cfg.calib_images, cfg.calib_seed)
-    test = splits.test.sample(cfg.validate_images)  # the same class-mixed subset the exporter validated on
-    val_u8, test_u8, test_y = splits.val.images, test.images, test.labels.astype(np.int64)
-    calib_record = {"images": cfg.calib_images, "seed": cfg.calib_seed, "source": "training split (never validation or test)",
-                    "indices_sha256": hashlib.sha256(calib_idx.astype(np.int64).tobytes()).hexdigest()}
-
-    # adversarial images for the detection comparison (gray-box, against the float victim)
-    adv_sets = []
-    if attack_images and any(g == "dafar" for _, g, *_ in jobs):
-        from dafar.bench.attacks import attack_sets, spec_from_string
-
-        specs = attack_specs if attack_specs is not None else default_attack_specs(get_field(manifest, "dataset.name", run_dir))
-        specs = [s if not isinstance(s, str) else spec_from_string(s) for s in specs]
-        adv_sets = attack_sets(run_dir, specs, n=attack_images, data_dir=data_dir, log=log)
-        manifest = load_manifest(run_dir)
-
-    from dafar.manifest import clean_stale_staging
-
-    for left in clean_stale_staging(run_dir):  # an earlier run of a stage was killed mid-way
-        log(f"removed {left} (left by an interrupted run)")
-    staging = Path(tempfile.mkdtemp(prefix=".staging-quantize-", dir=run_dir))
-    entries: dict[str, dict] = {}
-    scores: dict[str, np.ndarray] = {}  # clean test scores, float and int8, for the report's plots
-    try:
-        src_cache: dict[tuple, Path] = {}
-
-        def float_source(graph, det, batch):
-            """Static-batch float-NCHW ONNX of the graph, from the weights (what onnx2tf converts)."""
-            key = (graph, det, batch)
-            if key not in src_cache:
-                if graph == "dafar":
-                    fe = next(e for e in floats.values() if e["graph"] == "dafar" and e["detector"] == det)
-                    mod = FusedDafar(net, fe["alpha"], det, "float-nchw", norm["mean"], norm["std"]).eval()
-                    names = OUTPUT_NAMES
-                else:
-                    mod = VictimGraph(net, "float-nchw", norm["mean"], norm["std"]).eval()
-                    names = VICTIM_OUTPUT_NAMES
-                p = staging / f"src-{graph}-{det}-{batch}.onnx"
-                export_onnx(mod, torch.zeros(batch, *chw), p, names, dynamic_batch=False)
-                src_cache[key] = p
-            return src_cache[key]
-
-        bar = tqdm(jobs, desc="quantize", unit="model", leave=False)
-        for fmt, graph, det, contract, frel in bar:
-            t0 = time.perf_counter()
-            fe = floats[frel]
-            stem = Path(frel).name
-            if fmt is Format.ONNX:
-                rel = f"export/{stem[:-len('.onnx')]}-int8.onnx"
-            else:
-                rel = f"export/{stem[:-len(f'-b{cfg.tflite_batch}.tflite')]}-int8-b{cfg.tflite_batch}.tflite"
-            bar.set_postfix_str(Path(rel).name)
-            dst = staging / Path(rel).name
-            calib_x = _contract_input(calib_u8, contract)
-            check_calibration(calib_x, contract, chw)
-            names = OUTPUT_NAMES if graph == "dafar" else VICTIM_OUTPUT_NAMES
-            layouts = [cfg.layout] + ([Layout.NAIVE] if cfg.compare_naive and graph == "dafar" else [])
-            result: dict = {}
-            for layout in layouts:
-                out = dst if layout is cfg.layout else staging / f"naive-{dst.name}"
-                if fmt is Format.ONNX:  # the exported float graph itself
-                    info = quantize_onnx(run_dir / frel, out, calib_x, layout, cfg.activation_type, work_dir=staging,
-                                         weight_bits=cfg.onnx_weights.bits)
-                else:
-                    src = float_source(graph, det, cfg.tflite_batch)
-                    info = quantize_tflite(src, out, contract=contract, batch=cfg.tflite_batch, input_chw=chw,
-                                           output_names=names, calib=calib_x, layout=layout, work_dir=staging)
-                result[layout] = (out, info)
-
-            ref_run = _runner(run_dir / frel)
-            x_val, x_test = _contract_input(val_u8, contract), _contract_input(test_u8, contract)
-            f_test = ref_run(x_test)
-            record: dict = {}
-            for layout, (out, info) in result.items():
-                # the naive layout is a comparison, not a product: a subset of the images is enough
-                n_val, n_test = (len(x_val), len(x_test)) if layout is cfg.layout else (2000, 2000)
-                q_run = _runner(out)
-                alpha_q = thresholds = None
-                record_val = {}
-                if graph == "dafar":
-                    # alpha first (validation scores), written into the graph, then the test set once
-                    key = "autoencoder" if det == "autoencoder" else "l2"
-                    q_val = q_run(x_val[:n_val])["score"]
-                    if not np.all(np.isfinite(q_val)):
-                        raise QuantizationError(f"{rel}: the int8 model gives non-finite scores on clean validation images")
-                    rules = manifest["thresholds"][key]["rules"]
-                    alpha_q = _recalibrate(q_val, q_val, {fe["threshold_rule"]: rules[fe["threshold_rule"]]})[
-                        fe["threshold_rule"]]["alpha"]
-                    record_val = {"int8_val_score_mean": float(q_val.mean())}
-                    if layout is not Layout.NAIVE:  # (naive: the comparison constant is int8 too; judged in numpy)
-                        _set_alpha(out, alpha_q)
-                        q_run = _runner(out)
-                q_test = q_run(x_test[:n_test])
-                if graph == "dafar":
-                    thresholds = _recalibrate(q_val, q_test["score"], rules)  # every rule, with its test FPR
-                    scores[f"{Path(rel).name}|float"] = f_test["score"].astype(np.float32)
-                    scores[f"{Path(rel).name}|{layout.value}"] = q_test["score"].astype(np.float32)
-                f_sub = {k: v[:n_test] for k, v in f_test.items()}
-                rep = _compare(f_sub, q_test, test_y[:n_test], fe.get("alpha"), alpha_q)
-                if layout is Layout.NAIVE:
-                    rep.pop("decision_follows_alpha", None)
-                rep.update(record_val)
-                if graph == "dafar" and contract == "float-nchw":
-                    rep["nan_input_rejected"] = _nan_rejected(q_run, chw)
-                if adv_sets and graph == "dafar":
-                    rep["adversarial"] = _adversarial(ref_run, q_run, adv_sets, contract, fe["alpha"], alpha_q)
-                rep["size_bytes"] = out.stat().st_size
-                rep["float_size_bytes"] = (run_dir / frel).stat().st_size
-                rep["size_ratio"] = rep["size_bytes"] / rep["float_size_bytes"]
-                record[layout] = {"info": info, "validation": rep, "alpha": alpha_q, "thresholds": thresholds}
-            main = record[cfg.layout]
-            rep = main["validation"]
-            if graph == "dafar" and contract == "float-nchw" and not rep.get("nan_input_rejected"):
-                raise QuantizationError(f"{rel}: an image holding NaN was accepted; the int8 graph must fail closed")
-            hint = ""
-            if fmt is Format.ONNX and cfg.onnx_weights is OnnxWeights.INT8 and host["onnx_int8_saturation_risk"]:
-                hint = (" (this x86 CPU has no VNNI: ONNX Runtime's int8 kernels saturate with full-range weights; "
-                        "use --onnx-weights int7, the default)")
-            _check(rep, cfg.checks, rel, hint)
-            # where the error comes from: the worst tensors on 64 validation images
-            xs = _contract_input(val_u8[:64], contract)
-            if fmt is Format.ONNX:
-                layers = onnx_layer_errors(run_dir / frel, dst, xs, staging)
-            else:
-                layers = tflite_layer_errors(run_dir / frel, dst, xs)
-            entry = {k: v for k, v in fe.items() if k not in ("validation", "ops", "seconds", "opset")}
-            entry.update({
-                "precision": "int8", "layout": cfg.layout.value, "source": frel, "alpha": main["alpha"],
-                "alpha_float": fe.get("alpha"), "thresholds_int8": main["thresholds"],
-                "calibration": calib_record, "quantization": {k: v for k, v in main["info"].items() if k != "ops"},
-                "validation": rep, "layer_errors": layers, "seconds": round(time.perf_counter() - t0, 2),
-            })
-            if fmt is Format.ONNX:
-                from dafar.export.onnx_export import onnx_op_counts
-
-                entry["ops"] = onnx_op_counts(dst)
-                entry["input"] = _input_spec(InputContract(contract), chw, "N")
-                entry["outputs"] = _output_specs(names, "N", num_classes)
-            else:
-                entry["ops"] = main["info"].get("ops", {})
-                entry["input"] = _input_spec(InputContract(contract), chw, cfg.tflite_batch)
-            if Layout.NAIVE in record:
-                entry["naive_comparison"] = {"validation": record[Layout.NAIVE]["validation"],
-                                             "alpha": record[Layout.NAIVE]["alpha"],
-                                             "float_nodes": record[Layout.NAIVE]["info"].get("float_nodes", 0)}
-            entries[rel] = entry
-            log(f"{rel}: {_summary(rep)}")
-        # every model passed: move into place and register
-        (run_dir / "export").mkdir(exist_ok=True)
-        for rel in entries:
-            os.replace(staging / Path(rel).name, run_dir / rel)
-        import io
-
-        from dafar.manifest import atomic_write_bytes
-
-        man = read_manifest(run_dir)
-        old = {}
-        if (run_dir / SCORES).is_file() and SCORES in man.get("files", {}):
-            with np.load(run_dir / SCORES, allow_pickle=False) as z:
-                old = {k: z[k] for k in z.files}
-        buf = io.BytesIO()
-        np.savez_compressed(buf, **{**old, **scores}, test_labels=test_y)
-        atomic_write_bytes(run_dir / SCORES, buf.getvalue())
-        files, table = dict(man.get("files", {})), dict(man.get("exports", {}))
-        files[SCORES] = file_entry(run_dir, SCORES, "scores")
-        for rel, entry in entries.items():
-            files[rel] = file_entry(run_dir, rel, "export", format=entry["format"], graph=entry["graph"], precision="int8")
-            table[rel] = entry
-        man["files"], man["exports"] = files, table
-        man["quantize_config"] = {"layout": cfg.layout.value, "calib_images": cfg.calib_images, "calib_seed": cfg.calib_seed,
-                                  "activation_type_onnx": cfg.activation_type, "onnx_weights": cfg.onnx_weights.value,
-                                  "checked_on": host, "checks": asdict(cfg.checks),
-                                  "attack_images": attack_images}
-        write_manifest(run_dir, man)
-        return entries
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
 
 def _set_alpha(path: Path, alpha: float) -> None:
     from .graphs import set_alpha_onnx, set_alpha_tflite
@@ -503,13 +552,11 @@ def _set_alpha(path: Path, alpha: float) -> None:
     (set_alpha_onnx if path.suffix == ".onnx" else set_alpha_tflite)(path, alpha)
 
 
-def _adversarial(ref_run, q_run, sets, contract: str, alpha_f: float, alpha_q: float) -> dict:
+def _adversarial(ref_run, q_run, sets, contract: InputContract, alpha_f: float, alpha_q: float) -> dict:
     """Detection on adversarial images, float vs int8 (images rounded to pixels for uint8 inputs)."""
     out = {}
     for s in sets:
-        x = s.x_adv
-        if contract == "uint8-nhwc":
-            x = np.rint(x * 255.0).astype(np.uint8).transpose(0, 2, 3, 1).copy()
+        x = contract.from_unit(s.x_adv)
         f, q = ref_run(x), q_run(x)
         rf, rq = rejects(f["score"], alpha_f), rejects(q["score"], alpha_q)
         out[s.spec.key] = {"images": int(len(x)), "detection_float": float(rf.mean()), "detection_int8": float(rq.mean()),

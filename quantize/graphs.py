@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from dafar.errors import ExportError, require
+from dafar.export.tflite_export import tflite_builtin_names
 
 from .layout import Op
 
-__all__ = ["onnx_ops", "tflite_ops", "set_alpha_onnx", "set_alpha_tflite", "get_alpha_onnx", "get_alpha_tflite",
-           "tflite_builtin_names"]
+__all__ = ["onnx_ops", "tflite_ops", "set_alpha_onnx", "set_alpha_tflite", "get_alpha_onnx", "get_alpha_tflite"]
 
 
 # ---------------------------------------------------------------- ONNX
@@ -64,11 +64,6 @@ def _schema():
     from ai_edge_litert import schema_py_generated as S
 
     return S
-
-
-def tflite_builtin_names() -> dict[int, str]:
-    S = _schema()
-    return {v: k for k, v in vars(S.BuiltinOperator).items() if not k.startswith("_") and isinstance(v, int)}
 
 
 def tflite_ops(buf: bytes) -> tuple[list[Op], dict[str, str]]:

@@ -224,9 +224,12 @@ def onnx_layer_errors(float_path: str | os.PathLike, qdq_path: str | os.PathLike
                       work_dir: str | os.PathLike, top: int = 8) -> list[dict]:
     """Per-tensor SQNR (dB) of the int8 model against the float one, worst first (ORT's qdq_loss_debug)."""
     require("onnxruntime", "onnx-runtime", "ONNX quantization")
-    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_activation_error,
-                                                         create_activation_matching,
-                                                         modify_model_output_intermediate_tensors)
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
 
     work = Path(work_dir)
     fa, qa = work / "float.aug.onnx", work / "qdq.aug.onnx"

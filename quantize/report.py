@@ -7,16 +7,17 @@ Every number is read from the manifest that ``dafar quantize`` wrote; nothing is
 from __future__ import annotations
 
 from dataclasses import asdict
-
 from pathlib import Path
 
 import numpy as np
 
-from dafar.bench.attacks import attack_label
 from dafar.manifest import atomic_write_json, atomic_write_text, dataset_label, load_manifest
-from dafar.quantize.api import Checks
+from dafar.options import to_argv
+from dafar.train.attacks import attack_label
 
-__all__ = ["write_quantize_report", "quantize_records"]
+from .api import Checks, QuantizeConfig
+
+__all__ = ["write_quantize_report", "quantize_records", "summary_section"]
 
 
 def _pct(v, digits=2) -> str:
@@ -126,12 +127,16 @@ def _gates(checks: dict) -> str:
             f"{d['min_score_correlation']:g}.")
 
 
-def _gate_flags(checks: dict) -> str:
-    """The command-line flags that reproduce non-default gates."""
-    default = asdict(Checks())
-    flags = {"min_label_agreement": "--min-label-agreement", "max_accuracy_drop": "--max-accuracy-drop",
-             "min_decision_agreement": "--min-decision-agreement"}
-    return "".join(f" {flag} {checks[k]:g}" for k, flag in flags.items() if k in checks and checks[k] != default[k])
+def _reproduce(cfg: dict) -> str:
+    """``dafar quantize`` with the flags that rebuild the recorded configuration (the defaults'
+    own flags for layout and calibration images, always: they say what was measured)."""
+    checks = {k: v for k, v in (cfg.get("checks") or {}).items() if k in asdict(Checks())}
+    qc = QuantizeConfig(layout=cfg.get("layout", "precise"), calib_images=int(cfg.get("calib_images", 256)),
+                        calib_seed=int(cfg.get("calib_seed", 0)),
+                        activation_type=cfg.get("activation_type_onnx", "uint8"),
+                        # runs quantized before the option existed used the full range
+                        onnx_weights=cfg.get("onnx_weights", "int8"), checks=Checks(**checks))
+    return " ".join(["dafar quantize RUN_DIR"] + to_argv(qc, always=("layout", "calib_images")))
 
 
 def _onnx_weights_line(cfg: dict) -> str:
@@ -167,9 +172,7 @@ def write_quantize_report(run_dir) -> Path | None:
          f"(seed {recs[0]['calibration']['seed']}); every number below is measured on the clean test set "
          f"({recs[0]['metrics']['images']} images) or on adversarial images made against the float victim (gray-box), "
          "int8 against its own float source file.", "",
-         "Reproduce: `dafar quantize RUN_DIR --layout " + str(cfg.get("layout")) + f" --calib {recs[0]['calibration']['images']}"
-         + (" --onnx-weights int8" if cfg.get("onnx_weights", "int8") == "int8" else "")
-         + _gate_flags(cfg.get("checks") or {}) + "`", "",
+         f"Reproduce: `{_reproduce(cfg)}`", "",
          "Gates (a model failing one is not written): " + _gates(cfg.get("checks") or {}), "",
          _onnx_weights_line(cfg), "",
          "alpha is recalibrated for each int8 model on its own clean validation scores with the float model's rule, "
@@ -241,3 +244,20 @@ def write_quantize_report(run_dir) -> Path | None:
     path = run_dir / "quantize_report.md"
     atomic_write_text(path, "\n".join(L))
     return path
+
+
+def summary_section(m: dict) -> list[str]:
+    """The int8 headline of ``report.md`` (one row per int8 defence graph), linking the full report."""
+    L = []
+    int8 = {k: v for k, v in m.get("exports", {}).items() if v.get("precision") == "int8" and v["graph"] == "dafar"}
+    if int8:
+        L += ["## int8", "", "Full report: [quantize_report.md](quantize_report.md).", "",
+              "| int8 model | purified acc float -> int8 | FPR float -> int8 | decisions agree | score corr | size |",
+              "|---|---|---|---|---|---|"]
+        for rel, e in sorted(int8.items()):
+            v = e["validation"]
+            L.append(f"| `{Path(rel).name}` | {_pct(v['purified_acc_float'])} -> {_pct(v['purified_acc_int8'])} | "
+                     f"{_pct(v['fpr_float'])} -> {_pct(v['fpr_int8'])} | {_pct(v['decision_agreement'])} | "
+                     f"{v['score_correlation']:.4f} | {100 * v['size_ratio']:.0f}% of float |")
+        L.append("")
+    return L

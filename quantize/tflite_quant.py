@@ -1,8 +1,8 @@
 """int8 TFLite for LiteRT with the detector's float path kept intact.
 
-The conversion runs in the exporter's child process (onnx2tf, then the TF converter with a
+The conversion runs in a child process (the exporter's onnx2tf steps, then the TF converter with a
 representative data set and the quantization debugger's selective quantization); see
-``dafar/export/_tflite_worker.py``.  With the ``precise`` layout the float convolutions get
+``dafar/quantize/_tflite_worker.py``.  With the ``precise`` layout the float convolutions get
 int8-stored weights afterwards (:func:`weight_only_int8`): an int8 per-channel constant and a
 DEQUANTIZE op that rebuilds the float32 weights, the same pattern the TF converter emits for
 float16 weights, so the file shrinks to int8 size while the arithmetic stays float.
@@ -16,10 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from dafar.errors import QuantizationError, require
+from dafar.export.tflite_export import tflite_builtin_names
 
 from .layout import Layout
 
 __all__ = ["quantize_tflite", "weight_only_int8", "tflite_layer_errors"]
+
+_WORKER = "dafar.quantize._tflite_worker"
 
 # weight input index and output-channel axis of each conv/linear op (TFLite layouts)
 _WEIGHT = {"CONV_2D": (1, 0), "TRANSPOSE_CONV": (1, 0), "FULLY_CONNECTED": (1, 0), "DEPTHWISE_CONV_2D": (1, 3)}
@@ -31,8 +34,6 @@ def weight_only_int8(buf: bytes, float_op_names: set[str]) -> tuple[bytes, int]:
     require("ai_edge_litert", "litert", "editing TFLite files")
     import flatbuffers
     from ai_edge_litert import schema_py_generated as S
-
-    from .graphs import tflite_builtin_names
 
     names = tflite_builtin_names()
     m = S.ModelT.InitFromPackedBuf(buf, 0)
@@ -101,8 +102,6 @@ def _float_op_counts(buf: bytes) -> dict[str, int]:
     """Ops per type whose activation input is not int8 (i.e. that compute in float)."""
     from ai_edge_litert import schema_py_generated as S
 
-    from .graphs import tflite_builtin_names
-
     names = tflite_builtin_names()
     m = S.Model.GetRootAs(buf, 0)
     sg = m.Subgraphs(0)
@@ -140,8 +139,8 @@ def quantize_tflite(src_onnx: str | os.PathLike, dst: str | os.PathLike, *, cont
     np.save(calib_path, np.ascontiguousarray(calib))
     try:
         convert_to_tflite(src_onnx, dst, contract=contract, batch=batch, input_chw=input_chw, output_names=output_names,
-                          quantize={"calib": str(calib_path.resolve()), "layout": layout.value,
-                                    "info": str(info_path.resolve())})
+                          worker=_WORKER, extra={"quantize": {"calib": str(calib_path.resolve()), "layout": layout.value,
+                                                              "info": str(info_path.resolve())}})
         info = json.loads(info_path.read_text())
     finally:
         calib_path.unlink(missing_ok=True)
@@ -174,15 +173,13 @@ def tflite_layer_errors(float_path: str | os.PathLike, int8_path: str | os.PathL
                         top: int = 8) -> list[dict]:
     """Per-tensor SQNR (dB) of the int8 model against the float one, for tensors that share a name
     (op outputs keep their TF names through quantization), worst first."""
-    from dafar.runtime.core import _litert_interpreter_class
-
-    Interp = _litert_interpreter_class()
+    from dafar.runtime.backends import LiteRTRunner
 
     from .graphs import tflite_ops
 
     def collect(path):
         produced = {t for op in tflite_ops(Path(path).read_bytes())[0] for t in op.outputs}
-        it = Interp(model_path=str(path), num_threads=1, experimental_preserve_all_tensors=True)
+        it = LiteRTRunner(path, threads=1, preserve_all_tensors=True).interpreter
         it.allocate_tensors()
         details = {d["name"]: d for d in it.get_tensor_details() if d["name"] in produced}
         inp = it.get_input_details()[0]

@@ -20,7 +20,6 @@ Safety properties (each has a test):
 from __future__ import annotations
 
 import os
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -30,24 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from dafar.errors import InferenceError, InputValidationError, ManifestError, MissingExtraError
+from dafar.errors import InferenceError, InputValidationError, ManifestError
 from dafar.manifest import MANIFEST_NAME, read_manifest, verify_files
+from dafar.schema import Detector, ExportEntry, Graph, InputContract, Precision
 
-__all__ = ["Backend", "Provider", "OnInvalid", "Prediction", "Defence", "list_models", "default_model"]
+from .backends import Backend, Provider, open_model
 
-
-class Backend(str, Enum):
-    AUTO = "auto"  # from the file's suffix
-    LITERT = "litert"
-    ONNXRUNTIME = "onnxruntime"
-
-
-class Provider(str, Enum):
-    """ONNX Runtime execution provider."""
-
-    AUTO = "auto"  # CUDA when onnxruntime-gpu sees a GPU, else CPU
-    CPU = "cpu"
-    CUDA = "cuda"
+__all__ = ["OnInvalid", "Prediction", "Defence", "list_models", "default_model"]
 
 
 class OnInvalid(str, Enum):
@@ -103,45 +91,17 @@ def default_model(manifest: dict, prefer: str = "tflite") -> str:
     """The model a device runs when none is named: the defence graph with the L2 detector,
     int8 before float, ``prefer``-format first, batch 1, raw-pixel input first."""
     exports = manifest.get("exports", {})
-    cands = [(rel, e) for rel, e in exports.items() if e.get("graph") == "dafar"]
+    cands = [(rel, e) for rel, e in exports.items() if isinstance(e, dict) and e.get("graph") == Graph.DAFAR.value]
     if not cands:
         raise ManifestError("the run folder has no exported defence graph; run `dafar export` first")
 
     def rank(item):
         rel, e = item
-        return (e.get("format") != prefer, e.get("precision", "float32") != "int8", e.get("detector") != "l2",
-                e.get("batch") not in (1, "dynamic"), e.get("contract") != "uint8-nhwc", rel)
+        return (e.get("format") != prefer, e.get("precision", Precision.FLOAT32.value) != Precision.INT8.value,
+                e.get("detector") != Detector.L2.value, e.get("batch") not in (1, "dynamic"),
+                e.get("contract") != InputContract.UINT8_NHWC.value, rel)
 
     return sorted(cands, key=rank)[0][0]
-
-
-def _ort_providers(ort, provider: Provider) -> list[str]:
-    avail = ort.get_available_providers()
-    if provider is Provider.CPU:
-        return ["CPUExecutionProvider"]
-    if provider is Provider.CUDA:
-        if "CUDAExecutionProvider" not in avail:
-            raise MissingExtraError(
-                "provider='cuda' was asked for, but this onnxruntime has no CUDAExecutionProvider "
-                f"(has {avail}); install onnxruntime-gpu on a machine with a CUDA GPU")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in avail else []) + ["CPUExecutionProvider"]
-
-
-def _litert_interpreter_class():
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-
-        return Interpreter
-    except ImportError:
-        pass
-    try:
-        from tflite_runtime.interpreter import Interpreter  # type: ignore
-
-        return Interpreter
-    except ImportError:
-        raise MissingExtraError(
-            "running .tflite models needs ai-edge-litert (or tflite-runtime): pip install 'dafar[litert]'") from None
 
 
 class Defence:
@@ -153,7 +113,7 @@ class Defence:
 
     ``model`` names a file of the run folder's manifest (``export/...``); ``threads`` sets the
     backend's intra-op threads (default 1, the phone-friendly setting); ``provider`` picks the
-    ONNX Runtime execution provider.
+    ONNX Runtime execution provider.  The model runs through :mod:`dafar.runtime.backends`.
     """
 
     def __init__(self, run_dir: str | os.PathLike, model: str | os.PathLike | None = None, *,
@@ -163,7 +123,7 @@ class Defence:
         t0 = time.perf_counter()
         self.run_dir = Path(run_dir)
         try:
-            self.backend_kind = Backend(backend)
+            backend = Backend(backend)
             self.provider = Provider(provider)
             self.on_invalid = OnInvalid(on_invalid)
         except ValueError as exc:
@@ -177,24 +137,18 @@ class Defence:
         self.manifest = read_manifest(self.run_dir)  # refuses an edited manifest
         rel = self._resolve_model(model)
         self.model_rel = rel
-        self.entry: dict = self.manifest["exports"][rel]
+        self.spec = ExportEntry.parse(rel, self.manifest["exports"][rel], str(self.run_dir / MANIFEST_NAME))
+        self.entry: dict = self.spec.raw
         if verify:
             verify_files(self.run_dir, self.manifest, [rel])  # before the backend reads a byte of it
         self.model_path = self.run_dir / rel
-        suffix = self.model_path.suffix.lower()
-        if self.backend_kind is Backend.AUTO:
-            self.backend_kind = {".tflite": Backend.LITERT, ".onnx": Backend.ONNXRUNTIME}.get(suffix, Backend.AUTO)
-        want = {Backend.LITERT: ".tflite", Backend.ONNXRUNTIME: ".onnx"}.get(self.backend_kind)
-        if want != suffix:
-            raise InputValidationError(f"{rel}: backend {self.backend_kind.value!r} cannot run a {suffix or 'suffix-less'} file")
         self._read_spec()
-        self._local = threading.local()
-        self._lock = threading.Lock()
-        if self.backend_kind is Backend.ONNXRUNTIME:
-            self._session = self._make_ort()
-        else:
-            self._interp_cls = _litert_interpreter_class()
-            self._new_litert()  # fail now (corrupt file, missing ops), not on the first image
+        if Backend.for_path(self.model_path) is Backend.ONNXRUNTIME and backend is not Backend.LITERT:
+            self._warn_int8_saturation()
+        self.runner = open_model(self.model_path, backend, threads=threads, provider=self.provider)
+        self.backend_kind = self.runner.backend
+        if self.runner.input_dtype != self.input_dtype:
+            raise ManifestError(f"{rel}: the file takes {self.runner.input_dtype} input, the manifest says {self.input_dtype}")
         self.init_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ set-up
@@ -217,32 +171,21 @@ class Defence:
         return rel
 
     def _read_spec(self) -> None:
-        e = self.entry
-        inp = e.get("input")
-        if not isinstance(inp, dict) or "shape" not in inp or "dtype" not in inp:
-            raise ManifestError(f"{self.run_dir / MANIFEST_NAME}: export {self.model_rel} has no input spec")
-        self.contract = e.get("contract", "float-nchw")
-        self.batch = inp["shape"][0] if isinstance(inp["shape"][0], int) else None  # None: dynamic
-        if self.contract == "uint8-nhwc":
-            _, h, w, c = inp["shape"]
-        else:
-            _, c, h, w = inp["shape"]
-        self.chw = (int(c), int(h), int(w))
-        self.input_dtype = np.dtype(inp["dtype"])
-        self.graph = e.get("graph", "dafar")
-        self.output_names = [o["name"] for o in e.get("outputs", [])]
-        self.alpha = e.get("alpha")
-        self.detector = e.get("detector")
-        self.precision = e.get("precision", "float32")
-        self.num_classes = int(e.get("num_classes", self.manifest.get("architecture", {}).get("num_classes", 10)))
+        s = self.spec
+        self.contract = s.contract.value
+        self.batch = s.batch  # None: dynamic
+        self.chw = s.chw
+        self.input_dtype = s.contract.dtype
+        self.graph = s.graph.value
+        self.output_names = [o["name"] for o in self.entry.get("outputs", [])]
+        self.alpha = s.alpha
+        self.detector = s.detector.value if s.detector else None
+        self.precision = s.precision.value
+        self.num_classes = s.num_classes
         classes = self.manifest.get("dataset", {}).get("classes")
         self.classes = list(classes) if classes else [str(i) for i in range(self.num_classes)]
 
-    def _make_ort(self):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise MissingExtraError("running .onnx models needs onnxruntime: pip install 'dafar[onnx-runtime]'") from None
+    def _warn_int8_saturation(self) -> None:
         if self.precision == "int8" and (self.entry.get("quantization") or {}).get("weight_bits", 8) == 8:
             from .cpu import int8_saturation_risk
 
@@ -250,31 +193,7 @@ class Defence:
                 warnings.warn(f"{self.model_rel} has full-range int8 weights, and this x86 CPU has no VNNI: ONNX "
                               "Runtime's int8 kernels saturate here and the model loses accuracy (the quantize "
                               "report's numbers do not hold on this CPU). Re-quantize with `dafar quantize "
-                              "--onnx-weights int7` (the default), or run the .tflite file.", RuntimeWarning, stacklevel=3)
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if self.threads:
-            so.intra_op_num_threads = self.threads
-            so.inter_op_num_threads = 1
-        try:
-            return ort.InferenceSession(str(self.model_path), so, providers=_ort_providers(ort, self.provider))
-        except MissingExtraError:
-            raise
-        except Exception as exc:
-            raise InferenceError(f"onnxruntime cannot load {self.model_path}: {type(exc).__name__}: {exc}") from exc
-
-    def _new_litert(self):
-        try:
-            interp = self._interp_cls(model_path=str(self.model_path), num_threads=self.threads or 1)
-            runner = interp.get_signature_runner("serving_default")
-        except Exception as exc:
-            raise InferenceError(f"LiteRT cannot load {self.model_path}: {type(exc).__name__}: {exc}") from exc
-        self._local.runner = runner
-        return runner
-
-    def _runner(self):
-        r = getattr(self._local, "runner", None)
-        return r if r is not None else self._new_litert()
+                              "--onnx-weights int7` (the default), or run the .tflite file.", RuntimeWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ input handling
     def _as_batch(self, images) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -363,29 +282,19 @@ class Defence:
         raise InputValidationError(f"images of shape {tuple(x.shape)} do not fit this model: expected {want}")
 
     # ------------------------------------------------------------------ inference
-    def _run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        if self.backend_kind is Backend.ONNXRUNTIME:
-            names = [o.name for o in self._session.get_outputs()]
-            try:
-                res = self._session.run(names, {"x": x})
-            except Exception as exc:
-                raise InferenceError(f"onnxruntime failed on {self.model_rel}: {type(exc).__name__}: {exc}") from exc
-            return dict(zip(names, res))
-        runner = self._runner()
-        n = x.shape[0]
-        b = self.batch or 1
-        outs: dict[str, list] = {}
-        for i in range(0, n, b):
-            chunk = x[i: i + b]
-            if len(chunk) < b:  # fixed-batch model: pad with copies of the last image, drop after
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], b - len(chunk), axis=0)])
-            try:
-                res = runner(x=chunk)
-            except Exception as exc:
-                raise InferenceError(f"LiteRT failed on {self.model_rel}: {type(exc).__name__}: {exc}") from exc
-            for k, v in res.items():
-                outs.setdefault(k, []).append(np.array(v))  # copy: runner buffers are reused
-        return {k: np.concatenate(v)[:n] for k, v in outs.items()}
+    def prepare(self, images) -> np.ndarray:
+        """Validate ``images`` and return them as this model's input array (raises
+        :class:`InputValidationError` on any bad image, whatever ``on_invalid`` says)."""
+        x, invalid, reasons = self._as_batch(images)
+        if invalid.any():
+            raise InputValidationError("; ".join(reasons[:3]))
+        return x
+
+    def run_prepared(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph's raw outputs by name for an input already in the model's layout and dtype
+        (from :meth:`prepare`): no validation, no fail-closed post-processing.  A fixed-batch file
+        gets batches of its size (padded); for benchmarking, pass exactly one batch."""
+        return self.runner.run(x)
 
     def predict(self, images, *, batch_size: int = 256) -> Prediction:
         """Classify ``images``: one image or a batch, uint8 pixels or floats in [0, 1]."""
@@ -396,7 +305,7 @@ class Defence:
         if self.batch:
             batch_size = max(self.batch, batch_size - batch_size % self.batch)
         t0 = time.perf_counter()
-        parts = [self._run(x[i: i + batch_size]) for i in range(0, n, batch_size)]
+        parts = [self.runner.run(x[i: i + batch_size], batch_size) for i in range(0, n, batch_size)]
         seconds = time.perf_counter() - t0
         out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         for need in ("label", "logits"):
@@ -428,7 +337,7 @@ class Defence:
                 "format": self.entry.get("format"), "precision": self.precision, "graph": self.graph,
                 "detector": self.detector, "contract": self.contract, "batch": self.batch or "dynamic",
                 "alpha": self.alpha, "threshold_rule": self.entry.get("threshold_rule"), "threads": self.threads,
-                "providers": self._session.get_providers() if self.backend_kind is Backend.ONNXRUNTIME else None}
+                "providers": getattr(self.runner, "providers", None)}
 
     def __repr__(self) -> str:
         return f"Defence({self.run_dir}, {self.model_rel!r}, backend={self.backend_kind.value})"

@@ -101,7 +101,7 @@ def exported_run(tmp_path_factory):
     pytest.importorskip("onnx2tf")
     pytest.importorskip("ai_edge_litert")
     if not _EXPORTED:
-        from dafar.export.api import ExportConfig, export_run
+        from dafar.export import ExportConfig, export
         from dafar.train.config import TrainConfig
         from dafar.train.trainer import train
 
@@ -109,7 +109,7 @@ def exported_run(tmp_path_factory):
         cfg = TrainConfig.for_profile("mnist", "quick", train_limit=2000, test_limit=400, val_size=500, batch_size=64,
                                       epochs=2, detector_epochs=2, threads=2)
         run = train(cfg, root, quiet=True).run_dir
-        export_run(run, ExportConfig(detectors=("l2", "autoencoder"), contracts=("float-nchw", "uint8-nhwc"),
+        export(run, ExportConfig(detectors=("l2", "autoencoder"), contracts=("float-nchw", "uint8-nhwc"),
                                      validate_images=400), log=lambda *a: None)
         _EXPORTED.append(run)
     return _EXPORTED[0]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.arm64
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "arm64_check.sh"
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "scripts" / "arm64_check.sh"
 
 
 def test_every_model_matches_on_emulated_aarch64(exported_run, tmp_path):

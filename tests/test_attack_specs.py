@@ -1,8 +1,8 @@
 """The evaluation's default attack settings and their translation into ART attacks (fast: no attack runs)."""
 import pytest
 
-from dafar.bench.attacks import Attack, _make, spec_from_string
-from dafar.bench.evaluate import default_attacks
+from dafar.bench.security.evaluate import default_attacks
+from dafar.train.attacks import Attack, _make, spec_from_string
 
 
 def test_default_attacks_cover_every_family_and_budget():

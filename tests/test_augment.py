@@ -2,8 +2,8 @@
 import numpy as np
 import torch
 
-from dafar.train.config import Augment
 from dafar.data import sample_index
+from dafar.train.config import Augment
 from dafar.train.trainer import _augment
 
 

@@ -6,8 +6,8 @@ import re
 import numpy as np
 import pytest
 
-from dafar.bench.harness import BenchConfig, latency_stats
-from dafar.bench.macs import fused_costs, subnet_costs
+from dafar.bench.perf.harness import BenchConfig, latency_stats
+from dafar.bench.perf.macs import fused_costs, subnet_costs
 from dafar.errors import ConfigError
 
 
@@ -60,8 +60,8 @@ def test_latency_stats_and_config_errors():
 
 @pytest.mark.slow
 def test_bench_small_run_writes_records_and_report(run_clone):
-    from dafar.bench.harness import run_bench
-    from dafar.bench.report import write_bench_report
+    from dafar.bench.perf.harness import run_bench
+    from dafar.bench.perf.report import write_bench_report
 
     models = ("export/dafar-l2-float-nchw.onnx", "export/dafar-l2-float-nchw-b1.tflite",
               "export/victim-float-nchw.onnx", "export/victim-float-nchw-b1.tflite")
@@ -114,7 +114,7 @@ def test_bench_device_only_has_no_torch(exported_run, tmp_path):
 
 def test_train_speed_measures_both_models(capsys):
     pytest.importorskip("torch")
-    from dafar.bench import train_speed
+    from dafar.bench.perf import train_speed
 
     r = train_speed.measure("mnist", batch_size=4, steps=2, threads=1)
     for name in ("joint", "victim_only"):
@@ -129,7 +129,7 @@ def test_train_speed_measures_both_models(capsys):
 def test_collect_keeps_a_runs_reports_with_their_plots_and_records(run_clone, tmp_path, capsys):
     from dafar.cli import main
     from dafar.errors import RunFolderError
-    from dafar.train.report import write_report
+    from dafar.report import write_run_report as write_report
 
     write_report(run_clone)
     dest = tmp_path / "reports" / "mnist"

@@ -67,7 +67,7 @@ def test_frozen_and_round_trip():
 
 def test_attack_budgets_read_as_the_data_set_writes_them():
     # CIFAR-10 budgets are k/255; a report that printed "pgd-eps0.0313725" would hide which one
-    from dafar.bench.attacks import attack_label, eps_label, spec_from_string
+    from dafar.train.attacks import attack_label, eps_label, spec_from_string
 
     assert eps_label(8 / 255) == "8/255" and eps_label(1.0) == "1" and eps_label(0.2) == "0.2"
     assert attack_label(spec_from_string(f"pgd@{16 / 255!r},max_iter=20").key) == "pgd-eps16/255-max_iter20"

@@ -4,12 +4,18 @@ import shutil
 
 import numpy as np
 import pytest
-
-from dafar.data import (CIFAR10_CLASSES, VENDORED_MNIST, _load_cifar_batches, load_cifar10, load_dataset,
-                        load_mnist, split_train_val)
-from dafar.errors import ConfigError, DataCorruptError, DataNotFoundError
-
 from conftest import make_image_folder, write_idx
+
+from dafar.data import (
+    CIFAR10_CLASSES,
+    VENDORED_MNIST,
+    _load_cifar_batches,
+    load_cifar10,
+    load_dataset,
+    load_mnist,
+    split_train_val,
+)
+from dafar.errors import ConfigError, DataCorruptError, DataNotFoundError
 
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]

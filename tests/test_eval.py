@@ -19,7 +19,7 @@ def eval_run(exported_run, tmp_path_factory):
 
 
 def test_attack_wrappers_respect_their_budgets(eval_run):
-    from dafar.bench.attacks import attack_sets, spec_from_string
+    from dafar.train.attacks import attack_sets, spec_from_string
 
     specs = [spec_from_string(s) for s in ("fgsm@0.1", "pgd@0.2,max_iter=5", "noise@0.3", "cw-l2@max_iter=5,binary_search_steps=2",
                                            "jsma@theta=1,gamma=0.05")]
@@ -40,7 +40,7 @@ def test_attack_wrappers_respect_their_budgets(eval_run):
     m = json.loads((eval_run / "manifest.json").read_text())
     assert any(k.startswith("attacks/fgsm-eps0.1") for k in m["files"])
     # the images are the ones the victim gets right
-    from dafar.bench.attacks import victim_classifier
+    from dafar.train.attacks import victim_classifier
 
     _, model, _ = victim_classifier(eval_run)
     import torch
@@ -52,8 +52,8 @@ def test_attack_wrappers_respect_their_budgets(eval_run):
 def test_adaptive_loss_gradient_reaches_the_input(eval_run):
     import torch
 
-    from dafar.bench.adaptive import DafarTarget, pgd_attack
-    from dafar.bench.attacks import select_images
+    from dafar.bench.security.adaptive import DafarTarget, pgd_attack
+    from dafar.train.attacks import select_images
     from dafar.train.loading import load_dafar
 
     net, m = load_dafar(eval_run)
@@ -76,8 +76,8 @@ def test_adaptive_loss_gradient_reaches_the_input(eval_run):
 
 
 def test_eval_end_to_end_writes_records_and_report(eval_run):
-    from dafar.bench.eval_report import write_eval_report
-    from dafar.bench.evaluate import EvalConfig, run_eval
+    from dafar.bench.security.evaluate import EvalConfig, run_eval
+    from dafar.bench.security.report import write_eval_report
 
     cfg = EvalConfig(images=12, slow_images=4, eps=(0.1, 0.3), clean_images=100, peer_train_images=400, peer_epochs=1,
                      adaptive_images=6, adaptive_steps=3, adaptive_restarts=1, adaptive_eps=(0.1, 1.0))
@@ -100,8 +100,8 @@ def test_eval_end_to_end_writes_records_and_report(eval_run):
 
     # a rerun (an interrupted evaluation resumed) reuses the trained peers and every adaptive piece
     # whose key still matches; a damaged cache entry is recomputed, never trusted
-    import dafar.bench.adaptive as A
-    import dafar.bench.peers as P
+    import dafar.bench.security.adaptive as A
+    import dafar.bench.security.peers as P
 
     calls = []
     real_pgd = A.pgd_attack

@@ -7,10 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from dafar.errors import (ConfigError, DecisionMismatchError, HashMismatchError, ManifestError, OutputShapeError,
-                          ToleranceError, UnsupportedOpError)
+from dafar.errors import (
+    ConfigError,
+    DecisionMismatchError,
+    HashMismatchError,
+    ManifestError,
+    OutputShapeError,
+    ToleranceError,
+    UnsupportedOpError,
+)
 from dafar.export.fused import OUTPUT_NAMES, FusedDafar
-from dafar.export.validate import Tolerance, compare_outputs
+from dafar.export.validate import Tolerance, validate_model_outputs
 from dafar.manifest import load_manifest, read_manifest, sha256_file, write_manifest
 from dafar.train.models import build_dafar, l2_per_sample
 
@@ -62,51 +69,52 @@ def test_autoencoder_detector_needs_c():
         FusedDafar(_net(), float("inf"))
 
 
-def test_compare_outputs_typed_errors():
+def test_validate_model_outputs_typed_errors():
     ref = {"label": np.arange(10), "score": np.linspace(1, 2, 10).astype(np.float32), "rejected": np.zeros(10, bool),
            "logits": np.zeros((10, 3), np.float32)}
-    ok = compare_outputs(ref, dict(ref), Tolerance(), "same")
+    ok = validate_model_outputs(ref, dict(ref), Tolerance(), "same")
     assert ok["label_agreement"] == 1.0 and ok["score_rel_err_max"] == 0.0
     with pytest.raises(OutputShapeError, match="missing"):
-        compare_outputs(ref, {k: v for k, v in ref.items() if k != "score"}, Tolerance(), "m")
+        validate_model_outputs(ref, {k: v for k, v in ref.items() if k != "score"}, Tolerance(), "m")
     with pytest.raises(OutputShapeError, match="shape"):
-        compare_outputs(ref, {**ref, "logits": np.zeros((10, 4))}, Tolerance(), "m")
+        validate_model_outputs(ref, {**ref, "logits": np.zeros((10, 4))}, Tolerance(), "m")
     bad = ref["label"].copy()
     bad[0] = 9
     with pytest.raises(DecisionMismatchError, match="90.000%"):
-        compare_outputs(ref, {**ref, "label": bad}, Tolerance(), "m")
+        validate_model_outputs(ref, {**ref, "label": bad}, Tolerance(), "m")
     with pytest.raises(ToleranceError, match="median"):
-        compare_outputs(ref, {**ref, "score": ref["score"] * 1.01}, Tolerance(), "m")
+        validate_model_outputs(ref, {**ref, "score": ref["score"] * 1.01}, Tolerance(), "m")
     one_off = ref["score"].copy()
     one_off[3] *= 1.01  # one near-tie outlier of 10 images: allowed only with a 10% allowance
     with pytest.raises(ToleranceError, match="1 of 10 images"):
-        compare_outputs(ref, {**ref, "score": one_off}, Tolerance(), "m")
-    rep = compare_outputs(ref, {**ref, "score": one_off}, Tolerance(max_outlier_fraction=0.1), "m")
+        validate_model_outputs(ref, {**ref, "score": one_off}, Tolerance(), "m")
+    rep = validate_model_outputs(ref, {**ref, "score": one_off}, Tolerance(max_outlier_fraction=0.1), "m")
     assert rep["outlier_images"] == 1 and rep["score_rel_err_max"] == pytest.approx(0.01, rel=1e-3)
     with pytest.raises(ToleranceError, match="logits"):
-        compare_outputs(ref, {**ref, "logits": ref["logits"] + 0.1}, Tolerance(), "m")
+        validate_model_outputs(ref, {**ref, "logits": ref["logits"] + 0.1}, Tolerance(), "m")
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("unpool", ["mask", "maxunpool"])
 def test_onnx_dynamic_batch_parity(tmp_path, unpool):
-    from dafar.export.onnx_export import export_onnx, onnx_op_counts, ort_session, run_onnx
+    from dafar.export.onnx_export import export_onnx, onnx_op_counts
+    from dafar.runtime.backends import OnnxRuntimeRunner
 
     net = _net(unpool=unpool)
     fused = FusedDafar(net, 3.0, "autoencoder").eval()
     path = export_onnx(fused, torch.rand(2, 1, 28, 28), tmp_path / "m.onnx", OUTPUT_NAMES)
-    sess = ort_session(path)
-    assert [o.name for o in sess.get_outputs()] == list(OUTPUT_NAMES)
+    sess = OnnxRuntimeRunner(path)
+    assert sess.output_names == list(OUTPUT_NAMES) and sess.batch is None
     for n in (1, 5):
         x = np.random.default_rng(n).random((n, 1, 28, 28), dtype=np.float32)
-        got = run_onnx(sess, x)
+        got = sess.run(x)
         with torch.no_grad():
             ref = [t.numpy() for t in fused(torch.from_numpy(x))]
         for name, r in zip(OUTPUT_NAMES, ref):
             np.testing.assert_allclose(got[name], r, rtol=1e-4, atol=1e-5)
     x = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
     x[0, 0, 0, 0] = np.nan
-    assert run_onnx(sess, x)["rejected"][0]  # fails closed in the exported graph too
+    assert sess.run(x)["rejected"][0]  # fails closed in the exported graph too
     ops = onnx_op_counts(path)
     assert ("MaxUnpool" in ops or "ScatterND" in ops) == (unpool == "maxunpool")
 
@@ -138,11 +146,11 @@ def run_copy(mnist_run, tmp_path):
 
 @pytest.mark.slow
 def test_export_both_formats_detectors_and_contracts(run_copy):
-    from dafar.export.api import ExportConfig, export_run
-    from dafar.export.tflite_export import run_tflite, signature_io, tflite_interpreter
+    from dafar.export import ExportConfig, export
+    from dafar.runtime.backends import LiteRTRunner, OnnxRuntimeRunner
 
     cfg = ExportConfig(detectors=("l2", "autoencoder"), contracts=("float-nchw", "uint8-nhwc"), validate_images=100)
-    entries = export_run(run_copy, cfg, log=lambda *a: None)
+    entries = export(run_copy, cfg, log=lambda *a: None).entries
     m = load_manifest(run_copy)  # all hashes, exports included
     expect = {f"export/{g}-{c}{suf}" for c in ("float-nchw", "uint8-nhwc") for suf in (".onnx", "-b1.tflite")
               for g in ("dafar-l2", "dafar-autoencoder", "victim")}
@@ -158,8 +166,7 @@ def test_export_both_formats_detectors_and_contracts(run_copy):
             assert e["alpha"] == m["thresholds"]["l2" if e["detector"] == "l2" else "autoencoder"]["rules"][e["threshold_rule"]]["alpha"]
         if e["format"] == "tflite":
             assert all(op.isupper() and not op.startswith("CUSTOM") for op in e["ops"]), e["ops"]
-            interp = tflite_interpreter(run_copy / rel)
-            io = signature_io(interp)
+            io = LiteRTRunner(run_copy / rel).signature()
             assert list(io["inputs"]) == ["x"]
             want_out = set(OUTPUT_NAMES) if e["graph"] == "dafar" else {"label", "logits"}
             assert set(io["outputs"]) == want_out
@@ -170,22 +177,21 @@ def test_export_both_formats_detectors_and_contracts(run_copy):
         else:
             assert e["batch"] == "dynamic" and "MaxUnpool" not in e["ops"]
     # the uint8 TFLite defence fed raw pixels decides like the float ONNX one fed x/255
-    from dafar.export.api import test_images
-    from dafar.export.onnx_export import ort_session, run_onnx
+    from dafar.run import RunFolder
 
-    u8, _ = test_images(m, limit=20)
-    a = run_tflite(tflite_interpreter(run_copy / "export/dafar-l2-uint8-nhwc-b1.tflite"), u8.transpose(0, 2, 3, 1).copy())
-    b = run_onnx(ort_session(run_copy / "export/dafar-l2-float-nchw.onnx"), u8.astype(np.float32) / 255)
+    u8 = RunFolder(run_copy, m).test_set(limit=20).images
+    a = LiteRTRunner(run_copy / "export/dafar-l2-uint8-nhwc-b1.tflite").run(u8.transpose(0, 2, 3, 1).copy())
+    b = OnnxRuntimeRunner(run_copy / "export/dafar-l2-float-nchw.onnx").run(u8.astype(np.float32) / 255)
     assert np.array_equal(a["label"], b["label"]) and np.array_equal(a["rejected"], b["rejected"])
     np.testing.assert_allclose(a["score"], b["score"], rtol=1e-4)
 
 
 @pytest.mark.slow
 def test_tflite_batch_n_and_threshold_rule(run_copy):
-    from dafar.export.api import ExportConfig, export_run
+    from dafar.export import ExportConfig, export
 
-    entries = export_run(run_copy, ExportConfig(formats=("tflite",), tflite_batches=(4,), victim=False, validate_images=102,
-                                                threshold_rule="quantile@fpr=0.05"), log=lambda *a: None)
+    entries = export(run_copy, ExportConfig(formats=("tflite",), tflite_batches=(4,), victim=False, validate_images=102,
+                                                threshold_rule="quantile@fpr=0.05"), log=lambda *a: None).entries
     (rel, e), = entries.items()
     assert rel == "export/dafar-l2-float-nchw-b4.tflite" and e["input"]["shape"] == [4, 1, 28, 28]
     assert e["threshold_rule"] == "quantile@fpr=0.05"
@@ -197,8 +203,9 @@ def test_three_channel_model_converts_offline(tmp_path):
     """onnx2tf fetches a sample file from the web for 3-channel inputs; the exporter must not need it."""
     pytest.importorskip("onnx2tf")
     from conftest import make_image_folder
+
     from dafar.data import CIFAR10_CLASSES
-    from dafar.export.api import ExportConfig, export_run
+    from dafar.export import ExportConfig, export
 
     root = make_image_folder(tmp_path / "c10", CIFAR10_CLASSES, per_class=4)
     from dafar.train.config import TrainConfig
@@ -212,8 +219,8 @@ def test_three_channel_model_converts_offline(tmp_path):
     for k in env:
         os.environ[k] = "http://127.0.0.1:9"
     try:
-        entries = export_run(run, ExportConfig(formats=("tflite",), victim=False, validate_images=40), data_dir=root,
-                             log=lambda *a: None)
+        entries = export(run, ExportConfig(formats=("tflite",), victim=False, validate_images=40), data_dir=root,
+                         log=lambda *a: None).entries
     finally:
         for k, v in env.items():
             if v is None:
@@ -227,7 +234,7 @@ def test_three_channel_model_converts_offline(tmp_path):
 @pytest.mark.slow
 def test_bad_run_folders_and_options(run_copy, tmp_path, capsys):
     from dafar.cli import main
-    from dafar.export.api import ExportConfig, export_run
+    from dafar.export import ExportConfig, export
 
     with pytest.raises(ConfigError, match="unknown format"):
         ExportConfig(formats=("coreml",))
@@ -239,10 +246,10 @@ def test_bad_run_folders_and_options(run_copy, tmp_path, capsys):
     before = sha256_file(run_copy / "manifest.json")
     # an unknown threshold rule
     with pytest.raises(ManifestError, match="no threshold rule"):
-        export_run(run_copy, ExportConfig(formats=("onnx",), threshold_rule="median"), log=lambda *a: None)
+        export(run_copy, ExportConfig(formats=("onnx",), threshold_rule="median"), log=lambda *a: None)
     # an impossible tolerance: the export fails validation and leaves nothing behind
     with pytest.raises(ToleranceError):
-        export_run(run_copy, ExportConfig(formats=("onnx",), victim=False,
+        export(run_copy, ExportConfig(formats=("onnx",), victim=False,
                                           tolerance=Tolerance(score_rtol_median=0.0, score_rtol_max=0.0)),
                    log=lambda *a: None)
     assert sha256_file(run_copy / "manifest.json") == before
@@ -251,34 +258,34 @@ def test_bad_run_folders_and_options(run_copy, tmp_path, capsys):
     p = run_copy / "weights" / "F.safetensors"
     p.write_bytes(p.read_bytes()[:-1] + b"\0")
     with pytest.raises(HashMismatchError, match="F.safetensors"):
-        export_run(run_copy, ExportConfig(formats=("onnx",)), log=lambda *a: None)
+        export(run_copy, ExportConfig(formats=("onnx",)), log=lambda *a: None)
     # a run folder without its weights
     p.unlink()
     from dafar.errors import RunFolderError
 
     with pytest.raises(RunFolderError, match="F.safetensors"):
-        export_run(run_copy, ExportConfig(formats=("onnx",)), log=lambda *a: None)
+        export(run_copy, ExportConfig(formats=("onnx",)), log=lambda *a: None)
 
 
 @pytest.mark.slow
 def test_missing_alpha_is_a_clear_error(run_copy):
-    from dafar.export.api import ExportConfig, export_run
+    from dafar.export import ExportConfig, export
 
     m = read_manifest(run_copy)
     del m["thresholds"]["l2"]["rules"][m["thresholds"]["l2"]["default"]]["alpha"]
     write_manifest(run_copy, m)
     with pytest.raises(ManifestError, match="no finite alpha"):
-        export_run(run_copy, ExportConfig(formats=("onnx",)), log=lambda *a: None)
+        export(run_copy, ExportConfig(formats=("onnx",)), log=lambda *a: None)
     m = read_manifest(run_copy)
     del m["thresholds"]["l2"]
     write_manifest(run_copy, m)
     with pytest.raises(ManifestError, match="thresholds.l2"):
-        export_run(run_copy, ExportConfig(formats=("onnx",)), log=lambda *a: None)
+        export(run_copy, ExportConfig(formats=("onnx",)), log=lambda *a: None)
 
 
 @pytest.mark.slow
 def test_maxunpool_runs_refuse_tflite(tmp_path):
-    from dafar.export.api import ExportConfig, export_run
+    from dafar.export import ExportConfig, export
     from dafar.train.config import TrainConfig
     from dafar.train.trainer import train
 
@@ -286,8 +293,8 @@ def test_maxunpool_runs_refuse_tflite(tmp_path):
                                   epochs=1, detector=False, unpool="maxunpool", threads=2)
     run = train(cfg, tmp_path / "mu", quiet=True).run_dir
     with pytest.raises(UnsupportedOpError, match="FlexMaxPoolWithArgmax"):
-        export_run(run, ExportConfig(formats=("tflite",)), log=lambda *a: None)
-    entries = export_run(run, ExportConfig(formats=("onnx",), validate_images=200), log=lambda *a: None)
+        export(run, ExportConfig(formats=("tflite",)), log=lambda *a: None)
+    entries = export(run, ExportConfig(formats=("onnx",), validate_images=200), log=lambda *a: None).entries
     assert entries["export/dafar-l2-float-nchw.onnx"]["validation"]["rejected_agreement"] == 1.0
 
 

@@ -3,8 +3,15 @@ import json
 import pytest
 
 from dafar.errors import HashMismatchError, ManifestError, RunFolderError
-from dafar.manifest import (MANIFEST_NAME, atomic_write_bytes, file_entry, get_field, load_manifest, read_manifest,
-                            write_manifest)
+from dafar.manifest import (
+    MANIFEST_NAME,
+    atomic_write_bytes,
+    file_entry,
+    get_field,
+    load_manifest,
+    read_manifest,
+    write_manifest,
+)
 
 
 def _run(tmp_path):

@@ -2,8 +2,16 @@
 import numpy as np
 import pytest
 
-from dafar.bench.metrics import (defence_success, detection_rate, hybrid_accuracy, robust_accuracy, roc_auc, roc_curve,
-                                 threshold_at_fpr, tpr_at_fpr)
+from dafar.bench.security.metrics import (
+    defence_success,
+    detection_rate,
+    hybrid_accuracy,
+    robust_accuracy,
+    roc_auc,
+    roc_curve,
+    threshold_at_fpr,
+    tpr_at_fpr,
+)
 
 
 def test_roc_auc_known_values():

@@ -131,7 +131,7 @@ def test_report_of_a_published_model_shows_its_whole_recorded_training(tmp_path)
     """A published model may come from chained runs (``--init-from``); its report gives the
     recorded command, not a reconstruction of the last run's flags."""
     pytest.importorskip("matplotlib")
-    from dafar.train.report import write_report
+    from dafar.report import write_run_report as write_report
 
     run = pretrained.materialize("mnist", tmp_path / "run")
     text = write_report(run).read_text()

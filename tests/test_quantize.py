@@ -59,7 +59,7 @@ def test_config_errors():
         QuantizeConfig(layout="int4")
     with pytest.raises(ConfigError, match="unknown format"):
         QuantizeConfig(formats=("coreml",))
-    with pytest.raises(ConfigError, match="onnx_weights must be int7 or int8"):
+    with pytest.raises(ConfigError, match="onnx weight range 'int4'"):
         QuantizeConfig(onnx_weights="int4")
     assert QuantizeConfig().onnx_weights.bits == 7  # the range that is safe on every CPU
     assert QuantizeConfig(onnx_weights="int8").onnx_weights.bits == 8
@@ -112,11 +112,13 @@ def test_onnx_weight_range_is_what_was_asked(tmp_path):
 
 def test_gates_are_settable_and_reported_with_the_flags_that_reproduce_them():
     from dafar.cli import build_parser
-    from dafar.quantize.api import Checks, _check
-    from dafar.quantize.report import _gate_flags, _gates
+    from dafar.options import config_kwargs
+    from dafar.quantize.api import Checks, QuantizeConfig, _check
+    from dafar.quantize.report import _gates, _reproduce
 
     args = build_parser().parse_args(["quantize", "RUN", "--min-label-agreement", "0.98", "--max-accuracy-drop", "0.01"])
-    assert (args.min_label_agreement, args.max_accuracy_drop, args.min_decision_agreement) == (0.98, 0.01, 0.99)
+    c = QuantizeConfig(**config_kwargs(QuantizeConfig, args)).checks
+    assert (c.min_label_agreement, c.max_accuracy_drop, c.min_decision_agreement) == (0.98, 0.01, 0.99)
     with pytest.raises(ConfigError, match="min_label_agreement"):
         Checks(min_label_agreement=98)  # a percentage where a fraction belongs
     r = {"label_agreement": 0.9874, "purified_acc_float": 0.845, "purified_acc_int8": 0.842}
@@ -125,8 +127,11 @@ def test_gates_are_settable_and_reported_with_the_flags_that_reproduce_them():
     _check(r, Checks(min_label_agreement=0.98), "m")  # the relaxed gate passes it
     with pytest.raises(QuantizationError, match="purified accuracy fell"):
         _check(r, Checks(min_label_agreement=0.98, max_accuracy_drop=0.002), "m")
-    assert _gate_flags({}) == "" and _gate_flags({**Checks().__dict__}) == ""
-    assert _gate_flags({"min_label_agreement": 0.98}) == " --min-label-agreement 0.98"
+    base = {"layout": "precise", "calib_images": 256, "onnx_weights": "int7"}
+    assert _reproduce(base) == _reproduce({**base, "checks": {**Checks().__dict__}}) == \
+        "dafar quantize RUN_DIR --layout precise --calib 256"
+    assert _reproduce({**base, "checks": {"min_label_agreement": 0.98}}).endswith(" --min-label-agreement 0.98")
+    assert "--onnx-weights int8" in _reproduce({"layout": "precise", "calib_images": 256})  # recorded before int7
     assert "top-1 agreement >= 98.0%" in _gates({"min_label_agreement": 0.98})
 
 
@@ -155,7 +160,7 @@ def test_alpha_edit_round_trip(exported_run, tmp_path):
     import shutil
 
     from dafar.quantize.graphs import get_alpha_onnx, get_alpha_tflite, set_alpha_onnx, set_alpha_tflite
-    from dafar.runtime.core import _litert_interpreter_class
+    from dafar.runtime.backends import LiteRTRunner
 
     x = np.random.default_rng(1).random((1, 1, 28, 28), dtype=np.float32)
     o = tmp_path / "m.onnx"
@@ -170,7 +175,7 @@ def test_alpha_edit_round_trip(exported_run, tmp_path):
         set_alpha_tflite(t, alpha)
         assert get_alpha_onnx(o) == np.float32(alpha) and get_alpha_tflite(t) == np.float32(alpha)
         assert bool(ort.InferenceSession(str(o)).run(["rejected"], {"x": x})[0][0]) is want
-        r = _litert_interpreter_class()(model_path=str(t)).get_signature_runner()(x=x)
+        r = LiteRTRunner(t).run(x)
         assert bool(r["rejected"][0]) is want
     from dafar.errors import ExportError
 
@@ -190,16 +195,18 @@ def quantized(exported_run, tmp_path_factory):
     # a small model's purified labels are less stable than a trained one's (on MNIST proper int8 keeps
     # >= 99.9% of them): the top-1 and accuracy checks are looser here, the decision checks are not
     cfg = QuantizeConfig(contracts=("float-nchw", "uint8-nhwc"), detectors=("l2", "autoencoder"), validate_images=400,
-                         calib_images=64, checks=Checks(min_label_agreement=0.97, max_accuracy_drop=0.015))
-    entries = quantize_run(run, cfg, attack_images=40, attack_specs=["fgsm@0.2"], log=lambda *a: None)
+                         calib_images=64, checks=Checks(min_label_agreement=0.97, max_accuracy_drop=0.015),
+                         attack_images=40, attacks=("fgsm@0.2",))
+    entries = quantize_run(run, cfg, log=lambda *a: None)
     return run, entries
 
 
 @pytest.mark.slow
 def test_int8_models_keep_the_decision(quantized):
-    from dafar.export.tflite_export import check_builtin_only, signature_io, tflite_interpreter
+    from dafar.export.tflite_export import check_builtin_only
     from dafar.manifest import load_manifest
     from dafar.quantize.graphs import get_alpha_onnx, get_alpha_tflite
+    from dafar.runtime.backends import LiteRTRunner
 
     run, entries = quantized
     m = load_manifest(run)  # every hash, the new files included
@@ -233,7 +240,7 @@ def test_int8_models_keep_the_decision(quantized):
         if rel.endswith(".tflite"):
             ops = check_builtin_only(run / rel)
             assert "DEQUANTIZE" in ops or e["graph"] == "victim"
-            io = signature_io(tflite_interpreter(run / rel))
+            io = LiteRTRunner(run / rel).signature()
             assert list(io["inputs"]) == ["x"]
             assert io["inputs"]["x"]["dtype"] == ("uint8" if e["contract"] == "uint8-nhwc" else "float32")
         assert e["calibration"]["images"] == 64 and "training" in e["calibration"]["source"]
@@ -272,11 +279,11 @@ def test_runtime_warns_about_full_range_onnx_weights_on_a_saturating_cpu(quantiz
         d = Defence(run, rel)
     d.entry = {**d.entry, "quantization": {**d.entry["quantization"], "weight_bits": 8}}
     with pytest.warns(RuntimeWarning, match="no VNNI"):
-        d._make_ort()
+        d._warn_int8_saturation()
     monkeypatch.setattr(cpu, "int8_saturation_risk", lambda *a, **k: False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        d._make_ort()
+        d._warn_int8_saturation()
     rep = json.loads((run / "quantize_report.json").read_text())
     assert len(rep["models"]) == len(entries)
     assert (run / "plots" / "quantize_scores.png").is_file()

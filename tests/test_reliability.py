@@ -12,7 +12,7 @@ MODELS = ("export/dafar-l2-float-nchw-b1.tflite", "export/dafar-autoencoder-floa
 
 @pytest.mark.parametrize("model", MODELS)
 def test_fuzzing_finds_no_failure(exported_run, model):
-    from dafar.bench.reliability import fuzz
+    from dafar.bench.reliability.checks import fuzz
 
     s = fuzz(exported_run, model, cases=150, log=lambda *a: None)
     assert s["cases"] == 300 and s["failures"] == 0, s["failure_examples"]
@@ -22,7 +22,7 @@ def test_fuzzing_finds_no_failure(exported_run, model):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_tampered_files_are_refused(exported_run, model):
-    from dafar.bench.reliability import file_checks
+    from dafar.bench.reliability.checks import file_checks
 
     rows = file_checks(exported_run, model)
     assert len(rows) == 10
@@ -33,7 +33,7 @@ def test_tampered_files_are_refused(exported_run, model):
 
 
 def test_long_run_and_concurrency(exported_run):
-    from dafar.bench.reliability import concurrency, long_run
+    from dafar.bench.reliability.checks import concurrency, long_run
 
     lr = long_run(exported_run, MODELS[0], n=3000, sample_every=500)
     assert lr["inferences"] == 3000 and lr["rss_growth_after_warmup_mib"] < 20 and np.isfinite(lr["latency_drift_pct"])
@@ -42,7 +42,7 @@ def test_long_run_and_concurrency(exported_run):
 
 
 def test_cli_errors_and_killed_stage(exported_run, tmp_path):
-    from dafar.bench.reliability import cli_checks, interrupted_stage
+    from dafar.bench.reliability.checks import cli_checks, interrupted_stage
 
     rows = cli_checks(exported_run, tmp_path)
     bad = [r for r in rows if not r["ok"]]

@@ -18,10 +18,10 @@ MODELS = ["export/dafar-l2-float-nchw.onnx", "export/dafar-autoencoder-float-nch
 
 
 def _test_u8(run, n=60):
-    from dafar.export.api import test_images
+    from dafar.run import RunFolder
 
-    u8, y = test_images(read_manifest(run), limit=n)
-    return u8, y
+    test = RunFolder.open(run, verify=False).test_set(limit=n)
+    return test.images, test.labels
 
 
 def test_import_and_use_without_torch_or_tensorflow(exported_run):
@@ -126,15 +126,15 @@ def test_fails_closed_on_non_finite_score(exported_run, monkeypatch):
     from dafar.runtime import Defence
 
     d = Defence(exported_run, "export/dafar-l2-float-nchw.onnx")
-    real = d._run
+    real = d.runner.run
 
-    def nan_scores(x):
-        out = real(x)
+    def nan_scores(x, *a, **k):
+        out = real(x, *a, **k)
         out["score"] = np.full_like(out["score"], np.nan)
         out["rejected"] = np.zeros_like(out["rejected"])  # a broken graph that says "accept"
         return out
 
-    monkeypatch.setattr(d, "_run", nan_scores)
+    monkeypatch.setattr(d.runner, "run", nan_scores)
     p = d.predict(np.zeros((3, 28, 28), np.uint8))
     assert p.rejected.all()
 
@@ -147,7 +147,7 @@ def test_nan_image_is_rejected_by_the_graph_itself(exported_run):
     x[0, 0, 5, 5] = np.nan
     for model in ("export/dafar-l2-float-nchw.onnx", "export/dafar-autoencoder-float-nchw-b1.tflite"):
         d = Defence(exported_run, model)
-        out = d._run(x if d.batch is None else x[:1])
+        out = d.run_prepared(x if d.batch is None else x[:1])
         assert bool(out["rejected"][0])
 
 

@@ -203,7 +203,7 @@ def test_keep_best_with_weight_average_keeps_that_epoch_and_resumes_identically(
     assert kept["weights"] == "best validation epoch" and kept["best_epoch"] == best + 1 and kept["ema_decay"] == 0.9
     assert ref.metrics["victim_val_acc"] == pytest.approx(accs[best], abs=1e-9)
     assert ref.manifest["training"]["kept_weights"]["victim"]["weights"] == "best validation epoch"
-    from dafar.train.report import write_report
+    from dafar.report import write_run_report as write_report
 
     assert f"best validation epoch (epoch {best + 1} of 3" in write_report(tmp_path / "ref").read_text()
     # the kept weights are neither the last step's nor (unless it was best) the last average's
@@ -281,11 +281,11 @@ def test_init_from_continues_a_finished_run(tiny_run, tmp_path):
     train(_tiny(epochs=1, lr=1e-12), tmp_path / "fresh", quiet=True)
     a, b = load_file(tiny_run / "weights/E.safetensors"), load_file(tmp_path / "fresh/weights/E.safetensors")
     assert not all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    from dafar.train.report import write_report
+    from dafar.report import write_run_report as write_report
 
     text = write_report(tmp_path / "cont").read_text()
     assert "3 joint epochs in all" in text and "--dropout 0.5" in text and f"--init-from {tiny_run}" in text
-    from dafar.pretrained import publish
+    from dafar.train.publish import publish
 
     pub = load_manifest(publish(tmp_path / "cont", "cont", "two commands", dest=tmp_path / "pub"))
     prov = pub["provenance"]
@@ -329,6 +329,7 @@ def test_maxunpool_variant_trains(tmp_path):
 
 def test_cifar10_trains_on_a_small_image_folder(tmp_path):
     from conftest import make_image_folder
+
     from dafar.data import CIFAR10_CLASSES
 
     root = make_image_folder(tmp_path / "cifar", CIFAR10_CLASSES, per_class=8)
@@ -344,8 +345,9 @@ def test_cifar10_trains_on_a_small_image_folder(tmp_path):
 def test_publish_float16_recalibrates_on_the_weights_as_loaded(tiny_run, tmp_path, monkeypatch):
     from dafar import pretrained
     from dafar.train.loading import load_dafar
+    from dafar.train.publish import publish
 
-    dest = pretrained.publish(tiny_run, "tiny", "dafar train --train-limit 256 ...", dest=tmp_path / "pre" / "tiny",
+    dest = publish(tiny_run, "tiny", "dafar train --train-limit 256 ...", dest=tmp_path / "pre" / "tiny",
                               weights_dtype="float16")
     src = load_manifest(tiny_run)
     m = load_manifest(dest)  # every hash verified, including the rewritten weights and scores
@@ -366,8 +368,8 @@ def test_publish_float16_recalibrates_on_the_weights_as_loaded(tiny_run, tmp_pat
     # a different data set is refused: its validation split would not be the held-out one
     import dataclasses
 
+    import dafar.train.calibrate as calibrate
     from dafar.errors import DataError
-    from dafar.train import calibrate
 
     real = calibrate.load_dataset
     monkeypatch.setattr(calibrate, "load_dataset",

@@ -1,8 +1,23 @@
-"""dafar.train: the four DAFAR subnetworks, joint training, threshold calibration, run folders.
+"""dafar.train: the four DAFAR subnetworks, joint training, threshold calibration, run folders
+(:func:`train`), and the gray-box attacks on the trained victim (:mod:`dafar.train.attacks`).
 
-Needs the ``[train]`` extra (torch, safetensors, tqdm, matplotlib).  Import the submodules
-(``dafar.train.models``, ``dafar.train.trainer``) directly; this package imports nothing heavy.
+Training needs the ``[train]`` extra (torch, safetensors, tqdm, matplotlib).  The configuration
+(:class:`TrainConfig`) imports without it, so the command line can describe its options on a
+device; :func:`train` raises an ImportError naming the extra when torch is missing.
 """
 from dafar.errors import require as _require
 
-_require("torch", "train", "training")
+from .config import TrainConfig
+
+__all__ = ["train", "TrainConfig", "TrainResult"]
+
+
+def __getattr__(name: str):
+    # torch is imported on first use of the stage, not by `import dafar.train`
+    if name in ("train", "TrainResult"):
+        _require("torch", "train", "training")
+        from . import trainer
+
+        globals()[name] = value = getattr(trainer, name)
+        return value
+    raise AttributeError(f"module 'dafar.train' has no attribute {name!r}")

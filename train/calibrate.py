@@ -9,18 +9,17 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timezone
-from pathlib import Path
 
-import numpy as np
 import torch
 
 from dafar.data import load_dataset
 from dafar.errors import DataError
-from dafar.manifest import atomic_write_json, file_entry, load_manifest, write_manifest
+from dafar.manifest import atomic_write_json
+from dafar.run import RunFolder
 
 from .config import TrainConfig
 from .loading import load_dafar, load_victim_only
-from .trainer import _metrics, _tensors, _thresholds, evaluate_arrays
+from .trainer import _metrics, _save_scores, _tensors, _thresholds, evaluate_arrays
 
 __all__ = ["recalibrate"]
 
@@ -31,8 +30,8 @@ def recalibrate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None =
 
     The data must be the data the run was trained on (same content fingerprint), or the
     validation split would not be the one the run held out."""
-    run_dir = Path(run_dir)
-    m = load_manifest(run_dir, verify=True)
+    run = RunFolder.open(run_dir)
+    run_dir, m = run.path, run.manifest
     cfg = TrainConfig.from_dict(m["training"]["config"])
     splits = load_dataset(cfg.dataset, data_dir, download=download, val_size=cfg.val_size, seed=cfg.seed)
     want = m["dataset"]["fingerprint_sha256"]
@@ -51,19 +50,11 @@ def recalibrate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None =
     metrics = _metrics(cfg, ev_val, ev_test, data, thresholds)
     metrics["timing"] = {k: m["training"].get(k) for k in (  # the trainer stores timing flat in "training"
         "device", "threads", "seconds_per_epoch", "eval_seconds", "total_seconds", "seconds_in_earlier_calls", "resumed")}
-    np.savez_compressed(run_dir / "scores.npz", **{f"val_{k}": v for k, v in ev_val.items() if k in ("l2", "ae")},
-                        **{f"test_{k}": v for k, v in ev_test.items() if k in ("l2", "ae")},
-                        test_labels=data.test_y.numpy(), test_pred=ev_test["logits"].argmax(1),
-                        test_purified_pred=ev_test["purified_logits"].argmax(1))
+    _save_scores(run_dir / "scores.npz", ev_val, ev_test, data.test_y.numpy())
     atomic_write_json(run_dir / "metrics.json", metrics)
     before = {k: m["metrics"].get(k) for k in ("victim_test_acc", "purified_test_acc", "l2_alpha", "l2_test_fpr",
                                                "autoencoder_alpha", "autoencoder_test_fpr") if k in m["metrics"]}
-    m = dict(m)
-    m["thresholds"] = thresholds
-    m["metrics"] = {k: v for k, v in metrics.items() if k != "timing"}
-    m["files"] = dict(m["files"])
-    for rel, role in (("scores.npz", "scores"), ("metrics.json", "metrics")):
-        m["files"][rel] = file_entry(run_dir, rel, role)
-    m["recalibrated"] = {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "reason": reason,
-                         "before": before, "data_source": splits.source}
-    return write_manifest(run_dir, m)
+    return run.register({"scores.npz": {"role": "scores"}, "metrics.json": {"role": "metrics"}}, fields={
+        "thresholds": thresholds, "metrics": {k: v for k, v in metrics.items() if k != "timing"},
+        "recalibrated": {"utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), "reason": reason,
+                         "before": before, "data_source": splits.source}})

@@ -15,8 +15,8 @@ from enum import Enum
 
 from dafar.data import DatasetName
 from dafar.errors import ConfigError
-
-from .models import Unpool
+from dafar.options import option
+from dafar.schema import Unpool
 
 __all__ = ["Profile", "Augment", "Device", "TrainConfig", "PROFILES"]
 
@@ -40,52 +40,61 @@ class Device(str, Enum):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    dataset: DatasetName = DatasetName.MNIST
-    profile: Profile = Profile.QUICK
-    epochs: int = 1  # joint E+F+D epochs; the victim-only model uses the same schedule
-    batch_size: int = 128
-    lr: float = 2e-3  # peak learning rate of the one-cycle schedule (Adam)
-    weight_decay: float = 0.0
+    dataset: DatasetName = option(DatasetName.MNIST, help="data set")
+    profile: Profile = option(Profile.QUICK, help="quick: 1 epoch, no victim-only model; paper: the full schedule")
+    epochs: int = option(1, help="joint E+F+D epochs; the victim-only model uses the same schedule")
+    batch_size: int = option(128, help="training batch size")
+    lr: float = option(2e-3, help="peak learning rate of the one-cycle schedule (Adam)")
+    weight_decay: float = option(0.0, help="Adam L2 weight decay")
     # Weight of ||x - D(E(x))||_2 against the cross-entropy.  The paper adds them with weight 1 on
     # an unstated pixel scale; on our [-1, 1] scale weight 1 cost 0.3 accuracy points in 3 MNIST
     # epochs (98.94% vs 99.26% victim-only), 0.25 kept the victim within 0.05 points (99.22%).
-    recon_weight: float = 0.25
-    augment: Augment = Augment.NONE  # see Augment; a bool is read as crop-flip (True) / none (False)
+    recon_weight: float = option(0.25, help="weight of ||x - D(E(x))||_2 against the cross-entropy in the joint loss")
+    augment: Augment = option(Augment.NONE, help="training augmentation: shift (MNIST, +-2 px) or crop-flip (CIFAR-10)")
     # Cutout: side in pixels of one grey square per training image, after crop/flip (0 = off).
-    cutout: int = 0
-    detector: bool = True  # train the anomaly autoencoder C
-    detector_epochs: int = 10
+    cutout: int = option(0, metavar="PIXELS",
+                         help="also grey out one PIXELS x PIXELS square per training image (Cutout; 0 = off)")
+    detector: bool = option(True, help="do not train the anomaly autoencoder C")
+    detector_epochs: int = option(10, help="epochs for the anomaly autoencoder C")
     # C learns from the clean residuals of this many training images (a seeded random subset;
     # None = all).  On MNIST 20,000 gave the same C validation loss as 55,000 (1.20 vs 1.19);
     # C's loss plateaus within a few epochs either way.
-    detector_train_size: int | None = 10000
-    detector_lr: float = 1e-3
-    train_victim: bool = False  # train the victim-only F(E(x)) for the accuracy comparison
+    detector_train_size: int | None = option(10000, help="training images whose clean residuals C learns from")
+    detector_lr: float = option(1e-3, help="learning rate of C")
+    train_victim: bool = option(False, flags=("--victim", "--no-victim"),
+                                help="also train the victim-only model for the accuracy comparison (--no-victim with "
+                                     "--resume finishes a long run without it)")
     # Dropout probability on F's input while training (0 = none; the exported graph never has it).
-    dropout: float = 0.0
+    dropout: float = option(0.0, help="dropout on the classifier head's input while training (never in the exported graph)")
     # A finished run folder whose E, F, D (and victim-only model, when one is trained) start this
     # run: a longer schedule continued as a second one-cycle, or fine-tuning a published model.
     # The manifest records the parent (its manifest digest, epochs and training time).
-    init_from: str | None = None
+    init_from: str | None = option(None, metavar="RUN_DIR",
+                                   help="start from a finished run's E, F, D weights (continue a schedule, or fine-tune "
+                                        "a pretrained model materialized with `dafar pretrained NAME --out DIR`)")
     # Polyak averaging: the joint and victim-only phases keep an exponential moving average of their
     # weights (per-step decay, 0 = off); the monitor, the best-epoch choice and the saved weights are
     # the average's.  A cheap ensemble over the last ~1/(1-decay) steps that smooths the noise of a
     # high learning rate (the second CIFAR-10 schedule's validation accuracy swung 71-83% per epoch).
-    ema: float = 0.0
+    ema: float = option(0.0, metavar="DECAY",
+                        help="keep an exponential moving average of the weights (per-step decay, e.g. 0.999; 0 = off); "
+                             "the monitor and the saved model use the average")
     # Keep the weights of the epoch with the best validation accuracy (the 2,000-image monitor)
     # instead of the last epoch's: the second CIFAR-10 schedule peaked at epoch 13 of 20 and lost
     # 3.5 points by epoch 17 while training accuracy kept rising.
-    keep_best: bool = False
-    unpool: Unpool = Unpool.MASK
-    z: float = 3.0  # mean + z*std threshold rule (paper: 3 for MNIST, 2 for CIFAR-10)
-    target_fprs: tuple[float, ...] = (0.003, 0.01, 0.05)  # quantile thresholds recorded too
-    val_size: int = 5000  # validation images carved from the training set
-    train_limit: int | None = None  # use only the first N training images (tests, smoke runs)
-    test_limit: int | None = None  # evaluate on the first N test images only
-    seed: int = 0
-    device: Device = Device.AUTO
-    threads: int | None = None  # torch intra-op threads; None keeps torch's default
-    eval_batch_size: int = 1000
+    keep_best: bool = option(False, help="keep the epoch with the best validation accuracy instead of the last one")
+    unpool: Unpool = option(Unpool.MASK, help="decoder unpooling: index-free mask (exportable to TFLite) or the "
+                                              "paper's MaxUnpool (torch and ONNX Runtime only)")
+    z: float = option(3.0, help="threshold rule mean + z*std (paper: 3 for MNIST, 2 for CIFAR-10)")
+    target_fprs: tuple[float, ...] = option((0.003, 0.01, 0.05), help="false-positive rates of the quantile "
+                                                                      "thresholds recorded beside the default rule")
+    val_size: int = option(5000, help="validation images carved from the training set for calibration")
+    train_limit: int | None = option(None, help="train on a seeded class-mixed N of the training images only")
+    test_limit: int | None = option(None, help="evaluate on a seeded class-mixed N of the test images only")
+    seed: int = option(0, help="seed of the initialisation, the shuffling, the augmentation and the splits")
+    device: Device = option(Device.AUTO, help="torch device (auto: CUDA when present)")
+    threads: int | None = option(None, help="torch CPU threads (default: torch's own choice)")
+    eval_batch_size: int = option(1000, help="batch size of the evaluation passes")
 
     def __post_init__(self):
         def coerce(name, enum):

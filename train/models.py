@@ -23,12 +23,13 @@ and the same one is exported: the deployed graph is the trained graph.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as Fn
 from torch import nn
+
+from dafar.schema import Unpool
 
 __all__ = [
     "Unpool",
@@ -45,14 +46,9 @@ __all__ = [
     "build_dafar",
     "build_victim",
     "mask_unpool",
+    "Normalize",
+    "VictimLogits",
 ]
-
-
-class Unpool(str, Enum):
-    """Which unpooling operator the decoder uses."""
-
-    MASK = "mask"  # index-free, builtin ops only (default; exportable to TFLite)
-    MAXUNPOOL = "maxunpool"  # the paper's MaxUnpool with pooling indices (torch / ONNX Runtime only)
 
 
 @dataclass(frozen=True)
@@ -301,3 +297,36 @@ def build_dafar(dataset: str, unpool: Unpool | str = Unpool.MASK, with_detector:
 
 def build_victim(dataset: str, dropout: float = 0.0) -> Victim:
     return Victim(ARCHS[dataset], dropout)
+
+
+class Normalize(nn.Module):
+    """Images in [0, 1] (or raw pixels with ``pixel_max=255``) -> the model scale,
+    ``(x01 - mean) / std``, folded into one multiply-add per pixel: ``x * scale + shift``.  The
+    exported graphs and the float victim that the attacks and the evaluation use compute it the
+    same way, so they see the same numbers."""
+
+    def __init__(self, mean: list[float], std: list[float], pixel_max: float = 1.0):
+        super().__init__()
+        c = len(mean)
+        scale = torch.tensor([1.0 / s for s in std], dtype=torch.float32).view(1, c, 1, 1)
+        shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float32).view(1, c, 1, 1)
+        if pixel_max != 1.0:
+            scale = scale / pixel_max
+        self.register_buffer("scale", scale, persistent=False)
+        self.register_buffer("shift", shift, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+class VictimLogits(nn.Module):
+    """The float victim ``F(E(x))`` on images in [0, 1], NCHW: logits out (what gray-box attacks
+    and the evaluation differentiate)."""
+
+    def __init__(self, model: "DafarNet | Victim", normalization: dict):
+        super().__init__()
+        self.pre = Normalize(normalization["mean"], normalization["std"])
+        self.E, self.F = model.E, model.F
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.F(self.E(self.pre(x)).z)

@@ -1,4 +1,5 @@
-"""The training report of a run folder: ``report.md`` plus PNG plots in ``plots/``.
+"""The training part of a run folder's ``report.md``, plus its PNG plots in ``plots/``
+(:mod:`dafar.report` assembles the whole report from each stage's part).
 
 Reads only the run folder (manifest, training log, clean scores), so it can be regenerated at
 any time with ``dafar report RUN_DIR``.  Every number comes from the run itself; the paper's
@@ -11,9 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dafar.manifest import atomic_write_text, dataset_label, load_manifest
+from dafar.manifest import dataset_label
+from dafar.options import to_argv
+from dafar.schema import Detector
 
-__all__ = ["write_report", "PAPER"]
+from .config import TrainConfig
+
+__all__ = ["training_sections", "reproduce_command", "PAPER"]
 
 # The paper's reported results (SPEC.md), shown beside ours.
 PAPER = {
@@ -64,7 +69,7 @@ def _plot_scores(scores: dict, thresholds: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    dets = [(name, key) for name, key in (("l2", "l2"), ("autoencoder", "ae")) if f"val_{key}" in scores]
+    dets = [(d.value, d.score_key) for d in Detector if f"val_{d.score_key}" in scores]
     fig, axes = plt.subplots(1, len(dets), figsize=(5.5 * len(dets), 4), squeeze=False)
     for ax, (name, key) in zip(axes[0], dets):
         val, test = scores[f"val_{key}"], scores[f"test_{key}"]
@@ -85,65 +90,18 @@ def _plot_scores(scores: dict, thresholds: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _exports_section(run_dir: Path, m: dict) -> list[str]:
-    L = ["## Exported graphs", "",
-         "Each file was checked against the torch graph on real test images before it was written "
-         "(`dafar export`); *outliers* are images whose score moved by more than 1e-3 relative, from "
-         "unpooling near-ties (see `dafar/export/validate.py`).", "",
-         "| file | graph | input | alpha (rule) | size | label agree | reject agree | score rel. err median / max | outliers | images |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
-    for rel, e in sorted(m["exports"].items()):
-        v = e["validation"]
-        size = m["files"][rel]["bytes"] / 1024
-        alpha = f"{e['alpha']:.4f} ({e['threshold_rule']})" if e.get("alpha") is not None else "-"
-        inp = f"{e['input']['dtype']} {e['input']['layout']} {e['input']['shape']}"
-        rej = _pct(v.get("rejected_agreement")) if "rejected_agreement" in v else "-"
-        score = (f"{v['score_rel_err_median']:.1e} / {v['score_rel_err_max']:.1e}" if "score_rel_err_median" in v else "-")
-        L.append(f"| `{rel}` | {e['graph']}{'/' + e['detector'] if e.get('detector') else ''} | {inp} | {alpha} | "
-                 f"{size:.0f} KiB | {_pct(v.get('label_agreement'))} | {rej} | {score} | {v.get('outlier_images', 0)} | "
-                 f"{v['images']} |")
-    ops = {rel: e["ops"] for rel, e in m["exports"].items() if e["format"] == "tflite"}
-    if ops:
-        L += ["", "TFLite files hold builtin ops only (checked on export):", ""]
-        for rel, o in sorted(ops.items()):
-            L.append(f"- `{rel}`: " + ", ".join(f"{k} x{n}" for k, n in o.items()))
-    L.append("")
-    return L
+def reproduce_command(cfg: dict) -> str:
+    """``dafar train`` with the flags that rebuild a recorded training configuration from its
+    profile (derived from :class:`~dafar.train.config.TrainConfig`, never listed by hand)."""
+    c = TrainConfig.from_dict(cfg)
+    base = TrainConfig.for_profile(c.dataset, c.profile)
+    flags = to_argv(c, base, always=("dataset", "profile", "epochs", "seed"), skip=("threads", "device"))
+    return " ".join(["dafar train", *flags, "--out RUN_DIR"])
 
 
-def _downstream_section(run_dir: Path, m: dict) -> list[str]:
-    """Headlines of the int8 and benchmark reports, when they exist, with links to them."""
-    L = []
-    int8 = {k: v for k, v in m.get("exports", {}).items() if v.get("precision") == "int8" and v["graph"] == "dafar"}
-    if int8:
-        L += ["## int8", "", "Full report: [quantize_report.md](quantize_report.md).", "",
-              "| int8 model | purified acc float -> int8 | FPR float -> int8 | decisions agree | score corr | size |",
-              "|---|---|---|---|---|---|"]
-        for rel, e in sorted(int8.items()):
-            v = e["validation"]
-            L.append(f"| `{Path(rel).name}` | {_pct(v['purified_acc_float'])} -> {_pct(v['purified_acc_int8'])} | "
-                     f"{_pct(v['fpr_float'])} -> {_pct(v['fpr_int8'])} | {_pct(v['decision_agreement'])} | "
-                     f"{v['score_correlation']:.4f} | {100 * v['size_ratio']:.0f}% of float |")
-        L.append("")
-    summary = run_dir / "bench" / "summary.json"
-    if summary.is_file() and (run_dir / "bench_report.md").is_file():
-        s = json.loads(summary.read_text())
-        L += ["## Benchmark", "", "Full report: [bench_report.md](bench_report.md).", ""]
-        rows = [r for r in s.get("ratios", []) if r["threads"] == 1 and r["batch"] == 1]
-        if rows:
-            L += ["| defence graph (1 thread, batch 1) | p50 ms | victim p50 ms | latency ratio | MAC ratio |", "|---|---|---|---|---|"]
-            p50 = {(r["model"], r["threads"], r["batch"]): r["p50_ms"] for r in s["records"]}
-            for r in rows:
-                L.append(f"| `{Path(r['model']).name}` | {p50.get((r['model'], 1, 1), float('nan')):.3f} | "
-                         f"{p50.get((r['victim'], 1, 1), float('nan')):.3f} | {r['latency_ratio']:.2f} | {r['mac_ratio']:.2f} |")
-            L.append("")
-    return L
-
-
-def write_report(run_dir: str | Path) -> Path:
-    """Write ``run_dir/report.md`` (and its plots) from the run folder; returns its path."""
+def training_sections(run_dir: str | Path, m: dict) -> list[str]:
+    """The training part of ``report.md`` (and its plots, written into ``plots/``)."""
     run_dir = Path(run_dir)
-    m = load_manifest(run_dir)
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
     with np.load(run_dir / "scores.npz", allow_pickle=False) as z:
         scores = {k: z[k] for k in z.files}
@@ -158,17 +116,7 @@ def write_report(run_dir: str | Path) -> Path:
     cfg = m["training"]["config"]
     timing = m["training"]
     label = dataset_label(m)
-    cmd = (f"dafar train --dataset {ds} --profile {cfg['profile']} --epochs {cfg['epochs']} --seed {cfg['seed']}"
-           f" --unpool {cfg['unpool']} --augment {cfg.get('augment', 'none')} --recon-weight {cfg.get('recon_weight', 0.25):g}"
-           + (f" --lr {cfg['lr']:g} --batch-size {cfg['batch_size']} --detector-epochs {cfg['detector_epochs']}") + ("" if cfg["detector"] else " --no-detector")
-           + (" --victim" if cfg["train_victim"] else " --no-victim")
-           + (f" --weight-decay {cfg['weight_decay']:g}" if cfg.get("weight_decay") else "")
-           + (f" --dropout {cfg['dropout']:g}" if cfg.get("dropout") else "")
-           + (f" --cutout {cfg['cutout']}" if cfg.get("cutout") else "")
-           + (f" --ema {cfg['ema']:g}" if cfg.get("ema") else "") + (" --keep-best" if cfg.get("keep_best") else "")
-           + (f" --init-from {cfg['init_from']}" if cfg.get("init_from") else "")
-           + (f" --train-limit {cfg['train_limit']}" if cfg.get("train_limit") else "")
-           + (f" --test-limit {cfg['test_limit']}" if cfg.get("test_limit") else "") + " --out RUN_DIR")
+    cmd = reproduce_command(cfg)
     L = [f"# DAFAR training report: {label}", ""]
     L += [f"Run folder `{run_dir.name}`, written {m['created_utc']} by dafar {m['versions']['dafar']} "
           f"(torch {m['versions']['torch']}, {m['versions']['machine']}, {timing['device']}, {timing['threads']} threads).", ""]
@@ -225,10 +173,4 @@ def write_report(run_dir: str | Path) -> Path:
                      f"{_pct(k['best_monitor_val_acc'])})" if k.get("best_epoch") else "")
                   + (f"; weights averaged with per-step decay {k['ema_decay']}" if k.get("ema_decay") else "") + ".", ""]
     L += ["![training curves](plots/training.png)", ""]
-    if m.get("exports"):
-        L += _exports_section(run_dir, {**m, "exports": {k: v for k, v in m["exports"].items()
-                                                         if v.get("precision", "float32") == "float32"}})
-    L += _downstream_section(run_dir, m)
-    path = run_dir / "report.md"
-    atomic_write_text(path, "\n".join(L))
-    return path
+    return L

@@ -25,11 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as Fn
 
-import dafar
 from dafar.data import Splits, load_dataset, sample_index
 from dafar.errors import ConfigError, NonFiniteLossError, RunFolderError, TrainingError
-from dafar.manifest import MANIFEST_NAME, atomic_write_json, file_entry, write_manifest
+from dafar.manifest import MANIFEST_NAME, atomic_write_json
+from dafar.run import RunFolder
+from dafar.schema import Detector
 from dafar.threshold import ThresholdRule, calibrate, false_positive_rate
+from dafar.version import __version__
 
 from .config import Augment, Device, TrainConfig
 from .models import ARCHS, DafarNet, Victim, build_dafar, build_victim, l2_per_sample
@@ -376,6 +378,22 @@ class TrainResult:
     manifest: dict
     metrics: dict
 
+    def summary_lines(self) -> list[str]:
+        """The headline numbers, as ``dafar train`` prints them."""
+        m = self.metrics
+        lines = [f"run folder: {self.run_dir}",
+                 f"victim test accuracy:    {100 * m['victim_test_acc']:.2f}%",
+                 f"purified test accuracy:  {100 * m['purified_test_acc']:.2f}%"]
+        if "victim_only_test_acc" in m:
+            lines.append(f"victim-only accuracy:    {100 * m['victim_only_test_acc']:.2f}%")
+        for det in Detector:
+            d = det.value
+            if f"{d}_alpha" in m:
+                lines.append(f"{d:12s} alpha={m[f'{d}_alpha']:.4f}  val FPR {100 * m[f'{d}_val_fpr']:.2f}%  "
+                             f"test FPR {100 * m[f'{d}_test_fpr']:.2f}%")
+        lines.append(f"total time: {m['timing']['total_seconds']:.0f} s on {m['timing']['device']}")
+        return lines
+
 
 def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
@@ -408,7 +426,7 @@ def _versions() -> dict:
     import safetensors
 
     return {
-        "dafar": dafar.__version__,
+        "dafar": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "numpy": np.__version__,
@@ -418,71 +436,83 @@ def _versions() -> dict:
     }
 
 
-def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike | None = None, *,
-          resume: bool = False, overwrite: bool = False, download: bool = True, quiet: bool = False) -> TrainResult:
-    """Train a DAFAR model per ``cfg`` into the run folder ``out``; returns its manifest."""
-    out = Path(out)
-    if resume:
-        saved = out / "config.json"
-        if not saved.exists():
-            raise RunFolderError(f"nothing to resume in {out}: {saved.name} is missing")
-        try:
-            cfg_saved = TrainConfig.from_dict(json.loads(saved.read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise RunFolderError(f"{saved} is unreadable: {exc}") from exc
-        # Whether to train the victim-only comparison model may change on resume (it is the last
-        # phase and nothing else depends on it): a long run can be finished without it and the
-        # comparison trained later in a copy of the folder.  Every other difference is refused.
-        a, b = cfg_saved.schedule_key(), cfg.schedule_key()
-        a.pop("train_victim"), b.pop("train_victim")
-        if a != b:
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            raise TrainingError(
-                f"--resume: the options given differ from the run's saved configuration ({saved}) in {diff}; "
-                "resume with the same options, or start a new run"
-            )
-        cfg = cfg_saved.replace(device=cfg.device, threads=cfg.threads, train_victim=cfg.train_victim)
-    parent = _parent_run(cfg) if cfg.init_from else None  # refused before the run folder is touched
-    _prepare_run_dir(out, resume, overwrite)
-    atomic_write_json(out / "config.json", cfg.to_dict())
-    if not resume:
-        (out / "train_log.jsonl").unlink(missing_ok=True)
+def _resumed_config(cfg: TrainConfig, out: Path) -> TrainConfig:
+    """The saved configuration of the run being resumed, checked against the one given."""
+    saved = out / "config.json"
+    if not saved.exists():
+        raise RunFolderError(f"nothing to resume in {out}: {saved.name} is missing")
+    try:
+        cfg_saved = TrainConfig.from_dict(json.loads(saved.read_text()))
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise RunFolderError(f"{saved} is unreadable: {exc}") from exc
+    # Whether to train the victim-only comparison model may change on resume (it is the last
+    # phase and nothing else depends on it): a long run can be finished without it and the
+    # comparison trained later in a copy of the folder.  Every other difference is refused.
+    a, b = cfg_saved.schedule_key(), cfg.schedule_key()
+    a.pop("train_victim"), b.pop("train_victim")
+    if a != b:
+        diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise TrainingError(
+            f"--resume: the options given differ from the run's saved configuration ({saved}) in {diff}; "
+            "resume with the same options, or start a new run"
+        )
+    return cfg_saved.replace(device=cfg.device, threads=cfg.threads, train_victim=cfg.train_victim)
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = _resolve_device(cfg)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    t_start = time.perf_counter()
-    earlier: dict[str, float] = {}  # seconds spent by earlier calls of a resumed run, per phase
 
-    splits = load_dataset(cfg.dataset, data_dir, download=download, val_size=cfg.val_size, seed=cfg.seed)
-    spec = ARCHS[cfg.dataset.value]
-    if splits.input_shape != spec.input_shape:
-        raise ConfigError(f"data of shape {splits.input_shape} does not fit the {spec.name} architecture {spec.input_shape}")
-    data = _tensors(splits, cfg)
-    n_train = len(data.train_y)
-    logger = _Logger(out / "train_log.jsonl", quiet)
-    ckdir = out / "checkpoints"
-    memfmt = torch.channels_last  # ~20% faster convolutions on CPU (oneDNN), neutral on CUDA
+@dataclass
+class _Session:
+    """What every training phase of one call shares."""
 
-    def batch(idx: np.ndarray, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        x = to_model_scale(data.train_x[idx])
-        x = _augment(x, gen, cfg.augment, cfg.cutout)
-        return x.to(device, memory_format=memfmt), data.train_y[idx].to(device)
+    cfg: TrainConfig
+    out: Path
+    device: torch.device
+    data: _Data
+    logger: _Logger
+    resume: bool
+    quiet: bool
+    parent: dict | None
+    earlier: dict  # seconds spent by earlier calls of a resumed run, per phase
+    memfmt: torch.memory_format = torch.channels_last  # ~20% faster convolutions on CPU (oneDNN), neutral on CUDA
 
-    if parent is not None:
-        parent["record"]["same_data"] = parent.pop("fingerprint") == splits.fingerprint
+    def __post_init__(self):
+        # Per-epoch monitoring uses 2,000 validation images (the log's val_acc/val_recon); the threshold
+        # is calibrated on the whole validation split after training.  The subset is a seeded random
+        # draw, not the first 2,000: the validation indices are sorted and an image-folder data set
+        # (CIFAR-10 here) lists its images class by class, so the first 2,000 were four classes only
+        # (airplane to cat), a monitor ~3 points below the whole split's accuracy.
+        mon = torch.from_numpy(sample_index(len(self.data.val_y), 2000, self.cfg.seed))
+        self.mon_x, self.mon_y = self.data.val_x[mon], self.data.val_y[mon]  # gathered once, read every epoch
 
-    # ---- phase 1: joint E + F + D, loss = mean(||x - D(E(x))||_2 + CE)  (paper Eq. 7)
+    @property
+    def n_train(self) -> int:
+        return len(self.data.train_y)
+
+    @property
+    def ckdir(self) -> Path:
+        return self.out / "checkpoints"
+
+    def batch(self, idx: np.ndarray, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        x = to_model_scale(self.data.train_x[idx])
+        x = _augment(x, gen, self.cfg.augment, self.cfg.cutout)
+        return x.to(self.device, memory_format=self.memfmt), self.data.train_y[idx].to(self.device)
+
+    def fit(self, phase: str, model, params, n: int, epochs: int, lr: float, step, validate, **kw) -> list[float]:
+        return _fit(phase, model, params, n, epochs, lr, self.cfg, step, validate, self.ckdir / phase, self.logger,
+                    self.resume, self.quiet, earlier=self.earlier, **kw)
+
+
+def _joint_phase(s: _Session) -> tuple[DafarNet, list[float], dict]:
+    """E + F + D jointly, loss = mean(||x - D(E(x))||_2 + CE)  (paper Eq. 7)."""
+    cfg = s.cfg
     _seed_everything(cfg.seed)
     net = build_dafar(cfg.dataset.value, cfg.unpool, with_detector=cfg.detector, dropout=cfg.dropout)
-    if parent is not None:  # a resumed checkpoint below overrides these with its own weights
+    if s.parent is not None:  # a resumed checkpoint below overrides these with its own weights
         for name in ("E", "F", "D"):
-            load_into(getattr(net, name), parent["dir"] / f"weights/{name}.safetensors")
-    net = net.to(device, memory_format=memfmt)
+            load_into(getattr(net, name), s.parent["dir"] / f"weights/{name}.safetensors")
+    net = net.to(s.device, memory_format=s.memfmt)
 
     def joint_step(idx, gen):
-        x, y = batch(idx, gen)
+        x, y = s.batch(idx, gen)
         logits, recon = net(x)
         recon_l2 = l2_per_sample(x - recon).mean()
         ce = Fn.cross_entropy(logits, y)
@@ -490,142 +520,106 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         acc = (logits.argmax(1) == y).float().mean()
         return loss, {"loss": loss.detach(), "ce": ce.detach(), "recon": recon_l2.detach(), "train_acc": acc}
 
-    # Per-epoch monitoring uses 2,000 validation images (the log's val_acc/val_recon); the threshold
-    # is calibrated on the whole validation split after training.  The subset is a seeded random
-    # draw, not the first 2,000: the validation indices are sorted and an image-folder data set
-    # (CIFAR-10 here) lists its images class by class, so the first 2,000 were four classes only
-    # (airplane to cat), a monitor ~3 points below the whole split's accuracy.
-    mon = torch.from_numpy(sample_index(len(data.val_y), 2000, cfg.seed))
-    mon_x, mon_y = data.val_x[mon], data.val_y[mon]  # gathered once, read every epoch
-    n_mon = len(mon)
-
     def joint_val():
-        ev = evaluate_arrays(net, mon_x, device, cfg.eval_batch_size, purify=False, with_ae=False)
-        return {"val_acc": _accuracy(ev["logits"], mon_y), "val_recon": float(ev["l2"].mean())}
+        ev = evaluate_arrays(net, s.mon_x, s.device, cfg.eval_batch_size, purify=False, with_ae=False)
+        return {"val_acc": _accuracy(ev["logits"], s.mon_y), "val_recon": float(ev["l2"].mean())}
 
-    joint_params = [p for n, p in net.named_parameters() if not n.startswith("C.")]
-    seconds = {"joint": _fit("joint", net, joint_params, n_train, cfg.epochs, cfg.lr, cfg, joint_step, joint_val,
-                             ckdir / "joint", logger, resume, quiet, cfg.weight_decay, earlier=earlier,
-                             ema=cfg.ema, keep_best=cfg.keep_best)}
+    seconds = s.fit("joint", net, _joint_params(net), s.n_train, cfg.epochs, cfg.lr, joint_step, joint_val,
+                    weight_decay=cfg.weight_decay, ema=cfg.ema, keep_best=cfg.keep_best)
     # the checkpoint holds the final joint weights whether or not this call trained any epoch
-    kept = {"joint": _kept(_load_model_only(ckdir / "joint", net), cfg)}
+    kept = _kept(_load_model_only(s.ckdir / "joint", net), cfg)
+    return net, seconds, kept
 
-    # ---- phase 2: C on clean residuals of the training images (Eq. 8)
-    if cfg.detector:
-        n_res = n_train if cfg.detector_train_size is None else min(cfg.detector_train_size, n_train)
-        pick = np.sort(np.random.default_rng([cfg.seed, 99]).choice(n_train, n_res, replace=False))
-        res = _residuals(net, data.train_x[pick], device, cfg.eval_batch_size)
-        res_val = _residuals(net, mon_x, device, cfg.eval_batch_size)  # C's val loss, for the log
-        for p in joint_params:
-            p.requires_grad_(False)
 
-        def det_step(idx, gen):
-            d = res[idx].to(device)
-            loss = l2_per_sample(d - net.C(d)).mean()
-            return loss, {"loss": loss.detach()}
+def _joint_params(net: DafarNet) -> list:
+    return [p for n, p in net.named_parameters() if not n.startswith("C.")]
 
-        @torch.no_grad()
-        def det_val():
-            net.eval()
-            vals = [l2_per_sample(res_val[i: i + 4096].to(device) - net.C(res_val[i: i + 4096].to(device)))
-                    for i in range(0, len(res_val), 4096)]
-            return {"val_loss": float(torch.cat(vals).mean())}
 
-        seconds["detector"] = _fit("detector", net, list(net.C.parameters()), n_res, cfg.detector_epochs,
-                                   cfg.detector_lr, cfg, det_step, det_val, ckdir / "detector", logger, resume, quiet, earlier=earlier)
-        _load_model_only(ckdir / "detector", net)
-        for p in joint_params:
-            p.requires_grad_(True)
-        del res, res_val
+def _detector_phase(s: _Session, net: DafarNet) -> list[float]:
+    """C on clean residuals of the training images (paper Eq. 8), E, F, D frozen."""
+    cfg, device = s.cfg, s.device
+    n_res = s.n_train if cfg.detector_train_size is None else min(cfg.detector_train_size, s.n_train)
+    pick = np.sort(np.random.default_rng([cfg.seed, 99]).choice(s.n_train, n_res, replace=False))
+    res = _residuals(net, s.data.train_x[pick], device, cfg.eval_batch_size)
+    res_val = _residuals(net, s.mon_x, device, cfg.eval_batch_size)  # C's val loss, for the log
+    joint = _joint_params(net)
+    for p in joint:
+        p.requires_grad_(False)
 
-    # ---- phase 3: the victim alone, F(E(x)) with CE only, same schedule (for the accuracy comparison)
-    victim = None
-    if cfg.train_victim:
-        _seed_everything(cfg.seed)
-        victim = build_victim(cfg.dataset.value, dropout=cfg.dropout)
-        if parent is not None:
-            load_into(victim, parent["dir"] / "weights/victim_only.safetensors")
-        victim = victim.to(device, memory_format=memfmt)
+    def det_step(idx, gen):
+        d = res[idx].to(device)
+        loss = l2_per_sample(d - net.C(d)).mean()
+        return loss, {"loss": loss.detach()}
 
-        def victim_step(idx, gen):
-            x, y = batch(idx, gen)
-            logits = victim(x)
-            ce = Fn.cross_entropy(logits, y)
-            return ce, {"loss": ce.detach(), "train_acc": (logits.argmax(1) == y).float().mean()}
+    @torch.no_grad()
+    def det_val():
+        net.eval()
+        vals = [l2_per_sample(res_val[i: i + 4096].to(device) - net.C(res_val[i: i + 4096].to(device)))
+                for i in range(0, len(res_val), 4096)]
+        return {"val_loss": float(torch.cat(vals).mean())}
 
-        @torch.no_grad()
-        def victim_val():
-            victim.eval()
-            hits = sum(int((victim(to_model_scale(mon_x[i: i + 1000]).to(device)).argmax(1).cpu()
-                            == mon_y[i: i + 1000]).sum()) for i in range(0, n_mon, 1000))
-            return {"val_acc": hits / n_mon}
+    seconds = s.fit("detector", net, list(net.C.parameters()), n_res, cfg.detector_epochs, cfg.detector_lr,
+                    det_step, det_val)
+    _load_model_only(s.ckdir / "detector", net)
+    for p in joint:
+        p.requires_grad_(True)
+    return seconds
 
-        seconds["victim"] = _fit("victim", victim, list(victim.parameters()), n_train, cfg.epochs, cfg.lr, cfg,
-                                 victim_step, victim_val, ckdir / "victim", logger, resume, quiet, cfg.weight_decay, earlier=earlier,
-                                 ema=cfg.ema, keep_best=cfg.keep_best)
-        kept["victim"] = _kept(_load_model_only(ckdir / "victim", victim), cfg)
 
-    # ---- evaluation and thresholds
-    t_eval = time.perf_counter()
-    ev_val = evaluate_arrays(net, data.val_x, device, cfg.eval_batch_size, purify=False)
-    ev_test = evaluate_arrays(net, data.test_x, device, cfg.eval_batch_size, victim)
-    thresholds = _thresholds(cfg, ev_val, ev_test, splits.name.value)
-    metrics = _metrics(cfg, ev_val, ev_test, data, thresholds)
-    eval_seconds = time.perf_counter() - t_eval
+def _victim_phase(s: _Session) -> tuple[Victim, list[float], dict]:
+    """The victim alone, F(E(x)) with CE only, same schedule (for the accuracy comparison)."""
+    cfg, device = s.cfg, s.device
+    _seed_everything(cfg.seed)
+    victim = build_victim(cfg.dataset.value, dropout=cfg.dropout)
+    if s.parent is not None:
+        load_into(victim, s.parent["dir"] / "weights/victim_only.safetensors")
+    victim = victim.to(device, memory_format=s.memfmt)
 
-    # ---- write weights, scores, metrics and the manifest (manifest last: it marks the run complete)
-    net = net.to("cpu", memory_format=torch.contiguous_format)
-    meta = {"arch": spec.name, "unpool": cfg.unpool.value, "format": "dafar-weights-v1"}
-    files = {}
-    for name in ("E", "F", "D", "C"):
-        mod = getattr(net, name)
-        if mod is None:
-            continue
-        rel = f"weights/{name}.safetensors"
-        save_state(out / rel, mod.state_dict(), {**meta, "module": name})
-        files[rel] = ("weights", name)
-    if victim is not None:
-        victim = victim.to("cpu", memory_format=torch.contiguous_format)
-        rel = "weights/victim_only.safetensors"
-        save_state(out / rel, victim.state_dict(), {**meta, "module": "victim_only"})
-        files[rel] = ("weights", "victim_only")
-    np.savez_compressed(out / "scores.npz", **{f"val_{k}": v for k, v in ev_val.items() if k in ("l2", "ae")},
-                        **{f"test_{k}": v for k, v in ev_test.items() if k in ("l2", "ae")},
-                        test_labels=data.test_y.numpy(), test_pred=ev_test["logits"].argmax(1),
+    def victim_step(idx, gen):
+        x, y = s.batch(idx, gen)
+        logits = victim(x)
+        ce = Fn.cross_entropy(logits, y)
+        return ce, {"loss": ce.detach(), "train_acc": (logits.argmax(1) == y).float().mean()}
+
+    @torch.no_grad()
+    def victim_val():
+        victim.eval()
+        n_mon = len(s.mon_y)
+        hits = sum(int((victim(to_model_scale(s.mon_x[i: i + 1000]).to(device)).argmax(1).cpu()
+                        == s.mon_y[i: i + 1000]).sum()) for i in range(0, n_mon, 1000))
+        return {"val_acc": hits / n_mon}
+
+    seconds = s.fit("victim", victim, list(victim.parameters()), s.n_train, cfg.epochs, cfg.lr, victim_step,
+                    victim_val, weight_decay=cfg.weight_decay, ema=cfg.ema, keep_best=cfg.keep_best)
+    kept = _kept(_load_model_only(s.ckdir / "victim", victim), cfg)
+    return victim, seconds, kept
+
+
+def _save_scores(path: Path, ev_val: dict, ev_test: dict, test_y: np.ndarray) -> None:
+    """Clean validation and test scores of both detectors, and the test predictions (reports, recalibration)."""
+    keys = [Detector(d).score_key for d in Detector]
+    np.savez_compressed(path, **{f"val_{k}": v for k, v in ev_val.items() if k in keys},
+                        **{f"test_{k}": v for k, v in ev_test.items() if k in keys},
+                        test_labels=test_y, test_pred=ev_test["logits"].argmax(1),
                         test_purified_pred=ev_test["purified_logits"].argmax(1))
-    files["scores.npz"] = ("scores", None)
 
-    timing = {
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "seconds_per_epoch": {k: v for k, v in seconds.items()},
-        "eval_seconds": eval_seconds,
-        # every call of a resumed run: this call's wall time plus the epochs earlier calls trained
-        "total_seconds": time.perf_counter() - t_start + sum(earlier.values()),
-        "seconds_in_earlier_calls": earlier,
-        "resumed": resume,
-        # which weights each phase ended with (the last epoch's, the average's, the best epoch's)
-        "kept_weights": kept,
-    }
-    if parent is not None:
-        timing["init_from"] = parent["record"]
-    metrics["timing"] = timing
-    atomic_write_json(out / "metrics.json", metrics)
-    files["metrics.json"] = ("metrics", None)
-    files["config.json"] = ("config", None)
-    files["train_log.jsonl"] = ("log", None)
 
-    manifest = {
+def _manifest_body(cfg: TrainConfig, splits: Splits, data: _Data, net: DafarNet, thresholds: dict, metrics: dict,
+                   timing: dict) -> dict:
+    """Everything the manifest says about a freshly trained run, but its file table."""
+    spec = net.spec
+    ds = splits.name.value
+    return {
         "kind": "dafar-run",
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "dataset": {
-            "name": splits.name.value,
+            "name": ds,
             "classes": list(splits.classes),
             "source": splits.source,
             "fingerprint_sha256": splits.fingerprint,
-            "sizes": {"train": n_train, "val": len(data.val_y), "test": len(data.test_y)},
+            "sizes": {"train": len(data.train_y), "val": len(data.val_y), "test": len(data.test_y)},
             "val_split": {"from": "train", "size": len(data.val_y), "seed": cfg.seed},
-            "note": "CIFAR-10 (JPEG q75) when read from the re-encoded image-folder copy" if splits.name.value == "cifar10" else "",
+            "note": "CIFAR-10 (JPEG q75) when read from the re-encoded image-folder copy" if ds == "cifar10" else "",
         },
         "input": {
             "shape": list(spec.input_shape),
@@ -640,23 +634,99 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         "architecture": {
             "name": spec.name,
             "unpool": cfg.unpool.value,
-            "unpool_tie_rule": "every window position equal to the window maximum receives it" if cfg.unpool.value == "mask" else "maxunpool indices (first maximum)",
+            "unpool_tie_rule": ("every window position equal to the window maximum receives it"
+                                if cfg.unpool.value == "mask" else "maxunpool indices (first maximum)"),
             "num_classes": spec.num_classes,
             "detector": cfg.detector,
             "params": {k: param_count(getattr(net, k)) for k in ("E", "F", "D", "C")},
             "victim_params": param_count(net.E) + param_count(net.F),
         },
-        "score": {"l2": "||x - D(E(x))||_2 on the model scale [-1, 1]",
-                  "autoencoder": "||d - C(d)||_2 with d = x - D(E(x)), model scale"},
+        "score": {Detector.L2.value: "||x - D(E(x))||_2 on the model scale [-1, 1]",
+                  Detector.AUTOENCODER.value: "||d - C(d)||_2 with d = x - D(E(x)), model scale"},
         "thresholds": thresholds,
         "training": {"config": cfg.to_dict(), **timing},
         "metrics": {k: v for k, v in metrics.items() if k != "timing"},
         "versions": _versions(),
-        "files": {rel: file_entry(out, rel, role, **({"module": mod} if mod else {}))
-                  for rel, (role, mod) in files.items()},
     }
-    manifest = write_manifest(out, manifest)
-    return TrainResult(out, manifest, metrics)
+
+
+def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike | None = None, *,
+          resume: bool = False, overwrite: bool = False, download: bool = True, quiet: bool = False) -> TrainResult:
+    """Train a DAFAR model per ``cfg`` into the run folder ``out``; returns its manifest."""
+    out = Path(out)
+    if resume:
+        cfg = _resumed_config(cfg, out)
+    parent = _parent_run(cfg) if cfg.init_from else None  # refused before the run folder is touched
+    _prepare_run_dir(out, resume, overwrite)
+    atomic_write_json(out / "config.json", cfg.to_dict())
+    if not resume:
+        (out / "train_log.jsonl").unlink(missing_ok=True)
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = _resolve_device(cfg)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    t_start = time.perf_counter()
+
+    splits = load_dataset(cfg.dataset, data_dir, download=download, val_size=cfg.val_size, seed=cfg.seed)
+    spec = ARCHS[cfg.dataset.value]
+    if splits.input_shape != spec.input_shape:
+        raise ConfigError(f"data of shape {splits.input_shape} does not fit the {spec.name} architecture {spec.input_shape}")
+    data = _tensors(splits, cfg)
+    if parent is not None:
+        parent["record"]["same_data"] = parent.pop("fingerprint") == splits.fingerprint
+    s = _Session(cfg, out, device, data, _Logger(out / "train_log.jsonl", quiet), resume, quiet, parent, {})
+
+    net, joint_seconds, joint_kept = _joint_phase(s)
+    seconds, kept = {"joint": joint_seconds}, {"joint": joint_kept}
+    if cfg.detector:
+        seconds["detector"] = _detector_phase(s, net)
+    victim = None
+    if cfg.train_victim:
+        victim, seconds["victim"], kept["victim"] = _victim_phase(s)
+
+    # ---- evaluation and thresholds
+    t_eval = time.perf_counter()
+    ev_val = evaluate_arrays(net, data.val_x, device, cfg.eval_batch_size, purify=False)
+    ev_test = evaluate_arrays(net, data.test_x, device, cfg.eval_batch_size, victim)
+    thresholds = _thresholds(cfg, ev_val, ev_test, splits.name.value)
+    metrics = _metrics(cfg, ev_val, ev_test, data, thresholds)
+    eval_seconds = time.perf_counter() - t_eval
+
+    # ---- write weights, scores, metrics and the manifest (manifest last: it marks the run complete)
+    net = net.to("cpu", memory_format=torch.contiguous_format)
+    meta = {"arch": spec.name, "unpool": cfg.unpool.value, "format": "dafar-weights-v1"}
+    files: dict[str, dict] = {}
+    for name in ("E", "F", "D", "C"):
+        mod = getattr(net, name)
+        if mod is not None:
+            save_state(out / f"weights/{name}.safetensors", mod.state_dict(), {**meta, "module": name})
+            files[f"weights/{name}.safetensors"] = {"role": "weights", "module": name}
+    if victim is not None:
+        victim = victim.to("cpu", memory_format=torch.contiguous_format)
+        save_state(out / "weights/victim_only.safetensors", victim.state_dict(), {**meta, "module": "victim_only"})
+        files["weights/victim_only.safetensors"] = {"role": "weights", "module": "victim_only"}
+    _save_scores(out / "scores.npz", ev_val, ev_test, data.test_y.numpy())
+    timing = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "seconds_per_epoch": dict(seconds),
+        "eval_seconds": eval_seconds,
+        # every call of a resumed run: this call's wall time plus the epochs earlier calls trained
+        "total_seconds": time.perf_counter() - t_start + sum(s.earlier.values()),
+        "seconds_in_earlier_calls": s.earlier,
+        "resumed": resume,
+        # which weights each phase ended with (the last epoch's, the average's, the best epoch's)
+        "kept_weights": kept,
+    }
+    if parent is not None:
+        timing["init_from"] = parent["record"]
+    metrics["timing"] = timing
+    atomic_write_json(out / "metrics.json", metrics)
+    files.update({"scores.npz": {"role": "scores"}, "metrics.json": {"role": "metrics"},
+                  "config.json": {"role": "config"}, "train_log.jsonl": {"role": "log"}})
+    run = RunFolder.create(out, _manifest_body(cfg, splits, data, net, thresholds, metrics, timing), files)
+    return TrainResult(out, run.manifest, metrics)
 
 
 def _parent_run(cfg: TrainConfig) -> dict:
@@ -724,17 +794,17 @@ def _residuals(net: DafarNet, x_u8: torch.Tensor, device: torch.device, bs: int)
 
 def _thresholds(cfg: TrainConfig, ev_val: dict, ev_test: dict, dataset: str) -> dict:
     out = {}
-    for det in ("l2", "ae"):
-        if det not in ev_val:
+    for det in Detector:
+        key = det.score_key
+        if key not in ev_val:
             continue
         rules = {}
-        th = calibrate(ev_val[det], ThresholdRule.MEAN_ZSTD, z=cfg.z)
-        rules[f"mean+zstd@z={cfg.z:g}"] = {**th.to_dict(), "test_fpr": false_positive_rate(ev_test[det], th.alpha)}
+        th = calibrate(ev_val[key], ThresholdRule.MEAN_ZSTD, z=cfg.z)
+        rules[f"mean+zstd@z={cfg.z:g}"] = {**th.to_dict(), "test_fpr": false_positive_rate(ev_test[key], th.alpha)}
         for f in cfg.target_fprs:
-            th = calibrate(ev_val[det], ThresholdRule.QUANTILE, target_fpr=f)
-            rules[f"quantile@fpr={f:g}"] = {**th.to_dict(), "test_fpr": false_positive_rate(ev_test[det], th.alpha)}
-        name = "autoencoder" if det == "ae" else "l2"
-        out[name] = {"default": f"mean+zstd@z={cfg.z:g}", "calibrated_on": "validation split (clean, from train)",
+            th = calibrate(ev_val[key], ThresholdRule.QUANTILE, target_fpr=f)
+            rules[f"quantile@fpr={f:g}"] = {**th.to_dict(), "test_fpr": false_positive_rate(ev_test[key], th.alpha)}
+        out[det.value] = {"default": f"mean+zstd@z={cfg.z:g}", "calibrated_on": "validation split (clean, from train)",
                      "rules": rules}
     return out
 
@@ -758,8 +828,7 @@ def _metrics(cfg: TrainConfig, ev_val: dict, ev_test: dict, data: _Data, thresho
         m[f"{name}_alpha"] = default["alpha"]
         m[f"{name}_val_fpr"] = default["calib_fpr"]
         m[f"{name}_test_fpr"] = default["test_fpr"]
-        key = "l2" if name == "l2" else "ae"
-        s = ev_test[key]
+        s = ev_test[Detector(name).score_key]
         accepted = s <= default["alpha"]
         # accuracy of the whole defence on clean data: accepted and correctly classified from the reconstruction
         m[f"{name}_clean_defended_acc"] = float(np.mean(accepted & (ev_test["purified_logits"].argmax(1) == y.numpy())))

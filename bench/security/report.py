@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from dafar.manifest import atomic_write_text, dataset_label, read_manifest
+from dafar.train.attacks import attack_label, eps_label
 
 from . import metrics as M
-from .attacks import attack_label, eps_label
 
 __all__ = ["write_eval_report"]
 

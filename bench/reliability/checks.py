@@ -26,15 +26,38 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from dafar.errors import DafarError, InputValidationError
+from dafar.errors import ConfigError, DafarError, InputValidationError
 from dafar.manifest import atomic_write_json, atomic_write_text, read_manifest
+from dafar.options import option, to_argv
 
-__all__ = ["fuzz", "file_checks", "long_run", "concurrency", "cli_checks", "interrupted_stage", "run_reliability",
-           "write_reliability_report"]
+__all__ = ["ReliabilityConfig", "ReliabilityResult", "check_reliability", "fuzz", "file_checks", "long_run",
+           "concurrency", "cli_checks", "interrupted_stage", "run_reliability", "write_reliability_report"]
+
+
+@dataclass(frozen=True)
+class ReliabilityConfig:
+    fuzz_cases: int = option(10_000, help="hypothesis cases per model")
+    long_run: int = option(100_000, help="inferences per backend in one process")
+    threads: int = option(8, help="threads sharing one runtime object")
+    concurrent: int = option(10_000, help="inferences shared by the threads")
+
+    def __post_init__(self):
+        for k in ("fuzz_cases", "long_run", "threads", "concurrent"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{k} must be a positive integer, got {v!r}")
+
+
+@dataclass(frozen=True)
+class ReliabilityResult:
+    run_dir: Path
+    summary: dict
+    report: Path
 
 
 # ---------------------------------------------------------------- 1. fuzzing
@@ -171,7 +194,8 @@ def _expect_refusal(fn, name: str) -> dict:
 
 
 def file_checks(run_dir, model: str) -> list[dict]:
-    from dafar.manifest import file_entry, load_manifest, write_manifest
+    from dafar.manifest import load_manifest
+    from dafar.run import RunFolder
     from dafar.runtime import Defence
 
     run_dir = Path(run_dir)
@@ -244,9 +268,7 @@ def file_checks(run_dir, model: str) -> list[dict]:
                 return (os.system, (f"touch {marker}",))
 
         (d / "weights/F.safetensors").write_bytes(pickle.dumps(Evil()))
-        mm = read_manifest(d)
-        mm["files"]["weights/F.safetensors"] = file_entry(d, "weights/F.safetensors", "weights", module="F")
-        write_manifest(d, mm)
+        RunFolder.open(d, verify=False).register({"weights/F.safetensors": {"role": "weights", "module": "F"}})
 
     def load_weights(d):
         from dafar.train.loading import load_dafar
@@ -481,3 +503,11 @@ def write_reliability_report(run_dir, cmd: str = "dafar reliability RUN_DIR") ->
     path = run_dir / "reliability_report.md"
     atomic_write_text(path, "\n".join(L))
     return path
+
+
+def check_reliability(run_dir, cfg: ReliabilityConfig = ReliabilityConfig(), *, log=print) -> ReliabilityResult:
+    """``dafar reliability``: every check above, then ``reliability_report.md``."""
+    summary = run_reliability(run_dir, fuzz_cases=cfg.fuzz_cases, long_n=cfg.long_run, threads=cfg.threads,
+                              concurrent_total=cfg.concurrent, log=log)
+    cmd = " ".join(["dafar reliability RUN_DIR"] + to_argv(cfg, always=("fuzz_cases", "long_run", "threads", "concurrent")))
+    return ReliabilityResult(Path(run_dir), summary, write_reliability_report(run_dir, cmd))

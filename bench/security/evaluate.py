@@ -5,12 +5,12 @@ Settings (all recorded in ``RUN/eval/summary.json``):
 
 * gray-box attacks (ART) against the float victim F(E(x)): FGSM and PGD over ``eps``, CW-L2 and
   JSMA at a weak and a strong setting, Gaussian noise as a control; images are test images the
-  victim classifies correctly (:mod:`dafar.bench.attacks`), cached in the run folder;
+  victim classifies correctly (:mod:`dafar.train.attacks`), cached in the run folder;
 * DAFAR in torch (float) with both detectors at the manifest's alpha, plus every method at the
   same false-positive rates (thresholds set on clean validation images: ``fprs``);
-* peers (:mod:`dafar.bench.peers`) trained on the same training images;
+* peers (:mod:`dafar.bench.security.peers`) trained on the same training images;
 * adaptive white-box PGD (exact gradient and BPDA) and a CW-style variant against DAFAR, MagNet
-  and Feature Squeezing (:mod:`dafar.bench.adaptive`), with the sanity checks the literature asks
+  and Feature Squeezing (:mod:`dafar.bench.security.adaptive`), with the sanity checks the literature asks
   for: more steps and restarts do not help, success rises with eps and reaches ~100% at a large
   eps, and per image the adaptive attack succeeds wherever the gray-box one did;
 * the exported float and int8 files through the runtime, on the same adversarial images.
@@ -22,20 +22,23 @@ depends on.
 """
 from __future__ import annotations
 
-import time
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from dafar.errors import ConfigError
-from dafar.manifest import atomic_write_json, load_manifest
+from dafar.manifest import atomic_write_json
+from dafar.options import option
+from dafar.run import RunFolder
+from dafar.schema import Detector, parse_enums
+from dafar.train.attacks import AttackSpec, attack_sets, parse_budgets, spec_from_string
 
 from . import metrics as M
-from .attacks import AttackSpec, attack_sets, spec_from_string
 
-__all__ = ["EvalConfig", "run_eval", "default_attacks"]
+__all__ = ["EvalConfig", "EvalResult", "evaluate", "run_eval", "default_attacks"]
 
 MNIST_EPS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4)
 CIFAR_EPS = tuple(k / 255 for k in (1, 2, 4, 8, 12, 16))
@@ -63,24 +66,30 @@ def default_attacks(dataset: str, eps=None) -> list[AttackSpec]:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    images: int = 300  # per FGSM / PGD / noise set
-    slow_images: int = 100  # per CW-L2 / JSMA set (their ART implementations are slow on a CPU)
-    eps: tuple | None = None  # L-inf budgets (pixels/255 scale); None = the data set's default
-    fprs: tuple = (0.01, 0.05)
-    clean_images: int = 2000  # clean test images for ROC curves and FPRs
-    peers: bool = True
-    peer_train_images: int = 20000
-    peer_epochs: int = 10
-    adaptive: bool = True
-    adaptive_images: int = 100
-    adaptive_eps: tuple | None = None
-    adaptive_steps: int = 100
-    adaptive_restarts: int = 2
-    deployed: bool = True
-    seed: int = 0
-    detectors: tuple = ("l2", "autoencoder")
+    images: int = option(300, help="images per FGSM/PGD/noise set")
+    slow_images: int = option(100, help="images per CW-L2/JSMA set (their ART implementations are slow on a CPU)")
+    eps: tuple[float, ...] | None = option(None, parse=parse_budgets, metavar="BUDGETS",
+                                           help="comma list of L-inf budgets in (0, 1], e.g. 0.1,0.3 or 2/255,8/255 "
+                                                "(default: the data set's)")
+    fprs: tuple[float, ...] = option((0.01, 0.05), help="false-positive rates at which every method is also compared")
+    clean_images: int = option(2000, help="clean test images for ROC curves and false-positive rates")
+    peers: bool = option(True, help="skip MagNet, Feature Squeezing and the binary detector")
+    peer_train_images: int = option(20000, help="training images for the peers")
+    peer_epochs: int = option(10, help="training epochs of the peers")
+    adaptive: bool = option(True, help="skip the white-box adaptive attacks")
+    adaptive_images: int = option(100, help="images per adaptive attack")
+    adaptive_eps: tuple[float, ...] | None = option(None, parse=parse_budgets, metavar="BUDGETS",
+                                                    help="budgets of the adaptive attack, same form (default MNIST "
+                                                         "0.05-1, CIFAR-10 2/255-1)")
+    adaptive_steps: int = option(100, help="PGD steps of the adaptive attack")
+    adaptive_restarts: int = option(2, help="restarts of the adaptive attack")
+    deployed: bool = option(True, help="skip evaluating the exported files")
+    seed: int = option(0, help="seed of the image selection and the attacks")
+    detectors: tuple[Detector, ...] = option((Detector.L2, Detector.AUTOENCODER), flag="--detector",
+                                             help="comma list of DAFAR detectors to evaluate")
 
     def __post_init__(self):
+        object.__setattr__(self, "detectors", parse_enums(self.detectors, Detector, "detector"))
         for k in ("images", "slow_images", "clean_images", "adaptive_images", "adaptive_steps", "adaptive_restarts",
                   "peer_train_images", "peer_epochs"):
             v = getattr(self, k)
@@ -90,21 +99,21 @@ class EvalConfig:
             raise ConfigError(f"fprs must lie in (0, 1), got {self.fprs!r}")
 
 
+@dataclass(frozen=True)
+class EvalResult:
+    """What :func:`evaluate` measured (``RUN/eval/summary.json``) and the report it wrote."""
+
+    run_dir: Path
+    summary: dict
+    report: Path
+
+
 # ---------------------------------------------------------------- helpers
 def _victim_module(net, norm):
-    from dafar.export.fused import VictimGraph
+    """The float victim's logits on [0, 1] images (the peers are trained and judged against it)."""
+    from dafar.train.models import VictimLogits
 
-    class Logits:  # noqa: D401 - a tiny callable, torch module inside
-        def __init__(self):
-            self.g = VictimGraph(net, "float-nchw", norm["mean"], norm["std"]).eval()
-
-        def __call__(self, x):
-            return self.g(x)[1]
-
-        def state_dict(self):  # its identity for the evaluation's caches
-            return self.g.state_dict()
-
-    return Logits()
+    return VictimLogits(net, norm).eval()
 
 
 def _dafar_outputs(net, x01: np.ndarray, batch: int = 500) -> dict:
@@ -186,26 +195,25 @@ def _record(method: _Method, spec_key: str, meta: dict, s_adv, lab_adv, y, s_cle
 
 # ---------------------------------------------------------------- the run
 def run_eval(run_dir, cfg: EvalConfig = EvalConfig(), *, data_dir=None, log=print) -> dict:
-    from dafar.quantize.api import _splits
     from dafar.train.loading import load_dafar
 
     from .adaptive import DafarTarget, MagNetTarget, SqueezeTarget, cw_attack, pgd_attack
 
     t_start = time.perf_counter()
-    run_dir = Path(run_dir)
-    m = load_manifest(run_dir)
-    ds = m["dataset"]["name"]
+    run = RunFolder.open(run_dir)
+    run_dir, m = run.path, run.manifest
+    ds = run.dataset
     net, _ = load_dafar(run_dir, m)
     norm = m["input"]["normalization"]
     victim = _victim_module(net, norm)
     out_dir = run_dir / "eval"
     (out_dir / "records").mkdir(parents=True, exist_ok=True)
-    dets = [d for d in cfg.detectors if d != "autoencoder" or net.C is not None]
+    dets = [d.value for d in cfg.detectors if d is not Detector.AUTOENCODER or net.C is not None]
     alphas = {d: m["thresholds"][d]["rules"][m["thresholds"][d]["default"]]["alpha"] for d in dets}
     timing: dict = {}
 
     # ---- data: clean test images, validation images (thresholds at FPR), training images (peers)
-    splits = _splits(m, data_dir)
+    splits = run.splits(data_dir)
     clean = splits.test.sample(cfg.clean_images, cfg.seed)  # class-mixed, never the first N
     x_clean = clean.images.astype(np.float32) / 255
     y_clean = clean.labels.astype(np.int64)
@@ -227,12 +235,13 @@ def run_eval(run_dir, cfg: EvalConfig = EvalConfig(), *, data_dir=None, log=prin
     # ---- methods
     methods: list[_Method] = []
     for d in dets:
-        key = "ae" if d == "autoencoder" else "l2"
+        key = Detector(d).score_key
         methods.append(_Method(f"DAFAR ({d})", lambda x, k=key: _dafar_outputs(net, x)[k],
                                lambda x: _dafar_outputs(net, x)["purified"], alphas[d], "dafar"))
     peers = None
     if cfg.peers:
-        from .attacks import _victim_hash, generate
+        from dafar.train.attacks import generate, victim_hash
+
         from .peers import binary_filter, load_peers, save_peers, train_peers
 
         t = time.perf_counter()
@@ -243,7 +252,7 @@ def run_eval(run_dir, cfg: EvalConfig = EvalConfig(), *, data_dir=None, log=prin
                 ("pgd", eps_list[len(eps_list) // 4]), ("pgd", eps_list[len(eps_list) // 2])]
         # trained peers are cached in the run folder under everything that determines them, so a
         # rerun of an interrupted evaluation (hours on a CPU for CIFAR-10) does not train them again
-        peer_key = {"victim_sha256": _victim_hash(m), "dataset": ds, "epochs": cfg.peer_epochs, "seed": cfg.seed,
+        peer_key = {"victim_sha256": victim_hash(m), "dataset": ds, "epochs": cfg.peer_epochs, "seed": cfg.seed,
                     "train_images_sha256": _digest(splits.train.images[tr_idx]), "n_adv": n_adv,
                     "adv_plan": [[k, float(e)] for k, e in plan]}
         peer_path = out_dir / "peers.safetensors"
@@ -411,7 +420,7 @@ def _adaptive(run_dir, net, alphas, peers, sets, cfg, ds, log, DafarTarget, MagN
     interrupted evaluation resumes where it stopped and a changed model never reuses a result."""
     import torch
 
-    from dafar.bench.peers import squeeze_bits
+    from .peers import squeeze_bits
 
     eps_list = cfg.adaptive_eps or ((0.05, 0.1, 0.2, 0.3, 0.4, 1.0) if ds == "mnist" else (2 / 255, 4 / 255, 8 / 255, 16 / 255, 64 / 255, 1.0))
     n = cfg.adaptive_images
@@ -516,3 +525,11 @@ def _adaptive(run_dir, net, alphas, peers, sets, cfg, ds, log, DafarTarget, MagN
     results["cw_l2"] = cached(f"cw-l2 {targets[0][0]}", {"target": ids[targets[0][0]], "images": _digest(x[:50], y[:50]),
                                                           "steps": 100}, cw)
     return results
+
+
+def evaluate(run_dir, cfg: EvalConfig = EvalConfig(), *, data_dir=None, log=print) -> EvalResult:
+    """``dafar eval``: :func:`run_eval`, then ``eval_report.md`` with its figures."""
+    from .report import write_eval_report
+
+    summary = run_eval(run_dir, cfg, data_dir=data_dir, log=log)
+    return EvalResult(Path(run_dir), summary, write_eval_report(run_dir))

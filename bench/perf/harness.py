@@ -3,7 +3,7 @@
 What is measured, and how:
 
 * **Cost**: parameters of E, F, D, C and the overhead relative to the victim (beside the paper's
-  Table 6), MACs per subnetwork and for the fused graph (:mod:`dafar.bench.macs`), file sizes.
+  Table 6), MACs per subnetwork and for the fused graph (:mod:`dafar.bench.perf.macs`), file sizes.
 * **Latency** (per model, backend, threads and batch size), like TFLite's ``benchmark_model``:
   init time (constructing the runtime: hash check, backend load), first inference, then warm-up
   runs (not counted), then timed runs over a fixed count or duration: mean, std, min, max,
@@ -37,26 +37,32 @@ from pathlib import Path
 import numpy as np
 
 from dafar.errors import ConfigError
-from dafar.manifest import atomic_write_json, read_manifest, verify_files
+from dafar.manifest import atomic_write_json
+from dafar.options import option
+from dafar.run import RunFolder
+from dafar.schema import Detector, Graph, InputContract
 
-__all__ = ["BenchConfig", "run_bench", "latency_stats", "PAPER_TABLE6"]
+__all__ = ["BenchConfig", "BenchResult", "bench", "run_bench", "latency_stats", "PAPER_TABLE6"]
 
 PAPER_TABLE6 = {"without_C": 0.5, "with_C": 1.0}  # extra parameters as a multiple of the victim's n
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    threads: tuple[int, ...] = (1, 2)
-    batches: tuple[int, ...] = (1,)
-    runs: int = 200  # timed runs per measurement (at least; see min_seconds)
-    warmup: int = 20
-    min_seconds: float = 0.0  # keep timing until this much time has passed (0: count only)
-    models: tuple[str, ...] | None = None  # model files (relative); None = every export
-    accuracy_images: int | None = None  # test images for the accuracy rows; None = all, 0 = skip
-    memory: bool = True
-    torch: bool = True  # torch eager reference rows, where torch is installed
-    gpu: bool = True  # CUDA rows where a GPU is present
-    device_only: bool = False  # runtime only: no torch, no data set loaders beyond numpy
+    threads: tuple[int, ...] = option((1, 2), help="comma list of thread counts")
+    batches: tuple[int, ...] = option((1,), flag="--batch", help="comma list of batch sizes for dynamic-batch models")
+    runs: int = option(200, help="timed runs per measurement (at least; see --min-seconds)")
+    warmup: int = option(20, help="untimed warm-up runs")
+    min_seconds: float = option(0.0, help="keep timing each measurement until this much time has passed (0: count only)")
+    models: tuple[str, ...] | None = option(None, none="all", metavar="FILES",
+                                            help="comma list of model files of the run folder (default: every export)")
+    accuracy_images: int | None = option(None, none="all",
+                                         help="test images for the accuracy rows, 'all', or 0 to skip")
+    memory: bool = option(True, help="skip the peak-memory measurement")
+    torch: bool = option(True, help="skip the torch eager reference rows")
+    gpu: bool = option(True, help="skip the CUDA rows")
+    device_only: bool = option(False, help="only the runtime (numpy + backend): for a Pi or phone with the run folder "
+                                           "copied over")
 
     def __post_init__(self):
         for name in ("threads", "batches"):
@@ -81,11 +87,11 @@ def latency_stats(ms: list[float] | np.ndarray) -> dict:
             "p90_ms": float(np.percentile(a, 90)), "p99_ms": float(np.percentile(a, 99))}
 
 
-def _input_for(entry: dict, batch: int, chw, rng) -> np.ndarray:
-    c, h, w = chw
-    if entry["contract"] == "uint8-nhwc":
-        return rng.integers(0, 256, (batch, h, w, c), dtype=np.uint8)
-    return rng.random((batch, c, h, w), dtype=np.float32)
+def _input_for(contract: InputContract, batch: int, chw, rng) -> np.ndarray:
+    shape = contract.shape(chw, batch)
+    if contract is InputContract.UINT8_NHWC:
+        return rng.integers(0, 256, shape, dtype=np.uint8)
+    return rng.random(shape, dtype=np.float32)
 
 
 class _Timed:
@@ -100,13 +106,13 @@ class _Timed:
         self.rel, self.threads = rel, threads
         fixed = self.d.batch
         self.batch = batch if fixed is None else fixed
-        self.x = _input_for(self.d.entry, self.batch, chw, np.random.default_rng(0))
+        self.x = _input_for(self.d.spec.contract, self.batch, chw, np.random.default_rng(0))
         t0 = time.perf_counter()
         self.call()
         self.first_ms = 1e3 * (time.perf_counter() - t0)
 
     def call(self):
-        return self.d._run(self.x)
+        return self.d.run_prepared(self.x)
 
     def time_once(self) -> float:
         t0 = time.perf_counter()
@@ -162,7 +168,7 @@ c, h, w = d.chw
 b = d.batch or 1
 x = np.zeros((b, h, w, c), np.uint8) if d.input_dtype == np.uint8 else np.zeros((b, c, h, w), np.float32)
 for _ in range({runs}):
-    d._run(x)
+    d.run_prepared(x)
 st = status()
 print(json.dumps({{"backend_import_kib": base - before_backend, "before_load_kib": base, "after_load_kib": loaded,
                   "peak_kib": st['VmHWM'], "model_peak_kib": st['VmHWM'] - base}}))
@@ -212,24 +218,21 @@ def _machine() -> dict:
     return info
 
 
-def _pair_key(e: dict) -> tuple:
-    return (e["format"], e.get("precision", "float32"), e["contract"], e.get("batch"))
-
-
 def run_bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=print) -> dict:
     """Run every measurement; write the JSON records and return the summary."""
     from .macs import fused_costs, subnet_costs
 
-    run_dir = Path(run_dir)
-    m = read_manifest(run_dir)
+    run = RunFolder.open(run_dir, verify=False)
+    run_dir, m = run.path, run.manifest
     exports = m.get("exports", {})
+    specs = run.exports()
     if not exports:
         raise ConfigError(f"{run_dir} has no exported models to benchmark: run `dafar export` (and `dafar quantize`) first")
     models = list(cfg.models) if cfg.models else list(exports)
     missing = [r for r in models if r not in exports]
     if missing:
         raise ConfigError(f"not models of {run_dir}: {missing}; it has {list(exports)}")
-    verify_files(run_dir, m, models)
+    run.verify(models)
     ds = m["dataset"]["name"]
     chw = tuple(m["input"]["shape"])
     out_dir = run_dir / "bench"
@@ -250,14 +253,14 @@ def run_bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=p
     }
 
     # ---- latency, interleaving each defence graph with its victim counterpart
-    victims = {_pair_key(e): rel for rel, e in exports.items() if e["graph"] == "victim"}
-    defences = [r for r in models if exports[r]["graph"] == "dafar"]
-    lone = [r for r in models if exports[r]["graph"] == "victim"]
+    victims = {e.pair_key: rel for rel, e in specs.items() if e.graph is Graph.VICTIM}
+    defences = [r for r in models if specs[r].graph is Graph.DAFAR]
+    lone = [r for r in models if specs[r].graph is Graph.VICTIM]
     from tqdm.auto import tqdm
 
     groups = []
     for rel in defences:
-        groups.append((rel, victims.get(_pair_key(exports[rel]))))
+        groups.append((rel, victims.get(specs[rel].pair_key)))
     for rel in lone:
         if rel not in {v for _, v in groups}:
             groups.append((rel, None))
@@ -330,10 +333,10 @@ def _test_set(m: dict, run_dir: Path, data_dir, cfg: BenchConfig):
     """Test images and labels: the data set loaders (numpy only) or, on a device, ``RUN/bench/test.npz``."""
     cache = run_dir / "bench" / "test_images.npz"
     try:
-        from dafar.export.api import test_images
+        from dafar.run import RunFolder
 
-        u8, y = test_images(m, data_dir, cfg.accuracy_images)
-        return u8, y.astype(np.int64)
+        test = RunFolder(run_dir, m).test_set(data_dir, cfg.accuracy_images)
+        return test.images, test.labels.astype(np.int64)
     except Exception:
         if cache.is_file():
             with np.load(cache, allow_pickle=False) as z:
@@ -349,7 +352,7 @@ def _torch_rows(run_dir: Path, m: dict, cfg: BenchConfig, chw, log) -> list[dict
         import torch
     except ImportError:
         return [{"skipped": "torch is not installed"}]
-    from dafar.export.fused import FusedDafar, VictimGraph
+    from dafar.export.api import graph_module
     from dafar.train.loading import load_dafar
 
     net, _ = load_dafar(run_dir, m)
@@ -361,8 +364,8 @@ def _torch_rows(run_dir: Path, m: dict, cfg: BenchConfig, chw, log) -> list[dict
         torch.set_num_threads(threads)
         for batch in cfg.batches:
             x = torch.from_numpy(np.random.default_rng(0).random((batch, *chw), dtype=np.float32))
-            mods = [(f"torch:dafar-{d}", FusedDafar(net, 1.0, d, "float-nchw", norm["mean"], norm["std"]).eval()) for d in dets]
-            mods.append(("torch:victim", VictimGraph(net, "float-nchw", norm["mean"], norm["std"]).eval()))
+            mods = [(f"torch:dafar-{d}", graph_module(net, Graph.DAFAR, d, InputContract.FLOAT_NCHW, 1.0, norm)) for d in dets]
+            mods.append(("torch:victim", graph_module(net, Graph.VICTIM, None, InputContract.FLOAT_NCHW, None, norm)))
 
             class _T:
                 def __init__(self, mod):
@@ -414,7 +417,7 @@ def _gpu_rows(run_dir: Path, models, exports, cfg: BenchConfig, chw, log) -> lis
             import torch
 
             if torch.cuda.is_available():
-                from dafar.export.fused import FusedDafar, VictimGraph
+                from dafar.export.api import graph_module
                 from dafar.train.loading import load_dafar
 
                 net, m = load_dafar(run_dir)
@@ -422,8 +425,10 @@ def _gpu_rows(run_dir: Path, models, exports, cfg: BenchConfig, chw, log) -> lis
                 norm = m["input"]["normalization"]
                 for batch in cfg.batches:
                     x = torch.rand(batch, *chw, device="cuda")
-                    for name, mod in (("torch:dafar-l2", FusedDafar(net, 1.0, "l2", "float-nchw", norm["mean"], norm["std"])),
-                                      ("torch:victim", VictimGraph(net, "float-nchw", norm["mean"], norm["std"]))):
+                    for name, mod in (("torch:dafar-l2", graph_module(net, Graph.DAFAR, Detector.L2, InputContract.FLOAT_NCHW,
+                                                                      1.0, norm)),
+                                      ("torch:victim", graph_module(net, Graph.VICTIM, None, InputContract.FLOAT_NCHW,
+                                                                    None, norm))):
                         mod = mod.cuda().eval()
                         with torch.inference_mode():
                             for _ in range(cfg.warmup):
@@ -441,3 +446,20 @@ def _gpu_rows(run_dir: Path, models, exports, cfg: BenchConfig, chw, log) -> lis
         except ImportError:
             pass
     return rows
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """What :func:`bench` measured (``RUN/bench/summary.json``) and the report it wrote."""
+
+    run_dir: Path
+    summary: dict
+    report: Path
+
+
+def bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=print) -> BenchResult:
+    """``dafar bench``: :func:`run_bench`, then ``bench_report.md`` with its plots."""
+    from .report import write_bench_report
+
+    summary = run_bench(run_dir, cfg, data_dir=data_dir, log=log)
+    return BenchResult(Path(run_dir), summary, write_bench_report(run_dir))

@@ -3,7 +3,7 @@
 # that every model file of a run folder gives the same labels, scores and decisions as on this
 # x86 machine.  Correctness only: emulated timing says nothing about a real Pi and is never reported.
 #
-#   sudo bench/arm64_check.sh RUN_DIR [ROOTFS_DIR]
+#   sudo bench/scripts/arm64_check.sh RUN_DIR [ROOTFS_DIR]
 #
 # Needs root (binfmt_misc, chroot, mounts), Debian's qemu-user-static, binfmt-support and
 # debootstrap (installed when missing), and the Debian mirror and PyPI (first run only: the root
@@ -19,7 +19,7 @@ set -euo pipefail
 
 RUN=$(realpath "${1:?usage: arm64_check.sh RUN_DIR [ROOTFS_DIR]}")
 ROOT=$(realpath -m "${2:-${HOME:-/root}/.cache/dafar/arm64-rootfs}")
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PYTHON:-$REPO/.venv/bin/python}
 QEMU_CPU_MODEL=${QEMU_CPU_MODEL:-cortex-a72}
 [ "$(id -u)" = 0 ] || { echo "arm64_check: needs root (chroot, mounts, binfmt_misc)" >&2; exit 2; }
@@ -68,7 +68,7 @@ QEMU_CPU=$QEMU_CPU_MODEL chroot "$ROOT" /venv/bin/pip install -q --disable-pip-v
 cp "$RUN/manifest.json" "$WORK/run/"
 cp -r "$RUN/export" "$WORK/run/"
 log "recording reference outputs on $(uname -m)"
-"$PY" -m dafar.bench.crosscheck record "$RUN" "$WORK/ref.npz" --images "${IMAGES:-200}" >/dev/null
+"$PY" -m dafar.bench.reliability.crosscheck record "$RUN" "$WORK/ref.npz" --images "${IMAGES:-200}" >/dev/null
 
 # ---- emulated aarch64 run, with the three traps avoided
 CPUINFO=$(mktemp)
@@ -98,7 +98,7 @@ mountpoint -q "$ROOT/sys" || mount --bind /sys "$ROOT/sys"
 mount --bind "$CPUINFO" "$ROOT/proc/cpuinfo"
 log "comparing on emulated aarch64 (QEMU_CPU=$QEMU_CPU_MODEL)"
 set +e
-QEMU_CPU=$QEMU_CPU_MODEL chroot "$ROOT" /venv/bin/python -m dafar.bench.crosscheck compare /work/run /work/ref.npz \
+QEMU_CPU=$QEMU_CPU_MODEL chroot "$ROOT" /venv/bin/python -m dafar.bench.reliability.crosscheck compare /work/run /work/ref.npz \
   --json /work/result.json >/dev/null
 status=$?
 set -e

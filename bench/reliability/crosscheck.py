@@ -1,8 +1,8 @@
 """Cross-platform check of the runtime: record every model's outputs on one machine, rerun them on
 another (an emulated aarch64 Raspberry Pi, a real Pi, a phone's Python), and compare.
 
-    python -m dafar.bench.crosscheck record RUN_DIR ref.npz [--images 200]
-    python -m dafar.bench.crosscheck compare RUN_DIR ref.npz [--json out.json]
+    python -m dafar.bench.reliability.crosscheck record RUN_DIR ref.npz [--images 200]
+    python -m dafar.bench.reliability.crosscheck compare RUN_DIR ref.npz [--json out.json]
 
 numpy and a runtime backend only (it runs inside the target).  Tolerances: float32 models must
 give the same labels and decisions and scores within 1e-4 relative (median) / 1e-3 (max outside
@@ -95,7 +95,7 @@ def compare(run_dir, ref_path) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dafar.bench.crosscheck")
+    ap = argparse.ArgumentParser(prog="python -m dafar.bench.reliability.crosscheck")
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("record")
     a.add_argument("run")

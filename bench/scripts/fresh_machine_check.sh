@@ -4,12 +4,12 @@
 # main job's reports appear.  README's second command (the tests) is what CI runs already, the
 # same way; pass --tests to run it here too.
 #
-#   bash bench/fresh_machine_check.sh [REPO_URL_OR_PATH] [--tests]
+#   bash bench/scripts/fresh_machine_check.sh [REPO_URL_OR_PATH] [--tests]
 #
 # Writes a JSON summary to $OUT (default: ./fresh-machine-check.json) with each command's wall time
 # and exit status.
 set -euo pipefail
-SRC=${1:-$(cd "$(dirname "$0")/.." && pwd)}
+SRC=${1:-$(cd "$(dirname "$0")/../.." && pwd)}
 RUN_TESTS=0
 [ "${2:-}" = "--tests" ] && RUN_TESTS=1
 OUT=${OUT:-$PWD/fresh-machine-check.json}

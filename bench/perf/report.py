@@ -8,7 +8,7 @@ import numpy as np
 
 from dafar.manifest import atomic_write_text, dataset_label, read_manifest
 
-__all__ = ["write_bench_report"]
+__all__ = ["write_bench_report", "summary_section"]
 
 
 def _f(v, d=3):
@@ -154,3 +154,22 @@ def write_bench_report(run_dir) -> Path:
     path = run_dir / "bench_report.md"
     atomic_write_text(path, "\n".join(L))
     return path
+
+
+def summary_section(run_dir) -> list[str]:
+    """The benchmark headline of ``report.md`` (1 thread, batch 1), linking the full report."""
+    run_dir = Path(run_dir)
+    L: list[str] = []
+    summary = run_dir / "bench" / "summary.json"
+    if summary.is_file() and (run_dir / "bench_report.md").is_file():
+        s = json.loads(summary.read_text())
+        L += ["## Benchmark", "", "Full report: [bench_report.md](bench_report.md).", ""]
+        rows = [r for r in s.get("ratios", []) if r["threads"] == 1 and r["batch"] == 1]
+        if rows:
+            L += ["| defence graph (1 thread, batch 1) | p50 ms | victim p50 ms | latency ratio | MAC ratio |", "|---|---|---|---|---|"]
+            p50 = {(r["model"], r["threads"], r["batch"]): r["p50_ms"] for r in s["records"]}
+            for r in rows:
+                L.append(f"| `{Path(r['model']).name}` | {p50.get((r['model'], 1, 1), float('nan')):.3f} | "
+                         f"{p50.get((r['victim'], 1, 1), float('nan')):.3f} | {r['latency_ratio']:.2f} | {r['mac_ratio']:.2f} |")
+            L.append("")
+    return L

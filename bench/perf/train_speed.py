@@ -1,6 +1,6 @@
 """Training cost per step, to decide CPU or GPU before committing hours to a run.
 
-    python -m dafar.bench.train_speed --dataset cifar10 [--batch-size 128] [--steps 8] [--threads 2]
+    python -m dafar.bench.perf.train_speed --dataset cifar10 [--batch-size 128] [--steps 8] [--threads 2]
 
 Times optimizer steps of the joint E+F+D model (the paper's loss, Eq. 7) and of the victim-only
 model on synthetic input of the data set's shape, after two burn-in steps (the first steps pay
@@ -73,7 +73,7 @@ def measure(dataset: str = "cifar10", batch_size: int = 128, steps: int = 8, thr
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m dafar.bench.train_speed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m dafar.bench.perf.train_speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--dataset", choices=sorted(_TRAIN_IMAGES), default="cifar10")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=8)

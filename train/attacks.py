@@ -1,5 +1,7 @@
 """Adversarial images against the float victim ``F(E(x))`` (the paper's gray-box setting), with
-adversarial-robustness-toolbox (ART), cached in the run folder.
+adversarial-robustness-toolbox (ART), cached in the run folder.  Used by ``dafar quantize`` (the
+float-vs-int8 detection check) and ``dafar eval``; they live with training because they need
+only the trained victim (and adversarial training will need them too).
 
 * Attacks work on the input contract's scale: float32 NCHW in [0, 1] (``clip_values=(0, 1)``);
   the model scale [-1, 1] is applied inside the wrapped victim, as in the exported graphs.
@@ -17,15 +19,16 @@ import json
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 
 import numpy as np
 
 from dafar.errors import ConfigError, require
-from dafar.manifest import atomic_write_bytes, file_entry, load_manifest, read_manifest, write_manifest
+from dafar.manifest import atomic_write_bytes
+from dafar.run import RunFolder
 
 __all__ = ["Attack", "AttackSpec", "AttackSet", "victim_classifier", "select_images", "generate", "attack_sets",
-           "spec_from_string", "eps_label", "attack_label"]
+           "spec_from_string", "eps_label", "attack_label", "victim_hash", "parse_budget", "parse_budgets",
+           "parse_attack_list"]
 
 
 class Attack(str, Enum):
@@ -78,6 +81,44 @@ def attack_label(key: str) -> str:
     return re.sub(r"eps([0-9.]+(?:e-?[0-9]+)?)", lambda m: "eps" + eps_label(float(m.group(1))), key)
 
 
+def parse_budget(text: str) -> float:
+    """One L-inf budget on the [0, 1] pixel scale, written as a decimal (``0.3``) or ``k/255``."""
+    try:
+        num, _, den = text.strip().partition("/")
+        v = float(num) / (float(den) if den else 1.0)
+    except (ValueError, ZeroDivisionError):
+        raise ConfigError(f"{text!r} is not a budget (write 0.3 or 8/255)") from None
+    if not 0 < v <= 1:
+        raise ConfigError(f"budget {text} is outside (0, 1] (budgets are on the pixels/255 scale)")
+    return v
+
+
+def parse_budgets(text: str) -> tuple[float, ...]:
+    """A comma list of budgets (``0.1,0.3`` or ``2/255,8/255``)."""
+    items = [v for v in text.split(",") if v.strip()]
+    if not items:
+        raise ConfigError("no budgets given")
+    return tuple(parse_budget(v) for v in items)
+
+
+def parse_attack_list(text: str) -> tuple[str, ...]:
+    """A comma list of attack specs, where a spec's own ``k=v`` parameters follow it:
+    ``fgsm@0.1,pgd@0.3,max_iter=20`` is FGSM at 0.1 and PGD at 0.3 with 20 steps."""
+    specs: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if "=" in part and "@" not in part and specs:
+            specs[-1] += "," + part
+        else:
+            specs.append(part)
+    if not specs:
+        raise ConfigError("no attacks given")
+    for s in specs:
+        spec_from_string(s)
+    return tuple(specs)
+
+
 def spec_from_string(text: str) -> AttackSpec:
     """``fgsm@0.1``, ``pgd@0.3``, ``noise@0.3``, ``cw-l2``, ``cw-l2@confidence=10``, ``jsma@theta=1,gamma=0.1``."""
     name, _, rest = text.partition("@")
@@ -116,21 +157,11 @@ def victim_classifier(run_dir, device: str = "cpu"):
     import torch
     from art.estimators.classification import PyTorchClassifier
 
-    from dafar.export.fused import VictimGraph
-    from dafar.train.loading import load_dafar
+    from .loading import load_dafar
+    from .models import VictimLogits
 
     net, m = load_dafar(run_dir)
-    norm = m["input"]["normalization"]
-
-    class Logits(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.g = VictimGraph(net, "float-nchw", norm["mean"], norm["std"])
-
-        def forward(self, x):
-            return self.g(x)[1]
-
-    model = Logits().eval()
+    model = VictimLogits(net, m["input"]["normalization"]).eval()
     c, h, w = m["input"]["shape"]
     clf = PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=(c, h, w),
                             nb_classes=int(m["architecture"]["num_classes"]), clip_values=(0.0, 1.0),
@@ -142,10 +173,8 @@ def select_images(run_dir, n: int, seed: int = 0, data_dir=None, model=None):
     """``n`` test images the float victim classifies correctly: (x float NCHW [0,1], labels, indices)."""
     import torch
 
-    from dafar.export.api import test_images
-
-    m = read_manifest(run_dir)
-    u8, labels = test_images(m, data_dir)
+    test = RunFolder.open(run_dir, verify=False).test_set(data_dir)
+    u8, labels = test.images, test.labels
     if model is None:
         _, model, _ = victim_classifier(run_dir)
     order = np.random.default_rng([seed, 7]).permutation(len(labels))
@@ -165,8 +194,7 @@ def select_images(run_dir, n: int, seed: int = 0, data_dir=None, model=None):
 
 
 def _make(spec: AttackSpec, clf, batch_size: int):
-    from art.attacks.evasion import (CarliniL2Method, FastGradientMethod, ProjectedGradientDescent,
-                                     SaliencyMapMethod)
+    from art.attacks.evasion import CarliniL2Method, FastGradientMethod, ProjectedGradientDescent, SaliencyMapMethod
 
     p = dict(spec.params)
     if spec.attack is Attack.FGSM:
@@ -188,7 +216,8 @@ def _make(spec: AttackSpec, clf, batch_size: int):
     raise ConfigError(f"{spec.attack.value} is not an ART attack")
 
 
-def _victim_hash(m: dict) -> str:
+def victim_hash(m: dict) -> str:
+    """A short digest of the victim's weights (E and F), under which attack results are cached."""
     files = m.get("files", {})
     parts = [files.get(f"weights/{k}.safetensors", {}).get("sha256", "") for k in ("E", "F")]
     return hashlib.sha256("".join(parts).encode()).hexdigest()[:16]
@@ -226,12 +255,12 @@ def attack_sets(run_dir, specs: list[AttackSpec], n: int = 500, seed: int = 0, d
     """Build (or reuse from the run folder's cache) one adversarial set per spec."""
     from tqdm.auto import tqdm
 
-    run_dir = Path(run_dir)
-    m = load_manifest(run_dir, verify=["weights/E.safetensors", "weights/F.safetensors"])
+    run = RunFolder.open(run_dir, verify=["weights/E.safetensors", "weights/F.safetensors"])
+    run_dir, m = run.path, run.manifest
     clf, model, _ = victim_classifier(run_dir)
     x, y, idx = select_images(run_dir, n, seed, data_dir, model)
     sel = hashlib.sha256(idx.astype(np.int64).tobytes()).hexdigest()[:16]
-    victim = _victim_hash(m)
+    victim = victim_hash(m)
     out: list[AttackSet] = []
     new_files: dict[str, dict] = {}
     for spec in tqdm(specs, desc="attacks", unit="set", disable=len(specs) < 2, leave=False):
@@ -263,12 +292,5 @@ def attack_sets(run_dir, specs: list[AttackSpec], n: int = 500, seed: int = 0, d
         log(f"{spec.key}: {n} images in {secs:.1f} s, victim accuracy {100 * meta['victim_accuracy']:.1f}%")
         out.append(AttackSet(spec, x_adv, x, y, idx, secs, meta))
     if new_files:
-        man = read_manifest(run_dir)
-        files = dict(man.get("files", {}))
-        table = dict(man.get("attacks", {}))
-        for rel, meta in new_files.items():
-            files[rel] = file_entry(run_dir, rel, "attack")
-            table[rel] = meta
-        man["files"], man["attacks"] = files, table
-        write_manifest(run_dir, man)
+        run.register({rel: {"role": "attack"} for rel in new_files}, tables={"attacks": new_files})
     return out
