@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dafar.errors import RunFolderError
 from dafar.manifest import dataset_label, read_manifest
+from dafar.schema import Detector, InputContract
 
 __all__ = ["summarize", "render_markdown", "collect"]
 
@@ -116,8 +117,8 @@ def _bench(b: dict | None) -> dict | None:
     out = []
     for backend in ("litert", "onnxruntime"):
         for threads in sorted({k[5] for k in rows}):
-            for det in ("l2", "autoencoder"):
-                for contract in ("uint8-nhwc", "float-nchw"):
+            for det in (d.value for d in Detector):
+                for contract in (InputContract.UINT8_NHWC.value, InputContract.FLOAT_NCHW.value):
                     f = rows.get((backend, "float32", "dafar", det, contract, threads))
                     q = rows.get((backend, "int8", "dafar", det, contract, threads))
                     fv = rows.get((backend, "float32", "victim", None, contract, threads))

@@ -36,10 +36,13 @@ _MISSING = dataclasses.MISSING
 
 
 def option(default: Any = _MISSING, *, help: str, flag: str | None = None, flags: tuple[str, str] | None = None,
-           metavar: str | None = None, parse: Callable[[str], Any] | None = None, none: str | None = None,
-           cli: bool = True, default_factory: Any = _MISSING) -> Any:
-    """A dataclass field that is also a command-line option (see the module docstring)."""
-    meta = {"help": help, "flag": flag, "flags": flags, "metavar": metavar, "parse": parse, "none": none, "cli": cli}
+           metavar: str | None = None, parse: Callable[[str], Any] | None = None,
+           fmt: Callable[[Any], str] | None = None, none: str | None = None, cli: bool = True,
+           default_factory: Any = _MISSING) -> Any:
+    """A dataclass field that is also a command-line option (see the module docstring); ``parse``
+    reads its text and ``fmt`` writes it back (both derived from the type when not given)."""
+    meta = {"help": help, "flag": flag, "flags": flags, "metavar": metavar, "parse": parse, "fmt": fmt, "none": none,
+            "cli": cli}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata={"dafar_option": meta})
     return dataclasses.field(default=default, metadata={"dafar_option": meta})
@@ -141,6 +144,8 @@ def _parser(o: _Opt) -> Callable[[str], Any]:
 def _fmt(value: Any, o: _Opt) -> str:
     if value is None:
         return o.meta["none"] or "none"
+    if o.meta["fmt"]:
+        return o.meta["fmt"](value)
     if isinstance(value, Enum):
         return str(value.value)
     if isinstance(value, tuple):

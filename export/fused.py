@@ -25,19 +25,19 @@ from dafar.train.models import DafarNet, Normalize, Victim
 __all__ = ["OUTPUT_NAMES", "VICTIM_OUTPUT_NAMES", "FusedDafar", "VictimGraph"]
 
 
-class _Preprocess(nn.Module):
-    """Input contract -> model scale [-1, 1], NCHW float32."""
+class _Preprocess(Normalize):
+    """Input contract -> model scale [-1, 1], NCHW float32 (raw pixels: the 1/255 joins the
+    normalization's multiply, one multiply-add per pixel)."""
 
     def __init__(self, contract: InputContract, mean: list[float], std: list[float]):
-        super().__init__()
-        self.contract = InputContract(contract)
-        # raw pixels: the 1/255 joins the normalization's multiply (one multiply-add per pixel)
-        self.norm = Normalize(mean, std, 255.0 if self.contract is InputContract.UINT8_NHWC else 1.0)
+        contract = InputContract(contract)
+        super().__init__(mean, std, 255.0 if contract is InputContract.UINT8_NHWC else 1.0)
+        self.contract = contract
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.contract is InputContract.UINT8_NHWC:
             x = x.permute(0, 3, 1, 2).to(torch.float32)
-        return self.norm(x)
+        return super().forward(x)
 
 
 class FusedDafar(nn.Module):

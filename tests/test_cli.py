@@ -69,3 +69,18 @@ def test_readme_commands_and_ci_agree():
     assert "dafar" in main_cmd and "pytest" in test_cmd
     ci = (REPO / ".ci" / "run").read_text()
     assert test_cmd.strip() in ci, ".ci/run must run README's test command verbatim"
+
+
+def test_opt_in_checks_are_chosen_by_marker_not_by_folder_name(tmp_path):
+    """A checkout inside folders named like the opt-in markers still runs its default tests."""
+    import shutil
+
+    root = tmp_path / "arm64" / "full" / "fresh"  # the clone itself named like a marker: the case that bit
+    (root / "tests").mkdir(parents=True)
+    shutil.copy(REPO / "tests" / "conftest.py", root / "tests" / "conftest.py")
+    (root / "tests" / "test_probe.py").write_text(
+        "import pytest\n\ndef test_default():\n    pass\n\n@pytest.mark.full\ndef test_opt_in():\n    pass\n")
+    (root / "pytest.ini").write_text("[pytest]\nmarkers =\n    slow: s\n    full: f\n    arm64: a\n    fresh: r\n")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(root / "tests")],
+                         capture_output=True, text=True, cwd=root)
+    assert "1 passed, 1 skipped" in out.stdout, out.stdout[-2000:]

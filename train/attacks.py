@@ -27,7 +27,7 @@ from dafar.manifest import atomic_write_bytes
 from dafar.run import RunFolder
 
 __all__ = ["Attack", "AttackSpec", "AttackSet", "victim_classifier", "select_images", "generate", "attack_sets",
-           "spec_from_string", "eps_label", "attack_label", "victim_hash", "parse_budget", "parse_budgets",
+           "spec_from_string", "eps_label", "attack_label", "victim_hash", "parse_budget", "parse_budgets", "format_budgets",
            "parse_attack_list"]
 
 
@@ -99,6 +99,11 @@ def parse_budgets(text: str) -> tuple[float, ...]:
     if not items:
         raise ConfigError("no budgets given")
     return tuple(parse_budget(v) for v in items)
+
+
+def format_budgets(values) -> str:
+    """Budgets as :func:`parse_budgets` reads them (``0.1,0.3``, ``2/255,8/255``)."""
+    return ",".join(eps_label(v) for v in values)
 
 
 def parse_attack_list(text: str) -> tuple[str, ...]:

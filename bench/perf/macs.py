@@ -9,6 +9,8 @@ ignored: they are under 1% of the total here.
 """
 from __future__ import annotations
 
+from dafar.schema import Detector
+
 __all__ = ["layers", "subnet_costs", "fused_costs"]
 
 
@@ -56,5 +58,6 @@ def fused_costs(dataset: str, detector: str | None) -> dict:
     for the autoencoder detector) and of the victim F(E(x)), and their ratio."""
     s = subnet_costs(dataset)
     victim = s["E"]["macs"] + s["F"]["macs"]
-    fused = 2 * victim + s["D"]["macs"] + (s["C"]["macs"] if detector == "autoencoder" else 0)
+    with_c = detector is not None and Detector(detector) is Detector.AUTOENCODER
+    fused = 2 * victim + s["D"]["macs"] + (s["C"]["macs"] if with_c else 0)
     return {"victim_macs": victim, "fused_macs": fused, "mac_ratio": fused / victim}

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from dafar.manifest import atomic_write_text, dataset_label, read_manifest
+from dafar.options import to_argv
 
 __all__ = ["write_bench_report", "summary_section"]
 
@@ -67,6 +68,16 @@ def _plots(run_dir: Path, s: dict) -> list[str]:
     return made
 
 
+def reproduce_command(cfg: dict) -> str:
+    """``dafar bench`` with the flags that rebuild a recorded configuration (``bench/summary.json``)."""
+    from .harness import BenchConfig
+
+    c = BenchConfig(threads=tuple(cfg["threads"]), batches=tuple(cfg["batches"]), runs=cfg["runs"],
+                    warmup=cfg.get("warmup", 20), min_seconds=cfg.get("min_seconds", 0.0),
+                    device_only=bool(cfg.get("device_only")))
+    return " ".join(["dafar bench RUN_DIR", *to_argv(c, always=("threads", "batches", "runs"))])
+
+
 def write_bench_report(run_dir) -> Path:
     run_dir = Path(run_dir)
     s = json.loads((run_dir / "bench" / "summary.json").read_text())
@@ -80,8 +91,7 @@ def write_bench_report(run_dir) -> Path:
          f"Machine: {mc.get('cpu', mc.get('machine'))}, {mc.get('cpus')} CPUs, {mc.get('platform')}; "
          f"onnxruntime {mc.get('onnxruntime', '-')}, ai-edge-litert {mc.get('ai-edge-litert', '-')}, "
          f"torch {mc.get('torch', '-')}.", "",
-         f"Reproduce: `dafar bench RUN_DIR --threads {','.join(map(str, cfg['threads']))} --batch "
-         f"{','.join(map(str, cfg['batches']))} --runs {cfg['runs']}" + (" --device-only" if cfg.get("device_only") else "") + "`", "",
+         f"Reproduce: `{reproduce_command(cfg)}`", "",
          f"Timing: {cfg['warmup']} warm-up runs, then at least {cfg['runs']} timed runs per model, the defence graph and its "
          "undefended victim interleaved in blocks of 10 so machine noise hits both; the clock wraps the backend call only. "
          "This is a shared, noisy 2-core VM: compare ratios measured side by side, not absolute numbers across runs.", "",

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dafar.schema import Detector
+
 __all__ = ["DafarTarget", "MagNetTarget", "SqueezeTarget", "pgd_attack", "cw_attack", "AttackResult"]
 
 
@@ -47,7 +49,7 @@ class DafarTarget:
     name = "DAFAR"
 
     def __init__(self, net, alpha: float, detector: str = "l2", straight_through: bool = False):
-        self.net, self.alpha, self.detector = net.eval(), float(alpha), detector
+        self.net, self.alpha, self.detector = net.eval(), float(alpha), Detector(detector)
         self.straight_through = straight_through
 
     def identity(self) -> tuple:
@@ -66,7 +68,7 @@ class DafarTarget:
             feats = self.net.E(xm)
             recon = self.net.D(feats)
             d = xm - recon
-            if self.detector == "autoencoder":
+            if self.detector is Detector.AUTOENCODER:
                 d = d - self.net.C(d)
             score = torch.sqrt(torch.sum(d * d, dim=(1, 2, 3)) + 1e-12)
             purified = self.net.F(self.net.E(recon).z)

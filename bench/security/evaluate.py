@@ -24,17 +24,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from dafar.errors import ConfigError
 from dafar.manifest import atomic_write_json
-from dafar.options import option
+from dafar.options import option, to_argv
 from dafar.run import RunFolder
-from dafar.schema import Detector, parse_enums
-from dafar.train.attacks import AttackSpec, attack_sets, parse_budgets, spec_from_string
+from dafar.schema import Detector, InputContract, parse_enums
+from dafar.train.attacks import AttackSpec, attack_sets, format_budgets, parse_budgets, spec_from_string
 
 from . import metrics as M
 
@@ -68,7 +68,7 @@ def default_attacks(dataset: str, eps=None) -> list[AttackSpec]:
 class EvalConfig:
     images: int = option(300, help="images per FGSM/PGD/noise set")
     slow_images: int = option(100, help="images per CW-L2/JSMA set (their ART implementations are slow on a CPU)")
-    eps: tuple[float, ...] | None = option(None, parse=parse_budgets, metavar="BUDGETS",
+    eps: tuple[float, ...] | None = option(None, parse=parse_budgets, fmt=format_budgets, metavar="BUDGETS",
                                            help="comma list of L-inf budgets in (0, 1], e.g. 0.1,0.3 or 2/255,8/255 "
                                                 "(default: the data set's)")
     fprs: tuple[float, ...] = option((0.01, 0.05), help="false-positive rates at which every method is also compared")
@@ -78,7 +78,7 @@ class EvalConfig:
     peer_epochs: int = option(10, help="training epochs of the peers")
     adaptive: bool = option(True, help="skip the white-box adaptive attacks")
     adaptive_images: int = option(100, help="images per adaptive attack")
-    adaptive_eps: tuple[float, ...] | None = option(None, parse=parse_budgets, metavar="BUDGETS",
+    adaptive_eps: tuple[float, ...] | None = option(None, parse=parse_budgets, fmt=format_budgets, metavar="BUDGETS",
                                                     help="budgets of the adaptive attack, same form (default MNIST "
                                                          "0.05-1, CIFAR-10 2/255-1)")
     adaptive_steps: int = option(100, help="PGD steps of the adaptive attack")
@@ -97,6 +97,15 @@ class EvalConfig:
                 raise ConfigError(f"{k} must be a positive integer, got {v!r}")
         if any(not 0 < f < 1 for f in self.fprs):
             raise ConfigError(f"fprs must lie in (0, 1), got {self.fprs!r}")
+
+
+def reproduce_command(cfg: dict) -> str:
+    """``dafar eval`` with the flags that rebuild a recorded configuration (``summary.json``)."""
+    known = {f.name for f in fields(EvalConfig)}
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in known}
+    flags = to_argv(EvalConfig(**kw), always=("images", "slow_images", "adaptive_images", "adaptive_steps",
+                                              "adaptive_restarts", "seed"))
+    return " ".join(["dafar eval RUN_DIR", *flags])
 
 
 @dataclass(frozen=True)
@@ -194,7 +203,103 @@ def _record(method: _Method, spec_key: str, meta: dict, s_adv, lab_adv, y, s_cle
 
 
 # ---------------------------------------------------------------- the run
+@dataclass
+class _Data:
+    """The clean images the evaluation uses: test (ROC curves, FPRs), validation (thresholds at a
+    given FPR) and a training subset (the peers), as float NCHW in [0, 1]."""
+
+    x_clean: np.ndarray
+    y_clean: np.ndarray
+    x_val: np.ndarray
+    x_train: np.ndarray
+    y_train: np.ndarray
+    train_sha256: str
+
+
+def _data(run: RunFolder, cfg: EvalConfig, data_dir) -> _Data:
+    splits = run.splits(data_dir)
+    clean = splits.test.sample(cfg.clean_images, cfg.seed)  # class-mixed, never the first N
+    rng = np.random.default_rng([cfg.seed, 5])
+    n_train = len(splits.train.images)
+    tr_idx = np.sort(rng.choice(n_train, min(cfg.peer_train_images, n_train), replace=False))
+    return _Data(clean.images.astype(np.float32) / 255, clean.labels.astype(np.int64),
+                 splits.val.images.astype(np.float32) / 255, splits.train.images[tr_idx].astype(np.float32) / 255,
+                 splits.train.labels[tr_idx].astype(np.int64), _digest(splits.train.images[tr_idx]))
+
+
+def _graybox_sets(run: RunFolder, cfg: EvalConfig, data_dir, log) -> list:
+    specs = default_attacks(run.dataset, cfg.eps)
+    fast = [s for s in specs if s.attack.value in ("fgsm", "pgd", "noise")]
+    slow = [s for s in specs if s not in fast]
+    sets = attack_sets(run.path, fast, n=cfg.images, seed=cfg.seed, data_dir=data_dir, log=log)
+    return sets + attack_sets(run.path, slow, n=cfg.slow_images, seed=cfg.seed, data_dir=data_dir, log=log)
+
+
+def _peers(run: RunFolder, cfg: EvalConfig, victim, data: _Data, log):
+    """MagNet, Feature Squeezing, the binary detector and a denoising AE, trained on the same
+    training images (or reused from the run folder when trained under the same key) and
+    calibrated on the clean validation images."""
+    from dafar.train.attacks import generate, victim_hash
+
+    from .peers import load_peers, save_peers, train_peers
+
+    ds = run.dataset
+    x_train, y_train = data.x_train, data.y_train
+    # adversarial training images for the binary detector: FGSM and PGD at random eps (train split only)
+    n_adv = min(5000, len(x_train))
+    eps_list = cfg.eps or (MNIST_EPS if ds == "mnist" else CIFAR_EPS)
+    plan = [("fgsm", eps_list[len(eps_list) // 2]), ("fgsm", eps_list[-1]),
+            ("pgd", eps_list[len(eps_list) // 4]), ("pgd", eps_list[len(eps_list) // 2])]
+    # trained peers are cached in the run folder under everything that determines them, so a
+    # rerun of an interrupted evaluation (hours on a CPU for CIFAR-10) does not train them again
+    peer_key = {"victim_sha256": victim_hash(run.manifest), "dataset": ds, "epochs": cfg.peer_epochs, "seed": cfg.seed,
+                "train_images_sha256": data.train_sha256, "n_adv": n_adv,
+                "adv_plan": [[k, float(e)] for k, e in plan]}
+    peer_path = run.path / "eval" / "peers.safetensors"
+    peers = load_peers(victim, peer_path, peer_key, ds, x_train.shape[1], x_train.shape[2])
+    if peers is not None:
+        log(f"peers: reused from {peer_path.name} (trained under the same victim, images and settings)")
+    else:
+        parts = []
+        chunk = n_adv // 4
+        for j, (kind, e) in enumerate(plan):
+            sl = slice(j * chunk, (j + 1) * chunk)
+            spec = spec_from_string(f"{kind}@{e}" + (",max_iter=10" if kind == "pgd" else ""))
+            parts.append(generate(run.path, spec, x_train[sl], y_train[sl], cfg.seed + j)[0])
+        peers = train_peers(victim, x_train, np.concatenate(parts), ds, epochs=cfg.peer_epochs, seed=cfg.seed, log=log)
+        save_peers(peers, peer_path, peer_key)
+    fpr0 = cfg.fprs[0]
+    peers.magnet.calibrate(data.x_val, fpr0)
+    peers.squeeze.calibrate(data.x_val, fpr0)
+    peers.binary.calibrate(data.x_val, fpr0)
+    return peers
+
+
+def _graybox_records(methods, sets, net, victim, peers, data: _Data, at_fpr, clean_scores, clean_labels):
+    """One record per (method, attack set), and the purification rows of Fig. 9."""
+    from .peers import binary_filter
+
+    records: list[dict] = []
+    purification = []  # Fig. 9
+    for s in sets:
+        meta = {"eps": s.spec.eps, "params": dict(s.spec.params), "setting": "gray-box", "format": "torch",
+                "precision": "float32", "victim_accuracy": s.meta.get("victim_accuracy"),
+                "linf_mean": float(s.linf.mean()), "l2_mean": float(s.l2.mean())}
+        for mt in methods:
+            records.append(_record(mt, s.spec.key, meta, mt.score_fn(s.x_adv), mt.label_fn(s.x_adv), s.labels,
+                                   clean_scores[mt.name], clean_labels[mt.name], data.y_clean, at_fpr[mt.name]))
+        row = {"attack": s.spec.key, "eps": s.spec.eps, "undefended": s.meta.get("victim_accuracy"),
+               "dafar_purification": float(np.mean(_dafar_outputs(net, s.x_adv)["purified"] == s.labels))}
+        if peers is not None:
+            row["denoising_ae"] = float(np.mean(peers.dae.predict(s.x_adv) == s.labels))
+            row["binary_filter"] = float(np.mean(binary_filter(victim, s.x_adv) == s.labels))
+            row["magnet_reformer"] = float(np.mean(peers.magnet.predict(s.x_adv) == s.labels))
+        purification.append(row)
+    return records, purification
+
+
 def run_eval(run_dir, cfg: EvalConfig = EvalConfig(), *, data_dir=None, log=print) -> dict:
+    """Every measurement of the evaluation; writes the JSON records and returns the summary."""
     from dafar.train.loading import load_dafar
 
     from .adaptive import DafarTarget, MagNetTarget, SqueezeTarget, cw_attack, pgd_attack
@@ -204,35 +309,19 @@ def run_eval(run_dir, cfg: EvalConfig = EvalConfig(), *, data_dir=None, log=prin
     run_dir, m = run.path, run.manifest
     ds = run.dataset
     net, _ = load_dafar(run_dir, m)
-    norm = m["input"]["normalization"]
-    victim = _victim_module(net, norm)
+    victim = _victim_module(net, run.normalization)
     out_dir = run_dir / "eval"
     (out_dir / "records").mkdir(parents=True, exist_ok=True)
     dets = [d.value for d in cfg.detectors if d is not Detector.AUTOENCODER or net.C is not None]
     alphas = {d: m["thresholds"][d]["rules"][m["thresholds"][d]["default"]]["alpha"] for d in dets}
     timing: dict = {}
+    data = _data(run, cfg, data_dir)
 
-    # ---- data: clean test images, validation images (thresholds at FPR), training images (peers)
-    splits = run.splits(data_dir)
-    clean = splits.test.sample(cfg.clean_images, cfg.seed)  # class-mixed, never the first N
-    x_clean = clean.images.astype(np.float32) / 255
-    y_clean = clean.labels.astype(np.int64)
-    x_val = splits.val.images.astype(np.float32) / 255
-    rng = np.random.default_rng([cfg.seed, 5])
-    tr_idx = np.sort(rng.choice(len(splits.train.images), min(cfg.peer_train_images, len(splits.train.images)), replace=False))
-    x_train = splits.train.images[tr_idx].astype(np.float32) / 255
-    y_train = splits.train.labels[tr_idx].astype(np.int64)
-
-    # ---- gray-box adversarial sets
     t = time.perf_counter()
-    specs = default_attacks(ds, cfg.eps)
-    fast = [s for s in specs if s.attack.value in ("fgsm", "pgd", "noise")]
-    slow = [s for s in specs if s not in fast]
-    sets = attack_sets(run_dir, fast, n=cfg.images, seed=cfg.seed, data_dir=data_dir, log=log)
-    sets += attack_sets(run_dir, slow, n=cfg.slow_images, seed=cfg.seed, data_dir=data_dir, log=log)
+    sets = _graybox_sets(run, cfg, data_dir, log)
     timing["attacks_s"] = time.perf_counter() - t
 
-    # ---- methods
+    # ---- methods: DAFAR with each detector, then the peers
     methods: list[_Method] = []
     for d in dets:
         key = Detector(d).score_key
@@ -240,40 +329,9 @@ def run_eval(run_dir, cfg: EvalConfig = EvalConfig(), *, data_dir=None, log=prin
                                lambda x: _dafar_outputs(net, x)["purified"], alphas[d], "dafar"))
     peers = None
     if cfg.peers:
-        from dafar.train.attacks import generate, victim_hash
-
-        from .peers import binary_filter, load_peers, save_peers, train_peers
-
         t = time.perf_counter()
-        # adversarial training images for the binary detector: FGSM and PGD at random eps (train split only)
-        n_adv = min(5000, len(x_train))
-        eps_list = cfg.eps or (MNIST_EPS if ds == "mnist" else CIFAR_EPS)
-        plan = [("fgsm", eps_list[len(eps_list) // 2]), ("fgsm", eps_list[-1]),
-                ("pgd", eps_list[len(eps_list) // 4]), ("pgd", eps_list[len(eps_list) // 2])]
-        # trained peers are cached in the run folder under everything that determines them, so a
-        # rerun of an interrupted evaluation (hours on a CPU for CIFAR-10) does not train them again
-        peer_key = {"victim_sha256": victim_hash(m), "dataset": ds, "epochs": cfg.peer_epochs, "seed": cfg.seed,
-                    "train_images_sha256": _digest(splits.train.images[tr_idx]), "n_adv": n_adv,
-                    "adv_plan": [[k, float(e)] for k, e in plan]}
-        peer_path = out_dir / "peers.safetensors"
-        peers = load_peers(victim, peer_path, peer_key, ds, x_train.shape[1], x_train.shape[2])
-        if peers is not None:
-            log(f"peers: reused from {peer_path.name} (trained under the same victim, images and settings)")
-        else:
-            parts = []
-            chunk = n_adv // 4
-            for j, (kind, e) in enumerate(plan):
-                sl = slice(j * chunk, (j + 1) * chunk)
-                spec = spec_from_string(f"{kind}@{e}" + (",max_iter=10" if kind == "pgd" else ""))
-                parts.append(generate(run_dir, spec, x_train[sl], y_train[sl], cfg.seed + j)[0])
-            x_adv_train = np.concatenate(parts)
-            peers = train_peers(victim, x_train, x_adv_train, ds, epochs=cfg.peer_epochs, seed=cfg.seed, log=log)
-            save_peers(peers, peer_path, peer_key)
+        peers = _peers(run, cfg, victim, data, log)
         timing["peers_train_s"] = time.perf_counter() - t
-        fpr0 = cfg.fprs[0]
-        peers.magnet.calibrate(x_val, fpr0)
-        peers.squeeze.calibrate(x_val, fpr0)
-        peers.binary.calibrate(x_val, fpr0)
         methods += [
             _Method("MagNet", peers.magnet.score, peers.magnet.predict, 1.0, "peer"),
             _Method("Feature Squeezing", peers.squeeze.score, peers.squeeze.predict, peers.squeeze.threshold, "peer"),
@@ -281,31 +339,14 @@ def run_eval(run_dir, cfg: EvalConfig = EvalConfig(), *, data_dir=None, log=prin
         ]
 
     # thresholds at each FPR, on clean validation images, for every method
-    val_scores = {mt.name: np.asarray(mt.score_fn(x_val), np.float64) for mt in methods}
+    val_scores = {mt.name: np.asarray(mt.score_fn(data.x_val), np.float64) for mt in methods}
     at_fpr = {mt.name: {f: M.threshold_at_fpr(val_scores[mt.name], f) for f in cfg.fprs} for mt in methods}
-    clean_scores = {mt.name: np.asarray(mt.score_fn(x_clean), np.float64) for mt in methods}
-    clean_labels = {mt.name: mt.label_fn(x_clean) for mt in methods}
+    clean_scores = {mt.name: np.asarray(mt.score_fn(data.x_clean), np.float64) for mt in methods}
+    clean_labels = {mt.name: mt.label_fn(data.x_clean) for mt in methods}
 
-    # ---- gray-box records
-    records: list[dict] = []
-    undefended = {}
-    purification = []  # Fig. 9
-    for s in sets:
-        meta = {"eps": s.spec.eps, "params": dict(s.spec.params), "setting": "gray-box", "format": "torch",
-                "precision": "float32", "victim_accuracy": s.meta.get("victim_accuracy"),
-                "linf_mean": float(s.linf.mean()), "l2_mean": float(s.l2.mean())}
-        undefended[s.spec.key] = s.meta.get("victim_accuracy")
-        for mt in methods:
-            rec = _record(mt, s.spec.key, meta, mt.score_fn(s.x_adv), mt.label_fn(s.x_adv), s.labels,
-                          clean_scores[mt.name], clean_labels[mt.name], y_clean, at_fpr[mt.name])
-            records.append(rec)
-        row = {"attack": s.spec.key, "eps": s.spec.eps, "undefended": s.meta.get("victim_accuracy"),
-               "dafar_purification": float(np.mean(_dafar_outputs(net, s.x_adv)["purified"] == s.labels))}
-        if peers is not None:
-            row["denoising_ae"] = float(np.mean(peers.dae.predict(s.x_adv) == s.labels))
-            row["binary_filter"] = float(np.mean(binary_filter(victim, s.x_adv) == s.labels))
-            row["magnet_reformer"] = float(np.mean(peers.magnet.predict(s.x_adv) == s.labels))
-        purification.append(row)
+    records, purification = _graybox_records(methods, sets, net, victim, peers, data, at_fpr, clean_scores,
+                                             clean_labels)
+    undefended = {s.spec.key: s.meta.get("victim_accuracy") for s in sets}
     log(f"gray-box: {len(records)} records")
 
     # ---- Table 4: feature distances at the largest budget (1,000 images), and Fig. 4 material
@@ -329,9 +370,9 @@ def run_eval(run_dir, cfg: EvalConfig = EvalConfig(), *, data_dir=None, log=prin
 
     # ---- write
     for rec in records + deployed:
-        name = "__".join(_slug(str(rec[k]))
-                         for k in ("model", "format", "precision", "attack"))
+        name = "__".join(_slug(str(rec[k])) for k in ("model", "format", "precision", "attack"))
         atomic_write_json(out_dir / "records" / f"{name}.json", rec)
+    y_clean = data.y_clean
     summary = {"run": run_dir.name, "dataset": ds, "config": {**asdict(cfg)}, "alphas": alphas,
                "thresholds_at_fpr": at_fpr, "clean": {mt.name: {"fpr_at_threshold": float(np.mean(~(clean_scores[mt.name] <= mt.threshold))),
                                                                "accuracy_when_accepted": float(np.mean(clean_labels[mt.name] == y_clean))}
@@ -343,7 +384,7 @@ def run_eval(run_dir, cfg: EvalConfig = EvalConfig(), *, data_dir=None, log=prin
                               "architectures; the CIFAR-10 Jensen-Shannon detectors are not included. Feature "
                               "Squeezing: bit depth and 2x2 median filter (no non-local means).")}
     atomic_write_json(out_dir / "summary.json", summary)
-    _save_plot_data(out_dir, methods, sets, x_clean, clean_scores, val_scores, net)
+    _save_plot_data(out_dir, methods, sets, data.x_clean, clean_scores, val_scores, net)
     return summary
 
 
@@ -400,7 +441,7 @@ def _deployed(run_dir: Path, m: dict, sets, log) -> list[dict]:
             continue
         d = Defence(run_dir, rel, threads=2)
         for s in sets:
-            x = s.x_adv if e["contract"] == "float-nchw" else np.rint(s.x_adv * 255).astype(np.uint8)
+            x = InputContract(e["contract"]).from_unit(s.x_adv)
             p = d.predict(x)
             out.append({"model": rel, "format": e["format"], "precision": e.get("precision", "float32"),
                         "detector": e.get("detector"), "contract": e["contract"], "attack": s.spec.key, "eps": s.spec.eps,

@@ -10,6 +10,7 @@ from dafar.manifest import atomic_write_text, dataset_label, read_manifest
 from dafar.train.attacks import attack_label, eps_label
 
 from . import metrics as M
+from .evaluate import reproduce_command
 
 __all__ = ["write_eval_report"]
 
@@ -216,10 +217,7 @@ def write_eval_report(run_dir) -> Path:
     ds = s["dataset"]
     label = dataset_label(read_manifest(run_dir))
     L = [f"# Adversarial evaluation: {label}", "",
-         f"Reproduce: `dafar eval RUN_DIR --images {cfg['images']} --slow-images {cfg['slow_images']} "
-         f"--adaptive-images {cfg['adaptive_images']} --adaptive-steps {cfg['adaptive_steps']} "
-         f"--adaptive-restarts {cfg['adaptive_restarts']}` (seed {cfg['seed']}; "
-         f"{s['timing']['total_s'] / 60:.0f} minutes on this machine).", "",
+         f"Reproduce: `{reproduce_command(cfg)}` ({s['timing']['total_s'] / 60:.0f} minutes on this machine).", "",
          "Gray-box (the paper's setting): adversarial images are made with ART against the float victim F(E(x)); "
          "the attacker does not know the defence. Images: test images the victim classifies correctly "
          f"({cfg['images']} per FGSM/PGD/noise set, {cfg['slow_images']} per CW-L2/JSMA set). DAFAR is judged at its "
