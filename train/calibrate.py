@@ -50,7 +50,7 @@ def recalibrate(run_dir: str | os.PathLike, data_dir: str | os.PathLike | None =
     metrics = _metrics(cfg, ev_val, ev_test, data, thresholds)
     metrics["timing"] = {k: m["training"].get(k) for k in (  # the trainer stores timing flat in "training"
         "device", "threads", "seconds_per_epoch", "eval_seconds", "total_seconds", "seconds_in_earlier_calls", "resumed")}
-    _save_scores(run_dir / "scores.npz", ev_val, ev_test, data.test_y.numpy())
+    _save_scores(run_dir / "scores.npz", ev_val, ev_test, data.test_y)
     atomic_write_json(run_dir / "metrics.json", metrics)
     before = {k: m["metrics"].get(k) for k in ("victim_test_acc", "purified_test_acc", "l2_alpha", "l2_test_fpr",
                                                "autoencoder_alpha", "autoencoder_test_fpr") if k in m["metrics"]}

@@ -18,7 +18,7 @@ from dafar.errors import ConfigError
 from dafar.options import option
 from dafar.schema import Unpool
 
-__all__ = ["Profile", "Augment", "Device", "TrainConfig", "PROFILES"]
+__all__ = ["Profile", "Augment", "Arch", "Device", "TrainConfig", "PROFILES", "DEFAULT_ARCH"]
 
 
 class Profile(str, Enum):
@@ -30,6 +30,16 @@ class Augment(str, Enum):
     NONE = "none"
     SHIFT = "shift"  # random translation by up to 2 pixels (zero padding); digits keep their meaning
     CROP_FLIP = "crop-flip"  # random crop with 4-pixel padding + horizontal flip (CIFAR-10)
+
+
+class Arch(str, Enum):
+    """The network's layer recipe (its size follows the data set's images and classes)."""
+
+    PAPER_MNIST = "paper-mnist"  # the paper's MNIST tables: 2 conv blocks of 32 and 64, MLP head
+    PAPER_CIFAR10 = "paper-cifar10"  # the paper's CIFAR-10 tables: 2 blocks of 3 convs (96, 192), conv head
+
+
+DEFAULT_ARCH = {DatasetName.MNIST: Arch.PAPER_MNIST, DatasetName.CIFAR10: Arch.PAPER_CIFAR10}
 
 
 class Device(str, Enum):
@@ -83,6 +93,8 @@ class TrainConfig:
     # instead of the last epoch's: the second CIFAR-10 schedule peaked at epoch 13 of 20 and lost
     # 3.5 points by epoch 17 while training accuracy kept rising.
     keep_best: bool = option(False, help="keep the epoch with the best validation accuracy instead of the last one")
+    arch: Arch | None = option(None, none="default",
+                               help="network: paper-mnist or paper-cifar10 (default: the data set's own)")
     unpool: Unpool = option(Unpool.MASK, help="decoder unpooling: index-free mask (exportable to TFLite) or the "
                                               "paper's MaxUnpool (torch and ONNX Runtime only)")
     z: float = option(3.0, help="threshold rule mean + z*std (paper: 3 for MNIST, 2 for CIFAR-10)")
@@ -111,6 +123,8 @@ class TrainConfig:
         coerce("profile", Profile)
         coerce("unpool", Unpool)
         coerce("device", Device)
+        if self.arch is not None:
+            coerce("arch", Arch)
         for name in ("epochs", "batch_size", "detector_epochs", "val_size", "eval_batch_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "detector_epochs" else 1):
@@ -171,6 +185,11 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return replace(self, **changes)
+
+    @property
+    def arch_name(self) -> Arch:
+        """The architecture trained: ``arch``, or the data set's default."""
+        return self.arch or DEFAULT_ARCH[self.dataset]
 
     def to_dict(self) -> dict:
         d = asdict(self)

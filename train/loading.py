@@ -4,20 +4,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dafar.errors import ManifestError
+from dafar.errors import ConfigError, ManifestError
 from dafar.manifest import get_field, load_manifest
 
-from .models import ARCHS, DafarNet, Unpool, Victim, build_dafar, build_victim
+from .models import ArchSpec, DafarNet, Unpool, Victim, build_dafar, build_victim, spec_from_record
 from .weights import load_into
 
 __all__ = ["load_dafar", "load_victim_only"]
 
 
-def _spec_name(manifest: dict, run_dir) -> str:
-    ds = get_field(manifest, "dataset.name", run_dir)
-    if ds not in ARCHS:
-        raise ManifestError(f"{Path(run_dir) / 'manifest.json'}: unknown data set {ds!r}")
-    return ds
+def _spec(manifest: dict, run_dir) -> ArchSpec:
+    try:
+        return spec_from_record(manifest)
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise ManifestError(f"{Path(run_dir) / 'manifest.json'}: cannot rebuild the architecture ({exc})") from None
 
 
 def load_dafar(run_dir: str | os.PathLike, manifest: dict | None = None) -> tuple[DafarNet, dict]:
@@ -32,12 +32,12 @@ def load_dafar(run_dir: str | os.PathLike, manifest: dict | None = None) -> tupl
     from dafar.manifest import verify_files
 
     verify_files(run_dir, m, weights)
-    ds = _spec_name(m, run_dir)
+    spec = _spec(m, run_dir)
     try:
         unpool = Unpool(get_field(m, "architecture.unpool", run_dir))
     except ValueError as exc:
         raise ManifestError(f"{run_dir / 'manifest.json'}: {exc}") from None
-    net = build_dafar(ds, unpool, with_detector=has_c)
+    net = build_dafar(spec, unpool, with_detector=has_c, normalization=get_field(m, "input.normalization", run_dir))
     for name in ("E", "F", "D", "C") if has_c else ("E", "F", "D"):
         load_into(getattr(net, name), run_dir / f"weights/{name}.safetensors")
     return net.eval(), m
@@ -53,6 +53,6 @@ def load_victim_only(run_dir: str | os.PathLike, manifest: dict | None = None) -
     from dafar.manifest import verify_files
 
     verify_files(run_dir, m, [rel])
-    v = build_victim(_spec_name(m, run_dir))
+    v = build_victim(_spec(m, run_dir))
     load_into(v, run_dir / rel)
     return v.eval()

@@ -22,13 +22,14 @@ and the same one is exported: the deployed graph is the trained graph.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as Fn
 from torch import nn
 
+from dafar.errors import ConfigError
 from dafar.schema import Unpool
 
 __all__ = [
@@ -45,6 +46,10 @@ __all__ = [
     "Victim",
     "build_dafar",
     "build_victim",
+    "paper_spec",
+    "spec_from_record",
+    "decoder_output_for",
+    "FAMILIES",
     "mask_unpool",
     "Normalize",
     "VictimLogits",
@@ -53,10 +58,14 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Shape facts of one architecture (what the manifest records)."""
+    """Shape facts of one architecture (what the manifest records).
+
+    ``family`` names the layer recipe (the paper's MNIST or CIFAR-10 tables); ``name`` is what
+    manifests call it (``dafar-mnist``, ``dafar-cifar10``); the input shape and class count may be
+    any a data set needs (height and width divisible by 4: two 2x2 pools, mirrored by D)."""
 
     name: str
-    dataset: str
+    family: str  # "paper-mnist" | "paper-cifar10"
     in_channels: int
     height: int
     width: int
@@ -64,6 +73,9 @@ class ArchSpec:
     enc_channels: tuple[int, ...]  # per conv of E; a pool follows each block
     block_convs: int  # convs per encoder block
     detector_hidden: tuple[int, int]
+    # D's last activation: Tanh where the model scale of [0, 1] pixels is [-1, 1] (normalization
+    # mean 0.5, std 0.5, the paper's setting), none where a data set's own mean/std leave that range
+    decoder_out: str = "tanh"
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -75,9 +87,46 @@ class ArchSpec:
 
 
 ARCHS: dict[str, ArchSpec] = {
-    "mnist": ArchSpec("dafar-mnist", "mnist", 1, 28, 28, 10, (32, 64), 2, (256, 32)),
-    "cifar10": ArchSpec("dafar-cifar10", "cifar10", 3, 32, 32, 10, (96, 192), 3, (512, 64)),
+    "mnist": ArchSpec("dafar-mnist", "paper-mnist", 1, 28, 28, 10, (32, 64), 2, (256, 32)),
+    "cifar10": ArchSpec("dafar-cifar10", "paper-cifar10", 3, 32, 32, 10, (96, 192), 3, (512, 64)),
 }
+FAMILIES = {spec.family: spec for spec in ARCHS.values()}
+
+
+def decoder_output_for(mean, std) -> str:
+    """Tanh when normalized [0, 1] pixels stay within [-1, 1] on every channel, else none."""
+    lo = min((0.0 - m) / s for m, s in zip(mean, std))
+    hi = max((1.0 - m) / s for m, s in zip(mean, std))
+    return "tanh" if lo >= -1.0 - 1e-9 and hi <= 1.0 + 1e-9 else "linear"
+
+
+def paper_spec(family: str, input_shape, num_classes: int, decoder_out: str = "tanh") -> ArchSpec:
+    """The paper's architecture ``family`` sized for ``input_shape`` (C, H, W) and ``num_classes``."""
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown architecture {family!r}; choose from: {', '.join(sorted(FAMILIES))}")
+    c, h, w = (int(v) for v in input_shape)
+    if h % 4 or w % 4 or h < 4 or w < 4:
+        raise ConfigError(f"the {family} architecture pools twice (2x2): image height and width must be multiples of "
+                          f"4, got {h}x{w}; pass --image-size with such a size")
+    if num_classes < 2:
+        raise ConfigError(f"a classifier needs at least 2 classes, got {num_classes}")
+    if decoder_out not in ("tanh", "linear"):
+        raise ConfigError(f"decoder output must be tanh or linear, got {decoder_out!r}")
+    return replace(FAMILIES[family], in_channels=c, height=h, width=w, num_classes=int(num_classes),
+                   decoder_out=decoder_out)
+
+
+def spec_from_record(manifest: dict) -> ArchSpec:
+    """The spec a run's manifest describes: ``architecture.family``, ``input.shape``,
+    ``architecture.num_classes`` and ``architecture.decoder_output``.  Runs written before the
+    family was recorded are MNIST or CIFAR-10 at the paper's size, named by their data set."""
+    arch = manifest.get("architecture") or {}
+    if "family" not in arch:
+        ds = (manifest.get("dataset") or {}).get("name")
+        if ds not in ARCHS:
+            raise ConfigError(f"the manifest names no architecture family and its data set {ds!r} has no default")
+        return ARCHS[ds]
+    return paper_spec(arch["family"], manifest["input"]["shape"], arch["num_classes"], arch.get("decoder_output", "tanh"))
 
 
 class PoolContext(NamedTuple):
@@ -154,7 +203,7 @@ class OutputHead(nn.Module):
         self.dropout = float(dropout)
         c = spec.enc_channels[-1]
         hw = (spec.height // 4) * (spec.width // 4)
-        if spec.dataset == "cifar10":
+        if spec.family == "paper-cifar10":
             self.convs = nn.Sequential(
                 nn.Conv2d(c, 192, 3, padding=1), nn.ReLU(),
                 nn.Conv2d(192, 192, 1), nn.ReLU(),
@@ -206,12 +255,13 @@ class Decoder(nn.Module):
         super().__init__()
         c1, c2 = spec.enc_channels
         self.unpool = _Unpool(unpool)
-        if spec.dataset == "cifar10":
+        last = [nn.Tanh()] if spec.decoder_out == "tanh" else []
+        if spec.family == "paper-cifar10":
             inner = [_convt(c2, c2), nn.ReLU(), _convt(c2, c2), nn.ReLU(), _convt(c2, c1), nn.ReLU()]
-            outer = [_convt(c1, c1), nn.ReLU(), _convt(c1, c1), nn.ReLU(), _convt(c1, spec.in_channels), nn.Tanh()]
+            outer = [_convt(c1, c1), nn.ReLU(), _convt(c1, c1), nn.ReLU(), _convt(c1, spec.in_channels), *last]
         else:
             inner = [_convt(c2, c2), nn.ReLU(), _convt(c2, c1), nn.ReLU()]
-            outer = [_convt(c1, c1), nn.ReLU(), _convt(c1, spec.in_channels), nn.Tanh()]
+            outer = [_convt(c1, c1), nn.ReLU(), _convt(c1, spec.in_channels), *last]
         self.inner = nn.Sequential(*inner)
         self.outer = nn.Sequential(*outer)
 
@@ -250,10 +300,14 @@ class DafarNet(nn.Module):
     """E, F, D (and optionally C) together; the training-time view of the defence."""
 
     def __init__(self, spec: ArchSpec, unpool: Unpool = Unpool.MASK, with_detector: bool = True,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, normalization: dict | None = None):
         super().__init__()
         self.spec = spec
         self.unpool_mode = Unpool(unpool)
+        # images in [0, 1] -> the model scale (non-persistent: the weights files do not hold it,
+        # the manifest does); 0.5 / 0.5 maps them to [-1, 1], the paper's scale
+        norm = normalization or {"mean": [0.5] * spec.in_channels, "std": [0.5] * spec.in_channels}
+        self.norm = Normalize(norm["mean"], norm["std"])
         self.E = Encoder(spec, unpool)
         self.F = OutputHead(spec, dropout)
         self.D = Decoder(spec, unpool)
@@ -263,6 +317,14 @@ class DafarNet(nn.Module):
         """x on the model scale -> (victim logits F(E(x)), reconstruction D(E(x)))."""
         feats = self.E(x)
         return self.F(feats.z), self.D(feats)
+
+    def from_unit(self, x01: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the model scale."""
+        return self.norm(x01)
+
+    def to_unit(self, xm: torch.Tensor) -> torch.Tensor:
+        """The model scale -> images in [0, 1] (for showing reconstructions)."""
+        return (xm - self.norm.shift) / self.norm.scale
 
     def purified_logits(self, recon: torch.Tensor) -> torch.Tensor:
         return self.F(self.E(recon).z)
@@ -290,13 +352,18 @@ class Victim(nn.Module):
         return self.F(self.E(x).z)
 
 
-def build_dafar(dataset: str, unpool: Unpool | str = Unpool.MASK, with_detector: bool = True,
-                dropout: float = 0.0) -> DafarNet:
-    return DafarNet(ARCHS[dataset], Unpool(unpool), with_detector, dropout)
+def _spec(arch: "str | ArchSpec") -> ArchSpec:
+    return arch if isinstance(arch, ArchSpec) else ARCHS[arch]
 
 
-def build_victim(dataset: str, dropout: float = 0.0) -> Victim:
-    return Victim(ARCHS[dataset], dropout)
+def build_dafar(arch: "str | ArchSpec", unpool: Unpool | str = Unpool.MASK, with_detector: bool = True,
+                dropout: float = 0.0, normalization: dict | None = None) -> DafarNet:
+    """E, F, D (and C) for an :class:`ArchSpec` (or the paper's spec of data set ``arch``)."""
+    return DafarNet(_spec(arch), Unpool(unpool), with_detector, dropout, normalization)
+
+
+def build_victim(arch: "str | ArchSpec", dropout: float = 0.0) -> Victim:
+    return Victim(_spec(arch), dropout)
 
 
 class Normalize(nn.Module):

@@ -34,19 +34,28 @@ from dafar.threshold import ThresholdRule, calibrate, false_positive_rate
 from dafar.version import __version__
 
 from .config import Augment, Device, TrainConfig
-from .models import ARCHS, DafarNet, Victim, build_dafar, build_victim, l2_per_sample
+from .cost import subnet_costs
+from .models import (ArchSpec, DafarNet, Normalize, Victim, build_dafar, build_victim, decoder_output_for, l2_per_sample,
+                     paper_spec, spec_from_record)
 from .weights import load_checkpoint, load_into, read_checkpoint, save_checkpoint, save_state
 
 __all__ = ["train", "TrainResult", "to_model_scale", "NORMALIZATION", "evaluate_arrays", "param_count"]
 
 # Pixels u8 -> x01 = u8 / 255 in [0, 1] (the exported graphs' input contract) -> model scale
-# x = (x01 - mean) / std = 2 * x01 - 1 in [-1, 1], matching the decoder's Tanh output.
+# x = (x01 - mean) / std.  MNIST and CIFAR-10 use 0.5 / 0.5 on every channel: [-1, 1], matching
+# the paper decoder's Tanh output.
 NORMALIZATION = {"mean": 0.5, "std": 0.5}
 PHASES = ("joint", "detector", "victim")
 
 
-def to_model_scale(u8: torch.Tensor) -> torch.Tensor:
-    return u8.float().div_(255.0).sub_(NORMALIZATION["mean"]).div_(NORMALIZATION["std"])
+def to_model_scale(u8, norm: torch.nn.Module | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 NCHW pixels (a tensor, or a numpy array such as a memory-mapped cache) -> float32 on
+    the model scale, with ``norm`` (a :class:`~dafar.train.models.Normalize`; default 0.5 / 0.5)."""
+    t = u8 if isinstance(u8, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(u8))
+    x = t.to(device).float().div_(255.0) if device is not None else t.float().div_(255.0)
+    if norm is None:
+        return x.sub_(NORMALIZATION["mean"]).div_(NORMALIZATION["std"])
+    return norm(x)
 
 
 def param_count(module: torch.nn.Module | None) -> int:
@@ -112,23 +121,23 @@ def _crop_flip(x: torch.Tensor, gen: torch.Generator, mode: Augment) -> torch.Te
 
 @dataclass
 class _Data:
-    """Training tensors, kept as uint8 until a batch is drawn (4x less memory)."""
+    """The images as uint8 NCHW numpy arrays (possibly memory-mapped from the decoded cache of a
+    data set larger than memory: a batch reads only its rows), labels int64."""
 
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    test_x: np.ndarray
+    test_y: np.ndarray
 
 
 def _tensors(splits: Splits, cfg: TrainConfig) -> _Data:
     # limits take a seeded class-mixed subset, never the first N (image folders are class-sorted)
     tr = splits.train.sample(cfg.train_limit, cfg.seed)
     te = splits.test.sample(cfg.test_limit, cfg.seed)
-    t = torch.from_numpy
-    return _Data(t(tr.images.copy()), t(tr.labels.copy()), t(splits.val.images.copy()), t(splits.val.labels.copy()),
-                 t(te.images.copy()), t(te.labels.copy()))
+    return _Data(tr.images, tr.labels.astype(np.int64), splits.val.images, splits.val.labels.astype(np.int64),
+                 te.images, te.labels.astype(np.int64))
 
 
 class _Logger:
@@ -161,7 +170,8 @@ _PHASE_IGNORES = {"joint": _DETECTOR_FIELDS | {"train_victim"},
 
 
 # Fields added after checkpoints were first written: a checkpoint without one was made with its default.
-_ADDED_FIELDS = {f: TrainConfig.__dataclass_fields__[f].default for f in ("dropout", "init_from", "ema", "keep_best", "cutout")}
+_ADDED_FIELDS = {f: TrainConfig.__dataclass_fields__[f].default
+                 for f in ("dropout", "init_from", "ema", "keep_best", "cutout", "arch")}
 
 
 def _same_schedule(saved: dict | None, now: dict) -> bool:
@@ -347,14 +357,17 @@ class _Ema:
 
 
 @torch.no_grad()
-def evaluate_arrays(model: DafarNet, x_u8: torch.Tensor, device: torch.device, batch_size: int,
+def evaluate_arrays(model: DafarNet, x_u8, device: torch.device, batch_size: int,
                     victim: Victim | None = None, purify: bool = True, with_ae: bool = True) -> dict[str, np.ndarray]:
-    """Victim logits and L2 scores for uint8 NCHW images, plus the purified logits (``purify``)
-    and the C scores (``with_ae``, when the model has C)."""
+    """Victim logits and L2 scores for uint8 NCHW images (an array or a tensor), plus the purified
+    logits (``purify``) and the C scores (``with_ae``, when the model has C)."""
     model.eval()
     out: dict[str, list] = {"logits": [], "purified_logits": [], "l2": [], "ae": [], "victim_only_logits": []}
     for i in range(0, len(x_u8), batch_size):
-        x = to_model_scale(x_u8[i: i + batch_size]).to(device, memory_format=torch.channels_last)
+        # .to(memory_format=...), not .contiguous(...): for one channel a plain tensor already counts as
+        # channels-last and .contiguous keeps its strides, and other strides pick other convolution
+        # kernels (the published scores were computed with these)
+        x = to_model_scale(x_u8[i: i + batch_size], model.norm, device).to(memory_format=torch.channels_last)
         logits, recon = model(x)
         out["logits"].append(logits)
         out["l2"].append(model.l2_score(x, recon))
@@ -368,8 +381,8 @@ def evaluate_arrays(model: DafarNet, x_u8: torch.Tensor, device: torch.device, b
     return {k: torch.cat(v).float().cpu().numpy() for k, v in out.items() if v}
 
 
-def _accuracy(logits: np.ndarray, y: torch.Tensor) -> float:
-    return float(np.mean(logits.argmax(1) == y.numpy()))
+def _accuracy(logits: np.ndarray, y) -> float:
+    return float(np.mean(logits.argmax(1) == np.asarray(y)))
 
 
 @dataclass(frozen=True)
@@ -436,6 +449,13 @@ def _versions() -> dict:
     }
 
 
+def _normalization(splits: Splits) -> dict:
+    """Per-channel mean and std of images in [0, 1] that the model scale is computed with.  MNIST
+    and CIFAR-10 keep the paper's 0.5 / 0.5 (their published weights were trained on it)."""
+    c = splits.input_shape[0]
+    return {"mean": [NORMALIZATION["mean"]] * c, "std": [NORMALIZATION["std"]] * c}
+
+
 def _resumed_config(cfg: TrainConfig, out: Path) -> TrainConfig:
     """The saved configuration of the run being resumed, checked against the one given."""
     saved = out / "config.json"
@@ -472,6 +492,8 @@ class _Session:
     quiet: bool
     parent: dict | None
     earlier: dict  # seconds spent by earlier calls of a resumed run, per phase
+    spec: ArchSpec
+    normalization: dict  # {"mean": [...], "std": [...]} per channel, of images in [0, 1]
     memfmt: torch.memory_format = torch.channels_last  # ~20% faster convolutions on CPU (oneDNN), neutral on CUDA
 
     def __post_init__(self):
@@ -480,7 +502,8 @@ class _Session:
         # draw, not the first 2,000: the validation indices are sorted and an image-folder data set
         # (CIFAR-10 here) lists its images class by class, so the first 2,000 were four classes only
         # (airplane to cat), a monitor ~3 points below the whole split's accuracy.
-        mon = torch.from_numpy(sample_index(len(self.data.val_y), 2000, self.cfg.seed))
+        self.norm = Normalize(self.normalization["mean"], self.normalization["std"])  # on the CPU, where batches are built
+        mon = sample_index(len(self.data.val_y), 2000, self.cfg.seed)
         self.mon_x, self.mon_y = self.data.val_x[mon], self.data.val_y[mon]  # gathered once, read every epoch
 
     @property
@@ -492,9 +515,9 @@ class _Session:
         return self.out / "checkpoints"
 
     def batch(self, idx: np.ndarray, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        x = to_model_scale(self.data.train_x[idx])
+        x = to_model_scale(self.data.train_x[idx], self.norm)
         x = _augment(x, gen, self.cfg.augment, self.cfg.cutout)
-        return x.to(self.device, memory_format=self.memfmt), self.data.train_y[idx].to(self.device)
+        return x.to(self.device, memory_format=self.memfmt), torch.from_numpy(self.data.train_y[idx]).to(self.device)
 
     def fit(self, phase: str, model, params, n: int, epochs: int, lr: float, step, validate, **kw) -> list[float]:
         return _fit(phase, model, params, n, epochs, lr, self.cfg, step, validate, self.ckdir / phase, self.logger,
@@ -505,7 +528,7 @@ def _joint_phase(s: _Session) -> tuple[DafarNet, list[float], dict]:
     """E + F + D jointly, loss = mean(||x - D(E(x))||_2 + CE)  (paper Eq. 7)."""
     cfg = s.cfg
     _seed_everything(cfg.seed)
-    net = build_dafar(cfg.dataset.value, cfg.unpool, with_detector=cfg.detector, dropout=cfg.dropout)
+    net = build_dafar(s.spec, cfg.unpool, with_detector=cfg.detector, dropout=cfg.dropout, normalization=s.normalization)
     if s.parent is not None:  # a resumed checkpoint below overrides these with its own weights
         for name in ("E", "F", "D"):
             load_into(getattr(net, name), s.parent["dir"] / f"weights/{name}.safetensors")
@@ -570,7 +593,7 @@ def _victim_phase(s: _Session) -> tuple[Victim, list[float], dict]:
     """The victim alone, F(E(x)) with CE only, same schedule (for the accuracy comparison)."""
     cfg, device = s.cfg, s.device
     _seed_everything(cfg.seed)
-    victim = build_victim(cfg.dataset.value, dropout=cfg.dropout)
+    victim = build_victim(s.spec, dropout=cfg.dropout)
     if s.parent is not None:
         load_into(victim, s.parent["dir"] / "weights/victim_only.safetensors")
     victim = victim.to(device, memory_format=s.memfmt)
@@ -585,7 +608,7 @@ def _victim_phase(s: _Session) -> tuple[Victim, list[float], dict]:
     def victim_val():
         victim.eval()
         n_mon = len(s.mon_y)
-        hits = sum(int((victim(to_model_scale(s.mon_x[i: i + 1000]).to(device)).argmax(1).cpu()
+        hits = sum(int((victim(to_model_scale(s.mon_x[i: i + 1000], s.norm).to(device)).argmax(1).cpu().numpy()
                         == s.mon_y[i: i + 1000]).sum()) for i in range(0, n_mon, 1000))
         return {"val_acc": hits / n_mon}
 
@@ -604,8 +627,8 @@ def _save_scores(path: Path, ev_val: dict, ev_test: dict, test_y: np.ndarray) ->
                         test_purified_pred=ev_test["purified_logits"].argmax(1))
 
 
-def _manifest_body(cfg: TrainConfig, splits: Splits, data: _Data, net: DafarNet, thresholds: dict, metrics: dict,
-                   timing: dict) -> dict:
+def _manifest_body(cfg: TrainConfig, splits: Splits, data: _Data, net: DafarNet, normalization: dict, thresholds: dict,
+                   metrics: dict, timing: dict) -> dict:
     """Everything the manifest says about a freshly trained run, but its file table."""
     spec = net.spec
     ds = splits.name.value
@@ -627,18 +650,20 @@ def _manifest_body(cfg: TrainConfig, splits: Splits, data: _Data, net: DafarNet,
             "dtype": "float32",
             "range": [0.0, 1.0],
             "from_uint8": "x01 = pixels / 255",
-            "normalization": {"mean": [NORMALIZATION["mean"]] * spec.in_channels,
-                              "std": [NORMALIZATION["std"]] * spec.in_channels,
-                              "formula": "x = (x01 - mean) / std, in [-1, 1]"},
+            "normalization": {"mean": list(normalization["mean"]), "std": list(normalization["std"]),
+                              "formula": "x = (x01 - mean) / std" + (", in [-1, 1]" if spec.decoder_out == "tanh" else "")},
         },
         "architecture": {
             "name": spec.name,
+            "family": spec.family,
+            "decoder_output": spec.decoder_out,
             "unpool": cfg.unpool.value,
             "unpool_tie_rule": ("every window position equal to the window maximum receives it"
                                 if cfg.unpool.value == "mask" else "maxunpool indices (first maximum)"),
             "num_classes": spec.num_classes,
             "detector": cfg.detector,
             "params": {k: param_count(getattr(net, k)) for k in ("E", "F", "D", "C")},
+            "costs": subnet_costs(net),  # MACs and parameters per subnetwork, for one image
             "victim_params": param_count(net.E) + param_count(net.F),
         },
         "score": {Detector.L2.value: "||x - D(E(x))||_2 on the model scale [-1, 1]",
@@ -669,13 +694,14 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
     t_start = time.perf_counter()
 
     splits = load_dataset(cfg.dataset, data_dir, download=download, val_size=cfg.val_size, seed=cfg.seed)
-    spec = ARCHS[cfg.dataset.value]
-    if splits.input_shape != spec.input_shape:
-        raise ConfigError(f"data of shape {splits.input_shape} does not fit the {spec.name} architecture {spec.input_shape}")
+    normalization = _normalization(splits)
+    spec = paper_spec(cfg.arch_name.value, splits.input_shape, len(splits.classes),
+                      decoder_output_for(normalization["mean"], normalization["std"]))
     data = _tensors(splits, cfg)
     if parent is not None:
         parent["record"]["same_data"] = parent.pop("fingerprint") == splits.fingerprint
-    s = _Session(cfg, out, device, data, _Logger(out / "train_log.jsonl", quiet), resume, quiet, parent, {})
+    s = _Session(cfg, out, device, data, _Logger(out / "train_log.jsonl", quiet), resume, quiet, parent, {}, spec,
+                 normalization)
 
     net, joint_seconds, joint_kept = _joint_phase(s)
     seconds, kept = {"joint": joint_seconds}, {"joint": joint_kept}
@@ -706,7 +732,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         victim = victim.to("cpu", memory_format=torch.contiguous_format)
         save_state(out / "weights/victim_only.safetensors", victim.state_dict(), {**meta, "module": "victim_only"})
         files["weights/victim_only.safetensors"] = {"role": "weights", "module": "victim_only"}
-    _save_scores(out / "scores.npz", ev_val, ev_test, data.test_y.numpy())
+    _save_scores(out / "scores.npz", ev_val, ev_test, data.test_y)
     timing = {
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -725,7 +751,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
     atomic_write_json(out / "metrics.json", metrics)
     files.update({"scores.npz": {"role": "scores"}, "metrics.json": {"role": "metrics"},
                   "config.json": {"role": "config"}, "train_log.jsonl": {"role": "log"}})
-    run = RunFolder.create(out, _manifest_body(cfg, splits, data, net, thresholds, metrics, timing), files)
+    run = RunFolder.create(out, _manifest_body(cfg, splits, data, net, normalization, thresholds, metrics, timing), files)
     return TrainResult(out, run.manifest, metrics)
 
 
@@ -739,10 +765,13 @@ def _parent_run(cfg: TrainConfig) -> dict:
         raise RunFolderError(f"--init-from {pdir}: not a finished run folder (no {MANIFEST_NAME})")
     man = load_manifest(pdir)  # verifies every listed file's sha256
     arch = man.get("architecture", {})
-    spec = ARCHS[cfg.dataset.value]
-    if arch.get("name") != spec.name or arch.get("unpool") != cfg.unpool.value:
-        raise ConfigError(f"--init-from {pdir}: its model is {arch.get('name')}/{arch.get('unpool')}, "
-                          f"this run trains {spec.name}/{cfg.unpool.value}")
+    try:
+        family = spec_from_record(man).family
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--init-from {pdir}: its architecture cannot be read ({exc})") from None
+    if family != cfg.arch_name.value or arch.get("unpool") != cfg.unpool.value:
+        raise ConfigError(f"--init-from {pdir}: its model is {family}/{arch.get('unpool')}, "
+                          f"this run trains {cfg.arch_name.value}/{cfg.unpool.value}")
     names = ["weights/E.safetensors", "weights/F.safetensors", "weights/D.safetensors"]
     if cfg.train_victim:
         names.append("weights/victim_only.safetensors")
@@ -782,11 +811,11 @@ def _load_model_only(ckpt: Path, model: torch.nn.Module) -> dict:
 
 
 @torch.no_grad()
-def _residuals(net: DafarNet, x_u8: torch.Tensor, device: torch.device, bs: int) -> torch.Tensor:
+def _residuals(net: DafarNet, x_u8, device: torch.device, bs: int) -> torch.Tensor:
     net.eval()
     outs = []
     for i in range(0, len(x_u8), bs):
-        x = to_model_scale(x_u8[i: i + bs]).to(device)
+        x = to_model_scale(x_u8[i: i + bs], net.norm, device)
         _, recon = net(x)
         outs.append((x - recon).cpu())
     return torch.cat(outs).contiguous()
@@ -831,5 +860,5 @@ def _metrics(cfg: TrainConfig, ev_val: dict, ev_test: dict, data: _Data, thresho
         s = ev_test[Detector(name).score_key]
         accepted = s <= default["alpha"]
         # accuracy of the whole defence on clean data: accepted and correctly classified from the reconstruction
-        m[f"{name}_clean_defended_acc"] = float(np.mean(accepted & (ev_test["purified_logits"].argmax(1) == y.numpy())))
+        m[f"{name}_clean_defended_acc"] = float(np.mean(accepted & (ev_test["purified_logits"].argmax(1) == y)))
     return m

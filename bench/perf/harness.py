@@ -233,7 +233,6 @@ def run_bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=p
     if missing:
         raise ConfigError(f"not models of {run_dir}: {missing}; it has {list(exports)}")
     run.verify(models)
-    ds = m["dataset"]["name"]
     chw = tuple(m["input"]["shape"])
     out_dir = run_dir / "bench"
     out_dir.mkdir(exist_ok=True)
@@ -243,12 +242,12 @@ def run_bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=p
         "min_seconds": cfg.min_seconds, "device_only": cfg.device_only}, "records": [], "ratios": []}
 
     # ---- cost
-    sub = subnet_costs(ds)
+    sub = subnet_costs(m)
     n = sub["E"]["params"] + sub["F"]["params"]
     summary["cost"] = {
         "subnetworks": sub, "victim_params": n,
         "overhead_without_C": sub["D"]["params"] / n, "overhead_with_C": (sub["D"]["params"] + sub["C"]["params"]) / n,
-        "paper_table6": PAPER_TABLE6, "fused_l2": fused_costs(ds, "l2"), "fused_autoencoder": fused_costs(ds, "autoencoder"),
+        "paper_table6": PAPER_TABLE6, "fused_l2": fused_costs(m, "l2"), "fused_autoencoder": fused_costs(m, "autoencoder"),
         "file_bytes": {rel: m["files"][rel]["bytes"] for rel in models},
     }
 
@@ -287,7 +286,7 @@ def run_bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=p
                 recs.append(rec)
             if vrel is not None:
                 ratio = recs[0]["p50_ms"] / recs[1]["p50_ms"]
-                mac = fused_costs(ds, exports[rel].get("detector"))["mac_ratio"]
+                mac = fused_costs(m, exports[rel].get("detector"))["mac_ratio"]
                 recs[0]["victim_model"] = vrel
                 recs[0]["fused_to_victim_ratio"] = ratio
                 recs[0]["mac_ratio"] = mac

@@ -1,6 +1,7 @@
-"""Multiply-accumulates and parameters of E, F, D and C, counted from the architecture (pure
-Python, so ``dafar bench --device-only`` has them on a Pi without torch).  A test checks these
-counts against torch forward hooks on the real modules.
+"""Multiply-accumulates and parameters of E, F, D and C (pure Python, so ``dafar bench
+--device-only`` has them on a Pi without torch): read from the manifest, where the trainer
+records them counted on the real modules (:mod:`dafar.train.cost`), or, for runs trained before
+it did, computed from the paper's tables (a test checks the two agree).
 
 MACs count convolutions, transposed convolutions and linear layers (k*k*C_in*C_out per output
 position; a transposed convolution with stride 1 and padding 1 costs the same as a convolution
@@ -49,14 +50,22 @@ def layers(dataset: str) -> dict[str, list[tuple[str, int, int]]]:
     return {"E": E, "F": F, "D": D, "C": C}
 
 
-def subnet_costs(dataset: str) -> dict[str, dict[str, int]]:
-    return {k: {"macs": sum(l[1] for l in v), "params": sum(l[2] for l in v)} for k, v in layers(dataset).items()}
+def subnet_costs(source: "str | dict") -> dict[str, dict[str, int]]:
+    """MACs and parameters per subnetwork: from a manifest (``architecture.costs``, counted on the
+    trained modules), or the paper's tables by data set name (runs trained before the manifest
+    recorded them)."""
+    if isinstance(source, dict):
+        costs = (source.get("architecture") or {}).get("costs")
+        if costs:
+            return {k: {"macs": int(v["macs"]), "params": int(v["params"])} for k, v in costs.items()}
+        source = (source.get("dataset") or {}).get("name", "")
+    return {k: {"macs": sum(l[1] for l in v), "params": sum(l[2] for l in v)} for k, v in layers(source).items()}
 
 
-def fused_costs(dataset: str, detector: str | None) -> dict:
+def fused_costs(source: "str | dict", detector: str | None) -> dict:
     """MACs of the fused defence graph (E, F, D, then E and F again on the reconstruction, plus C
     for the autoencoder detector) and of the victim F(E(x)), and their ratio."""
-    s = subnet_costs(dataset)
+    s = subnet_costs(source)
     victim = s["E"]["macs"] + s["F"]["macs"]
     with_c = detector is not None and Detector(detector) is Detector.AUTOENCODER
     fused = 2 * victim + s["D"]["macs"] + (s["C"]["macs"] if with_c else 0)

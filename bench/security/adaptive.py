@@ -64,7 +64,7 @@ class DafarTarget:
         torch = _torch()
         self._set_bpda(self.straight_through)
         try:
-            xm = x01 * 2.0 - 1.0
+            xm = self.net.from_unit(x01)
             feats = self.net.E(xm)
             recon = self.net.D(feats)
             d = xm - recon

@@ -134,7 +134,7 @@ def _dafar_outputs(net, x01: np.ndarray, batch: int = 500) -> dict:
     out = {"l2": [], "ae": [], "purified": [], "victim": []}
     with torch.no_grad():
         for i in range(0, len(x01), batch):
-            xm = torch.from_numpy(np.ascontiguousarray(x01[i: i + batch])) * 2 - 1
+            xm = net.from_unit(torch.from_numpy(np.ascontiguousarray(x01[i: i + batch])))
             logits, recon = net(xm)
             out["victim"].append(logits.argmax(1).numpy())
             out["l2"].append(l2_per_sample(xm - recon).numpy())
@@ -173,7 +173,7 @@ def _features(net, x01: np.ndarray) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        return net.E(torch.from_numpy(np.ascontiguousarray(x01)) * 2 - 1).z.flatten(1).numpy()
+        return net.E(net.from_unit(torch.from_numpy(np.ascontiguousarray(x01)))).z.flatten(1).numpy()
 
 
 class _Method:
@@ -408,10 +408,10 @@ def _save_plot_data(out_dir: Path, methods, sets, x_clean, clean_scores, val_sco
         rows = [("clean", pick[0].x_clean[:6])] + [(s.spec.key, s.x_adv[:6]) for s in pick if s.spec.eps == top]
         for name, x in rows:
             with torch.no_grad():
-                xm = torch.from_numpy(np.ascontiguousarray(x)) * 2 - 1
+                xm = net.from_unit(torch.from_numpy(np.ascontiguousarray(x)))
                 _, rec = net(xm)
             arrays[f"fig4|{name}|x"] = x
-            arrays[f"fig4|{name}|recon"] = ((rec + 1) / 2).numpy()
+            arrays[f"fig4|{name}|recon"] = net.to_unit(rec).numpy()
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     atomic_write_bytes(out_dir / "plot_data.npz", buf.getvalue())
