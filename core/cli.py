@@ -104,10 +104,13 @@ def cmd_quantize(args) -> int:
 
 # ---------------------------------------------------------------- the device side
 def _load_image(path: str, chw, resize: bool):
-    """An image file as uint8 HxWxC (PNG/JPEG/... via Pillow) or a .npy array (any accepted layout)."""
+    """An image file as uint8 HxWxC, decoded, converted and (with ``resize``) scaled exactly as an
+    image folder's training images were (:func:`dafar.imagefolder.read_image`), or a .npy array
+    (any layout the runtime accepts)."""
     import numpy as np
 
-    from dafar.errors import InputValidationError
+    from dafar.errors import DataError, InputValidationError
+    from dafar.imagefolder import read_image
 
     p = Path(path)
     if not p.is_file():
@@ -117,32 +120,28 @@ def _load_image(path: str, chw, resize: bool):
             return np.load(p, allow_pickle=False)
         except (ValueError, OSError) as exc:
             raise InputValidationError(f"{p}: not a readable .npy array ({exc})") from None
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError:
-        raise MissingExtraError("reading image files needs Pillow: pip install 'dafar[images]' (or pass .npy arrays)") from None
     c, h, w = chw
     try:
-        with Image.open(p) as im:
-            im = im.convert("L" if c == 1 else "RGB")
-            if im.size != (w, h):
-                if not resize:
-                    raise InputValidationError(f"{p}: image is {im.size[0]}x{im.size[1]}, the model takes {w}x{h} "
-                                               "(pass --resize to scale it)")
-                im = im.resize((w, h), Image.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputValidationError(f"{p}: not a readable image ({exc})") from None
-    return arr if arr.ndim == 3 else arr[:, :, None]
+        arr = read_image(p, c, (h, w) if resize else None)
+    except MissingExtraError:
+        raise MissingExtraError("reading image files needs Pillow: pip install 'dafar[images]' (or pass .npy arrays)") from None
+    except DataError as exc:
+        raise InputValidationError(str(exc)) from None
+    if arr.shape[:2] != (h, w):
+        raise InputValidationError(f"{p}: image is {arr.shape[1]}x{arr.shape[0]}, the model takes {w}x{h} "
+                                   "(pass --resize to scale it, bilinear)")
+    return arr
 
 
 def cmd_predict(args) -> int:
     from dafar.runtime import Defence
 
     d = Defence(args.run, args.model, threads=args.threads, provider=args.provider, on_invalid=args.on_invalid)
+    # a model trained on resized images gets every image resized the same way
+    resize = args.resize or bool((d.manifest.get("dataset", {}).get("preprocess") or {}).get("resize"))
     rows = []
     for f in args.images:
-        a = _load_image(f, d.chw, args.resize)
+        a = _load_image(f, d.chw, resize)
         p = d.predict(a)
         for i, rec in enumerate(p.to_records()):
             rec["file"] = f if len(p) == 1 else f"{f}[{i}]"

@@ -40,6 +40,7 @@ __all__ = [
     "load_mnist",
     "load_cifar10",
     "split_train_val",
+    "load_image_folder_splits",
     "VENDORED_MNIST",
     "MNIST_CLASSES",
     "CIFAR10_CLASSES",
@@ -49,6 +50,7 @@ __all__ = [
 class DatasetName(str, Enum):
     MNIST = "mnist"
     CIFAR10 = "cifar10"
+    IMAGEFOLDER = "imagefolder"  # a user's own train/<class>/*, test/<class>/* tree (dafar.imagefolder)
 
 
 MNIST_CLASSES = tuple(str(i) for i in range(10))
@@ -133,6 +135,12 @@ class Splits:
     classes: tuple[str, ...]
     source: str  # where the files were read from, for the manifest
     fingerprint: str  # sha256 over the content, for the manifest
+    # measured per-channel mean / std of pixels / 255 on the training split (image folders); None:
+    # the paper's fixed 0.5 / 0.5 (MNIST, CIFAR-10)
+    normalization: dict | None = None
+    # how files became pixels (image folders): size, channels, resize, interpolation, skipped and
+    # ignored files, where validation came from
+    preprocess: dict | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -538,12 +546,41 @@ def _cifar_splits(train: ImageSet, test: ImageSet, source: str, val_size: int, s
     )
 
 
+def load_image_folder_splits(data_dir, *, image_size=None, channels=None, skip_bad: bool = False,
+                             val_size: int | None = None, seed: int = 0) -> Splits:
+    """A user's image folder (:mod:`dafar.imagefolder`) as :class:`Splits`, its arrays memory-mapped."""
+    from dafar.imagefolder import FolderOptions, load_image_folder
+
+    root = _resolve_dir(data_dir)
+    if root is None:
+        raise DataNotFoundError("an image-folder data set needs --data-dir DIR holding train/<class>/* and "
+                                "test/<class>/* (val/<class>/* optional)")
+    arrays, meta = load_image_folder(root, FolderOptions(image_size, channels, skip_bad, val_size, seed))
+    sets = {s: ImageSet(x, y) for s, (x, y) in arrays.items()}
+    c, h, w = int(meta["channels"]), *(int(v) for v in meta["image_size"])
+    pre = {"image_size": [h, w], "channels": c, "resize": bool(meta["resize"]), "interpolation": meta["interpolation"],
+           "skipped_images": meta["skipped"], "ignored_non_image_files": meta["ignored_non_images"],
+           "val_from": meta["val_from"]}
+    return Splits(DatasetName.IMAGEFOLDER, sets["train"], sets["val"], sets["test"], tuple(meta["classes"]),
+                  str(Path(meta["root"]).resolve()), meta["fingerprint"],
+                  normalization={"mean": meta["mean"], "std": meta["std"]}, preprocess=pre)
+
+
 def load_dataset(name: DatasetName | str, data_dir=None, *, download: bool = True,
-                 val_size: int = 5000, seed: int = 0) -> Splits:
-    """Load MNIST or CIFAR-10 by name (see the module docstring for where from)."""
+                 val_size: int | None = None, seed: int = 0, image_size=None, channels: int | None = None,
+                 skip_bad_images: bool = False) -> Splits:
+    """Load MNIST, CIFAR-10 or an image folder by name (see the module docstring for where from).
+    ``image_size``, ``channels`` and ``skip_bad_images`` apply to image folders; ``val_size=None``
+    there carves 10% of the training images (class-stratified) when no ``val/`` folder exists."""
     try:
         name = DatasetName(name)
     except ValueError:
         raise ConfigError(f"unknown data set {name!r}; choose one of: {', '.join(d.value for d in DatasetName)}") from None
+    if name is DatasetName.IMAGEFOLDER:
+        return load_image_folder_splits(data_dir, image_size=image_size, channels=channels, skip_bad=skip_bad_images,
+                                        val_size=val_size, seed=seed)
+    if image_size is not None or channels is not None or skip_bad_images:
+        raise ConfigError(f"--image-size, --channels and --skip-bad-images apply to image folders, not {name.value} "
+                          "(use --dataset imagefolder for your own images)")
     loader = load_mnist if name is DatasetName.MNIST else load_cifar10
-    return loader(data_dir, download=download, val_size=val_size, seed=seed)
+    return loader(data_dir, download=download, val_size=5000 if val_size is None else val_size, seed=seed)

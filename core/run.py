@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from dafar.errors import ManifestError, RunFolderError
+from dafar.errors import DataError, ManifestError, RunFolderError
 from dafar.manifest import (
     MANIFEST_NAME,
     clean_stale_staging,
@@ -130,10 +130,26 @@ class RunFolder:
 
         key = (str(data_dir), download)
         if key not in self._splits:
-            vs = self.manifest.get("dataset", {}).get("val_split") or {}
-            self._splits[key] = load_dataset(self.dataset, self._data_dir(data_dir), download=download,
-                                             val_size=int(vs.get("size", 5000)), seed=int(vs.get("seed", 0)))
+            ds = self.manifest.get("dataset", {})
+            vs = ds.get("val_split") or {}
+            pre = ds.get("preprocess")
+            if pre is None:
+                self._splits[key] = load_dataset(self.dataset, self._data_dir(data_dir), download=download,
+                                                 val_size=int(vs.get("size", 5000)), seed=int(vs.get("seed", 0)))
+            else:  # an image folder, read again exactly as it was for training (same cache)
+                self._splits[key] = load_dataset(
+                    self.dataset, self._data_dir(data_dir), download=download, val_size=pre.get("val_size_requested"),
+                    seed=int(vs.get("seed", 0)), image_size=pre["image_size"] if pre.get("resize") else None,
+                    channels=int(pre["channels"]), skip_bad_images=bool(pre.get("skip_bad_images")))
+                self._check_fingerprint(self._splits[key])
         return self._splits[key]
+
+    def _check_fingerprint(self, splits) -> None:
+        want = self.manifest.get("dataset", {}).get("fingerprint_sha256")
+        if want and splits.fingerprint != want:
+            raise DataError(f"the images in {splits.source} are not the ones {self.path} was trained on (content sha256 "
+                            f"{splits.fingerprint[:12]}... != {want[:12]}...); its validation split would not be held "
+                            "out: pass --data-dir with the original images")
 
     def test_set(self, data_dir=None, limit: int | None = None, seed: int = 0):
         """``limit`` test images (all for None), a fixed class-mixed sample: image folders are read

@@ -30,7 +30,9 @@ from dafar.schema import Detector, Format, Graph, InputContract, input_spec, out
 
 from .validate import Tolerance, validate_model_outputs
 
-__all__ = ["ExportConfig", "ExportResult", "export", "alpha_for", "graph_module", "source_onnx"]
+__all__ = ["ExportConfig", "ExportResult", "export", "alpha_for", "graph_module", "source_onnx", "LABELS"]
+
+LABELS = "export/labels.txt"  # the class names, one per line, in label order
 
 
 @dataclass(frozen=True)
@@ -257,10 +259,14 @@ def export(run_dir: str | os.PathLike, cfg: ExportConfig = ExportConfig(), *, da
                 entries.update(_export_onnx(job, module, x, ref, common, staging, run, cfg, log))
             if Format.TFLITE in cfg.formats:
                 entries.update(_export_tflite(job, net, x, ref, common, staging, run, cfg, log))
-        # every file passed: move into place, then record them in the manifest
-        for rel in entries:
+        # every file passed: move into place, then record them in the manifest, with the class names
+        # (one per line, in label order) beside the models, for an app that ships them
+        classes = run.manifest.get("dataset", {}).get("classes") or [str(i) for i in range(run.num_classes)]
+        (staging / "labels.txt").write_text("".join(f"{c}\n" for c in classes), encoding="utf-8")
+        for rel in [*entries, LABELS]:
             run.place(staging / Path(rel).name, rel)
-        run.register({rel: {"role": "export", "format": e["format"], "graph": e["graph"]} for rel, e in entries.items()},
+        run.register({LABELS: {"role": "labels"},
+                      **{rel: {"role": "export", "format": e["format"], "graph": e["graph"]} for rel, e in entries.items()}},
                      tables={"exports": entries},
                      fields={"export_versions": package_versions("torch", "onnx", "onnxruntime", "onnxscript", "onnx2tf",
                                                                  "tensorflow", "ai-edge-litert")})

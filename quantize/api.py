@@ -186,8 +186,10 @@ def default_attack_specs(dataset: str) -> list:
 
 
 def calibration_images(train_u8: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    if n > len(train_u8):
-        raise ConfigError(f"asked for {n} calibration images, the training split has {len(train_u8)}")
+    """``n`` training images drawn with ``seed`` (every one, when the split holds fewer)."""
+    n = min(n, len(train_u8))
+    if n < 16:
+        raise ConfigError(f"the training split holds {len(train_u8)} images; int8 calibration needs at least 16")
     idx = np.sort(np.random.default_rng([seed, 31]).choice(len(train_u8), n, replace=False))
     return train_u8[idx], idx
 
@@ -259,7 +261,7 @@ def _images(run: RunFolder, cfg: QuantizeConfig, jobs, data_dir, log) -> _Images
     splits = run.splits(data_dir)
     calib_u8, calib_idx = calibration_images(splits.train.images, cfg.calib_images, cfg.calib_seed)
     test = splits.test.sample(cfg.validate_images)  # the same class-mixed subset the exporter validated on
-    calib_record = {"images": cfg.calib_images, "seed": cfg.calib_seed, "source": "training split (never validation or test)",
+    calib_record = {"images": int(len(calib_idx)), "seed": cfg.calib_seed, "source": "training split (never validation or test)",
                     "indices_sha256": hashlib.sha256(calib_idx.astype(np.int64).tobytes()).hexdigest()}
     imgs = _Images(calib_u8, calib_record, splits.val.images, test.images, test.labels.astype(np.int64))
     if cfg.attack_images and any(e.graph is Graph.DAFAR for _, e in jobs):

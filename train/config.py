@@ -15,6 +15,7 @@ from enum import Enum
 
 from dafar.data import DatasetName
 from dafar.errors import ConfigError
+from dafar.imagefolder import parse_image_size
 from dafar.options import option
 from dafar.schema import Unpool
 
@@ -39,7 +40,8 @@ class Arch(str, Enum):
     PAPER_CIFAR10 = "paper-cifar10"  # the paper's CIFAR-10 tables: 2 blocks of 3 convs (96, 192), conv head
 
 
-DEFAULT_ARCH = {DatasetName.MNIST: Arch.PAPER_MNIST, DatasetName.CIFAR10: Arch.PAPER_CIFAR10}
+DEFAULT_ARCH = {DatasetName.MNIST: Arch.PAPER_MNIST, DatasetName.CIFAR10: Arch.PAPER_CIFAR10,
+                DatasetName.IMAGEFOLDER: Arch.PAPER_CIFAR10}
 
 
 class Device(str, Enum):
@@ -50,7 +52,16 @@ class Device(str, Enum):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    dataset: DatasetName = option(DatasetName.MNIST, help="data set")
+    dataset: DatasetName = option(DatasetName.MNIST, help="data set: mnist, cifar10, or imagefolder (your own "
+                                                           "train/<class>/*, test/<class>/* tree in --data-dir)")
+    image_size: tuple[int, int] | None = option(
+        None, parse=parse_image_size, fmt=lambda v: f"{v[0]}x{v[1]}", metavar="H[xW]",
+        help="image folders: resize every image to H x W with bilinear interpolation (default: keep the images' one "
+             "size; mixed sizes need this)")
+    channels: int | None = option(None, help="image folders: 1 (grayscale) or 3 (RGB) (default: 1 when every image "
+                                             "is grayscale, else 3)")
+    skip_bad_images: bool = option(False, help="image folders: skip unreadable images (counted and named in the "
+                                               "manifest) instead of stopping at the first")
     profile: Profile = option(Profile.QUICK, help="quick: 1 epoch, no victim-only model; paper: the full schedule")
     epochs: int = option(1, help="joint E+F+D epochs; the victim-only model uses the same schedule")
     batch_size: int = option(128, help="training batch size")
@@ -100,7 +111,8 @@ class TrainConfig:
     z: float = option(3.0, help="threshold rule mean + z*std (paper: 3 for MNIST, 2 for CIFAR-10)")
     target_fprs: tuple[float, ...] = option((0.003, 0.01, 0.05), help="false-positive rates of the quantile "
                                                                       "thresholds recorded beside the default rule")
-    val_size: int = option(5000, help="validation images carved from the training set for calibration")
+    val_size: int | None = option(5000, help="validation images carved from the training set for calibration (image "
+                                             "folders: 10% of the training images when no val/ folder exists)")
     train_limit: int | None = option(None, help="train on a seeded class-mixed N of the training images only")
     test_limit: int | None = option(None, help="evaluate on a seeded class-mixed N of the test images only")
     seed: int = option(0, help="seed of the initialisation, the shuffling, the augmentation and the splits")
@@ -125,8 +137,18 @@ class TrainConfig:
         coerce("device", Device)
         if self.arch is not None:
             coerce("arch", Arch)
+        if self.val_size is None and self.dataset is not DatasetName.IMAGEFOLDER:
+            object.__setattr__(self, "val_size", 5000)
+        if self.image_size is not None:
+            object.__setattr__(self, "image_size", parse_image_size(self.image_size))
+        if self.channels not in (None, 1, 3):
+            raise ConfigError(f"channels must be 1 or 3, got {self.channels!r}")
+        if self.dataset is not DatasetName.IMAGEFOLDER and (self.image_size or self.channels or self.skip_bad_images):
+            raise ConfigError("image_size, channels and skip_bad_images apply to image folders (--dataset imagefolder)")
         for name in ("epochs", "batch_size", "detector_epochs", "val_size", "eval_batch_size"):
             v = getattr(self, name)
+            if v is None and name == "val_size":  # an image folder's default: 10% of its training images
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "detector_epochs" else 1):
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
         for name in ("lr", "detector_lr"):
@@ -164,7 +186,7 @@ class TrainConfig:
             raise ConfigError(f"threads must be None or >= 1, got {self.threads!r}")
         if self.train_limit is not None and self.batch_size > self.train_limit:
             raise ConfigError(f"batch_size {self.batch_size} exceeds train_limit {self.train_limit}")
-        side = 28 if self.dataset is DatasetName.MNIST else 32
+        side = {DatasetName.MNIST: 28, DatasetName.CIFAR10: 32}.get(self.dataset, 4096)
         if not isinstance(self.cutout, int) or isinstance(self.cutout, bool) or not 0 <= self.cutout < side:
             raise ConfigError(f"cutout must be an integer side in pixels, 0 (off) to {side - 1}, got {self.cutout!r}")
         if self.augment is Augment.CROP_FLIP and self.dataset is DatasetName.MNIST:
@@ -226,4 +248,10 @@ PROFILES: dict[tuple[DatasetName, Profile], dict] = {
                                                augment=Augment.CROP_FLIP, train_limit=10000),
     (DatasetName.CIFAR10, Profile.PAPER): dict(epochs=30, lr=2e-3, detector_epochs=30, train_victim=True, z=2.0,
                                                augment=Augment.CROP_FLIP),
+    # a user's own images: validation is 10% of train (class-stratified) unless val/ exists; the
+    # CIFAR-10 threshold rule (z = 2); no augmentation by default (a flip can change a class's meaning)
+    (DatasetName.IMAGEFOLDER, Profile.QUICK): dict(epochs=5, batch_size=64, lr=2e-3, detector_epochs=5,
+                                                   train_victim=False, z=2.0, val_size=None),
+    (DatasetName.IMAGEFOLDER, Profile.PAPER): dict(epochs=30, batch_size=64, lr=2e-3, detector_epochs=20,
+                                                   train_victim=True, z=2.0, val_size=None),
 }

@@ -51,7 +51,9 @@ PHASES = ("joint", "detector", "victim")
 def to_model_scale(u8, norm: torch.nn.Module | None = None, device: torch.device | str | None = None) -> torch.Tensor:
     """uint8 NCHW pixels (a tensor, or a numpy array such as a memory-mapped cache) -> float32 on
     the model scale, with ``norm`` (a :class:`~dafar.train.models.Normalize`; default 0.5 / 0.5)."""
-    t = u8 if isinstance(u8, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(u8))
+    if not isinstance(u8, torch.Tensor):  # read-only memory-mapped rows are copied (uint8: cheap)
+        u8 = np.ascontiguousarray(u8) if u8.flags.writeable else np.array(u8)
+    t = u8 if isinstance(u8, torch.Tensor) else torch.from_numpy(u8)
     x = t.to(device).float().div_(255.0) if device is not None else t.float().div_(255.0)
     if norm is None:
         return x.sub_(NORMALIZATION["mean"]).div_(NORMALIZATION["std"])
@@ -408,7 +410,9 @@ class TrainResult:
         return lines
 
 
-def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
+    """Refuse an ``--out`` that this call may not use, before any work; True when it is a run
+    folder that ``overwrite`` replaces."""
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--out {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()):
@@ -417,7 +421,7 @@ def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
         if overwrite and not is_run:
             raise RunFolderError(f"{out} is not empty and is not a dafar run folder; --overwrite only replaces run folders")
         if overwrite:
-            shutil.rmtree(out)
+            return True
         elif finished and not resume:
             raise RunFolderError(f"{out} already holds a finished run; pass --overwrite or choose another --out")
         elif finished and resume:
@@ -428,6 +432,12 @@ def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
             raise RunFolderError(f"{out} is not empty and is not a dafar run; choose another --out")
     elif resume:
         raise RunFolderError(f"nothing to resume in {out}: it holds no checkpoints")
+    return False
+
+
+def _prepare_run_dir(out: Path, replace: bool) -> None:
+    if replace:
+        shutil.rmtree(out)
     try:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         (out / "weights").mkdir(exist_ok=True)
@@ -450,8 +460,11 @@ def _versions() -> dict:
 
 
 def _normalization(splits: Splits) -> dict:
-    """Per-channel mean and std of images in [0, 1] that the model scale is computed with.  MNIST
-    and CIFAR-10 keep the paper's 0.5 / 0.5 (their published weights were trained on it)."""
+    """Per-channel mean and std of images in [0, 1] that the model scale is computed with: measured
+    on the training split of an image folder; the paper's 0.5 / 0.5 for MNIST and CIFAR-10 (their
+    published weights were trained on it)."""
+    if splits.normalization is not None:
+        return {"mean": list(splits.normalization["mean"]), "std": list(splits.normalization["std"])}
     c = splits.input_shape[0]
     return {"mean": [NORMALIZATION["mean"]] * c, "std": [NORMALIZATION["std"]] * c}
 
@@ -562,6 +575,8 @@ def _detector_phase(s: _Session, net: DafarNet) -> list[float]:
     """C on clean residuals of the training images (paper Eq. 8), E, F, D frozen."""
     cfg, device = s.cfg, s.device
     n_res = s.n_train if cfg.detector_train_size is None else min(cfg.detector_train_size, s.n_train)
+    # the residuals are held in memory (float32): at most ~2 GiB of them (large images: fewer)
+    n_res = max(min(n_res, (2 << 30) // (4 * s.spec.input_numel)), min(n_res, cfg.batch_size))
     pick = np.sort(np.random.default_rng([cfg.seed, 99]).choice(s.n_train, n_res, replace=False))
     res = _residuals(net, s.data.train_x[pick], device, cfg.eval_batch_size)
     res_val = _residuals(net, s.mon_x, device, cfg.eval_batch_size)  # C's val loss, for the log
@@ -627,6 +642,17 @@ def _save_scores(path: Path, ev_val: dict, ev_test: dict, test_y: np.ndarray) ->
                         test_purified_pred=ev_test["purified_logits"].argmax(1))
 
 
+def _folder_record(cfg: TrainConfig, splits: Splits) -> dict:
+    """An image folder's preprocessing, as every later stage (and ``dafar predict``) repeats it."""
+    if splits.preprocess is None:
+        return {}
+    pre = dict(splits.preprocess)
+    skipped = pre.pop("skipped_images")
+    ignored = pre.pop("ignored_non_image_files")
+    return {"preprocess": {**pre, "skip_bad_images": cfg.skip_bad_images, "val_size_requested": cfg.val_size},
+            "skipped_images": {"count": len(skipped), "files": skipped}, "ignored_non_image_files": ignored}
+
+
 def _manifest_body(cfg: TrainConfig, splits: Splits, data: _Data, net: DafarNet, normalization: dict, thresholds: dict,
                    metrics: dict, timing: dict) -> dict:
     """Everything the manifest says about a freshly trained run, but its file table."""
@@ -643,6 +669,7 @@ def _manifest_body(cfg: TrainConfig, splits: Splits, data: _Data, net: DafarNet,
             "sizes": {"train": len(data.train_y), "val": len(data.val_y), "test": len(data.test_y)},
             "val_split": {"from": "train", "size": len(data.val_y), "seed": cfg.seed},
             "note": "CIFAR-10 (JPEG q75) when read from the re-encoded image-folder copy" if ds == "cifar10" else "",
+            **_folder_record(cfg, splits),
         },
         "input": {
             "shape": list(spec.input_shape),
@@ -682,7 +709,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
     if resume:
         cfg = _resumed_config(cfg, out)
     parent = _parent_run(cfg) if cfg.init_from else None  # refused before the run folder is touched
-    _prepare_run_dir(out, resume, overwrite)
+    replace = _check_run_dir(out, resume, overwrite)
+    t_start = time.perf_counter()
+    # the data first: a missing or bad data set leaves no run folder behind
+    splits = load_dataset(cfg.dataset, data_dir, download=download, val_size=cfg.val_size, seed=cfg.seed,
+                          image_size=cfg.image_size, channels=cfg.channels, skip_bad_images=cfg.skip_bad_images)
+    _prepare_run_dir(out, replace)
     atomic_write_json(out / "config.json", cfg.to_dict())
     if not resume:
         (out / "train_log.jsonl").unlink(missing_ok=True)
@@ -691,9 +723,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         torch.set_num_threads(cfg.threads)
     device = _resolve_device(cfg)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    t_start = time.perf_counter()
-
-    splits = load_dataset(cfg.dataset, data_dir, download=download, val_size=cfg.val_size, seed=cfg.seed)
     normalization = _normalization(splits)
     spec = paper_spec(cfg.arch_name.value, splits.input_shape, len(splits.classes),
                       decoder_output_for(normalization["mean"], normalization["std"]))

@@ -1,0 +1,205 @@
+"""A user's own image folder: decoding, sizes and channels, the on-disk cache, the validation
+split, every kind of bad data (each an error naming the file, nothing half-written), and the
+whole pipeline on a generated folder (train -> export -> quantize -> predict)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dafar.errors import ConfigError, DataCorruptError, DataError, DataNotFoundError
+
+PIL = pytest.importorskip("PIL")
+from PIL import Image  # noqa: E402
+
+CLASSES = ("circle", "hbar", "vbar")
+H, W = 24, 40  # an odd size: neither square nor a power of two
+
+
+def _pattern(k: int, rng) -> np.ndarray:
+    """A learnable image of class k: a disc, a horizontal bar or a vertical bar on dim noise."""
+    a = rng.integers(0, 60, (H, W, 3)).astype(np.uint8)
+    if k == 0:
+        yy, xx = np.mgrid[:H, :W]
+        a[(yy - H / 2) ** 2 + (xx - W / 2) ** 2 < 49] = 220
+    elif k == 1:
+        r = int(rng.integers(4, H - 4))
+        a[r - 2: r + 2] = 230
+    else:
+        c = int(rng.integers(4, W - 4))
+        a[:, c - 2: c + 2] = 230
+    return a
+
+
+def make_folder(root: Path, per_class=(40, 12), seed=0, bad=True) -> Path:
+    """train/ and test/ trees in four formats, every fifth image grayscale; with ``bad``, one
+    corrupt PNG and one text file among them."""
+    rng = np.random.default_rng(seed)
+    for split, n in zip(("train", "test"), per_class):
+        for k, cls in enumerate(CLASSES):
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                im = Image.fromarray(_pattern(k, rng))
+                if i % 5 == 0:
+                    im = im.convert("L")
+                im.save(d / f"{i:03d}.{('png', 'jpg', 'bmp', 'webp')[i % 4]}")
+    if bad:
+        (root / "train" / "hbar" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+        (root / "train" / "circle" / "notes.txt").write_text("not an image")
+    return root
+
+
+def _load(root, **kw):
+    from dafar.data import load_dataset
+
+    return load_dataset("imagefolder", root, **kw)
+
+
+def test_folder_loads_with_stats_split_and_cache(tmp_path):
+    root = make_folder(tmp_path / "data", bad=False)
+    s = _load(root)
+    assert s.classes == CLASSES and s.input_shape == (3, H, W)  # grayscale images converted to RGB
+    assert len(s.train) + len(s.val) == 120 and len(s.val) == 12 and len(s.test) == 36
+    assert np.bincount(s.val.labels).tolist() == [4, 4, 4]  # class-stratified 10%
+    assert isinstance(s.train.images, np.memmap) and not s.train.images.flags.writeable
+    assert s.preprocess["val_from"].startswith("12 training images") and s.preprocess["resize"] is False
+    x = np.concatenate([np.asarray(s.train.images, np.float64)]) / 255
+    np.testing.assert_allclose(s.normalization["mean"], x.mean(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(s.normalization["std"], x.std(axis=(0, 2, 3)), rtol=1e-5)
+    again = _load(root)  # from the cache: same content, same fingerprint
+    assert again.fingerprint == s.fingerprint and np.array_equal(again.train.images, s.train.images)
+    # an edited image makes a new cache; a tampered cache is rebuilt, never trusted
+    cache = Path(os.environ["DAFAR_CACHE_DIR"]) / "imagefolder"
+    before = set(cache.iterdir())
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(root / "test" / "vbar" / "000.png")
+    changed = _load(root)
+    assert changed.fingerprint != s.fingerprint and len(set(cache.iterdir()) - before) == 1
+    (new,) = set(cache.iterdir()) - before
+    raw = bytearray((new / "test.u8").read_bytes())
+    raw[10] ^= 0xFF
+    (new / "test.u8").write_bytes(bytes(raw))
+    assert _load(root).fingerprint == changed.fingerprint
+
+
+def test_resize_channels_and_a_val_folder(tmp_path):
+    from dafar.imagefolder import read_image
+
+    root = make_folder(tmp_path / "data", bad=False)
+    for cls in CLASSES:  # a val/ folder is used as it is
+        (root / "val" / cls).mkdir(parents=True)
+        for p in sorted((root / "train" / cls).iterdir())[:3]:
+            p.rename(root / "val" / cls / p.name)
+    s = _load(root, image_size=(32, 48), channels=1)
+    assert s.input_shape == (1, 32, 48) and len(s.val) == 9 and s.preprocess["val_from"] == "val/ folder"
+    assert s.preprocess == {**s.preprocess, "resize": True, "interpolation": "bilinear", "channels": 1}
+    # the function dafar predict uses gives exactly the cached pixels
+    f = sorted((root / "test" / "hbar").iterdir())[0]
+    one = read_image(f, 1, (32, 48))
+    assert one.shape == (32, 48, 1)
+    order = [p for c in CLASSES for p in sorted((root / "test" / c).iterdir())]
+    np.testing.assert_array_equal(s.test.images[order.index(f)], one.transpose(2, 0, 1))
+
+
+def test_bad_images_fail_naming_the_file_or_are_skipped_and_recorded(tmp_path):
+    root = make_folder(tmp_path / "data")
+    with pytest.raises(DataCorruptError, match="broken.png"):
+        _load(root)
+    assert not list((Path(os.environ["DAFAR_CACHE_DIR"]) / "imagefolder").glob("*.*"))  # nothing half-written
+    s = _load(root, skip_bad_images=True)
+    assert len(s.train) + len(s.val) == 120  # the corrupt file skipped, the text file never decoded
+    assert [Path(f["file"]).name for f in s.preprocess["skipped_images"]] == ["broken.png"]
+    assert s.preprocess["ignored_non_image_files"] == 1
+
+
+@pytest.mark.parametrize("case,error,match", [
+    ("classes differ", DataError, "only in train/: vbar"),
+    ("empty class", DataError, "holds no images"),
+    ("single class", DataError, "at least 2"),
+    ("mixed sizes", DataError, "--image-size"),
+    ("no test folder", DataNotFoundError, "no test/"),
+    ("symlink out", DataError, "leaves the data folder"),
+    ("truncated", DataCorruptError, "001.png"),
+])
+def test_bad_folders_are_refused_with_a_clear_error(tmp_path, case, error, match):
+    root = make_folder(tmp_path / "data", per_class=(6, 3), bad=False)
+    if case == "classes differ":
+        for p in (root / "test" / "vbar").iterdir():
+            p.unlink()
+        (root / "test" / "vbar").rmdir()
+    elif case == "empty class":
+        for p in (root / "train" / "hbar").iterdir():
+            p.unlink()
+    elif case == "single class":
+        for split in ("train", "test"):
+            for cls in CLASSES[1:]:
+                for p in (root / split / cls).iterdir():
+                    p.unlink()
+                (root / split / cls).rmdir()
+    elif case == "mixed sizes":
+        Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(root / "train" / "hbar" / "odd.png")
+    elif case == "no test folder":
+        import shutil
+
+        shutil.rmtree(root / "test")
+    elif case == "symlink out":
+        outside = tmp_path / "secret.png"
+        Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(outside)
+        (root / "train" / "hbar" / "link.png").symlink_to(outside)
+    elif case == "truncated":
+        p = root / "train" / "circle" / "001.png"
+        Image.fromarray(_pattern(0, np.random.default_rng(1))).save(p)
+        p.write_bytes(p.read_bytes()[:200])
+    with pytest.raises(error, match=match):
+        _load(root)
+
+
+def test_options_are_checked():
+    from dafar.imagefolder import parse_image_size
+    from dafar.train.config import TrainConfig
+
+    assert parse_image_size("64") == (64, 64) and parse_image_size("24x40") == (24, 40)
+    for bad in ("0", "12x", "axb", "5000"):
+        with pytest.raises(ConfigError):
+            parse_image_size(bad)
+    with pytest.raises(ConfigError, match="image folders"):
+        TrainConfig.for_profile("mnist", "quick", image_size=(32, 32))
+    with pytest.raises(ConfigError, match="channels"):
+        TrainConfig.for_profile("imagefolder", "quick", channels=2)
+    assert TrainConfig.for_profile("imagefolder", "quick").val_size is None  # 10% of train, stratified
+
+
+@pytest.mark.slow
+def test_image_folder_end_to_end(tmp_path, capsys):
+    """train -> export (labels.txt beside) -> quantize -> predict on a generated folder of mixed
+    formats and channel counts with a corrupt and a non-image file."""
+    pytest.importorskip("onnx2tf")
+    from dafar.cli import main
+    from dafar.manifest import load_manifest
+
+    root = make_folder(tmp_path / "data", per_class=(60, 12))
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(root), "--out", str(run)]) == 3  # corrupt file
+    assert "broken.png" in capsys.readouterr().err and not run.exists()
+    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(root), "--out", str(run), "--skip-bad-images",
+                 "--arch", "paper-mnist", "--epochs", "6", "--detector-epochs", "2", "--batch-size", "32",
+                 "--threads", "2", "--quiet"]) == 0
+    m = load_manifest(run)
+    assert m["dataset"]["classes"] == list(CLASSES) and m["input"]["shape"] == [3, H, W]
+    assert m["dataset"]["skipped_images"]["count"] == 1 and m["dataset"]["ignored_non_image_files"] == 1
+    assert m["architecture"]["family"] == "paper-mnist" and m["architecture"]["decoder_output"] == "linear"
+    assert len(m["input"]["normalization"]["mean"]) == 3 and m["metrics"]["victim_test_acc"] > 0.6  # chance: 0.33
+    assert main(["export", str(run), "--detector", "l2", "--input", "uint8-nhwc", "--no-victim", "--validate", "all",
+                 "--quiet"]) == 0
+    assert (run / "export" / "labels.txt").read_text().splitlines() == list(CLASSES)
+    assert main(["quantize", str(run), "--attack-images", "0", "--no-naive", "--calib", "64",
+                 "--min-label-agreement", "0.9", "--max-accuracy-drop", "0.05", "--quiet"]) == 0
+    capsys.readouterr()
+    img = sorted((root / "test" / "vbar").glob("*.png"))[0]
+    assert main(["predict", str(run), str(img), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"].endswith("-int8-b1.tflite") and out["predictions"][0]["class"] in CLASSES
+    load_manifest(run)  # every file still verifies
