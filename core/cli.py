@@ -26,14 +26,14 @@ def _log(args):
 
 
 # ---------------------------------------------------------------- train and the main job
-def _add_train_args(p: argparse.ArgumentParser) -> None:
+def _add_train_args(p: argparse.ArgumentParser, skip=()) -> None:
     from dafar.train.config import PROFILES, TrainConfig
 
     p.add_argument("--out", metavar="RUN_DIR", required=True, help="run folder to create, e.g. runs/mnist")
     p.add_argument("--data-dir", metavar="DIR", default=None,
                    help="folder with the data set (else $DAFAR_DATA_DIR; MNIST falls back to the vendored copy)")
     by_profile = {k: "set by --profile" for d in PROFILES.values() for k in d}
-    add_options(p, TrainConfig, defaults=by_profile, group="training options")
+    add_options(p, TrainConfig, defaults=by_profile, group="training options", skip=skip)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--no-download", action="store_true", help="never try to download missing data")
@@ -53,6 +53,25 @@ def cmd_train(args) -> int:
 
     result = train(_train_config(args), args.out, args.data_dir, resume=args.resume, overwrite=args.overwrite,
                    download=not args.no_download, quiet=args.quiet)
+    write_run_report(result.run_dir)
+    print("\n".join(result.summary_lines()))
+    return 0
+
+
+_ATTACH_FIXED = ("dataset", "arch", "unpool", "train_victim", "image_size", "channels")  # they come from the victim
+
+
+def cmd_attach(args) -> int:
+    from dafar.manifest import read_manifest
+    from dafar.report import write_run_report
+    from dafar.train import TrainConfig, attach
+    from dafar.train.trainer import resolve_victim_source
+
+    ds = read_manifest(resolve_victim_source(args.victim)).get("dataset", {}).get("name")
+    kw = config_kwargs(TrainConfig, args, skip=_ATTACH_FIXED)
+    cfg = TrainConfig.for_profile(ds, kw.pop("profile", "quick"), **kw)
+    result = attach(args.victim, args.out, cfg, data_dir=args.data_dir, resume=args.resume, overwrite=args.overwrite,
+                    download=not args.no_download, quiet=args.quiet)
     write_run_report(result.run_dir)
     print("\n".join(result.summary_lines()))
     return 0
@@ -272,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train E, F, D (and C), calibrate alpha, write a run folder")
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("attach", help="plug-in mode: train DAFAR's decoder (and C) on a trained classifier, which "
+                                      "stays unchanged")
+    p.add_argument("--victim", metavar="SOURCE", required=True,
+                   help="the classifier: a run folder, or a pretrained model's name (dafar pretrained --list)")
+    _add_train_args(p, skip=_ATTACH_FIXED)
+    p.set_defaults(func=cmd_attach)
 
     p = sub.add_parser("pipeline", help="the main job: train, export, quantize to int8, benchmark, write the reports")
     _add_train_args(p)

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from dafar.cli import main
-from dafar.errors import NonFiniteLossError, RunFolderError
+from dafar.data import load_dataset
+from dafar.errors import ConfigError, NonFiniteLossError, RunFolderError
 from dafar.manifest import load_manifest, sha256_file
 from dafar.train import trainer as trainer_mod
 from dafar.train.config import TrainConfig
@@ -378,3 +379,37 @@ def test_publish_float16_recalibrates_on_the_weights_as_loaded(tiny_run, tmp_pat
     with pytest.raises(DataError, match="not the data"):
         calibrate.recalibrate(run, reason="test", download=False)
     assert sha256_file(run / "manifest.json") == before  # nothing rewritten
+
+
+@pytest.mark.slow
+def test_attach_trains_only_the_decoder_and_keeps_the_victim_bit_identical(exported_run, tmp_path, capsys):
+    """Plug-in mode: E and F come from the victim run, frozen; D and C train; the defended model's
+    victim logits are the classifier's, bit for bit."""
+    from dafar.cli import main
+    from dafar.train import attach
+    from dafar.train.loading import load_dafar
+    from dafar.train.trainer import evaluate_arrays
+
+    cfg = TrainConfig.for_profile("mnist", "quick", train_limit=512, test_limit=200, val_size=200, batch_size=64,
+                                  epochs=1, detector_epochs=1, threads=2)
+    res = attach(exported_run, tmp_path / "att", cfg, quiet=True)
+    m, src = res.manifest, load_manifest(exported_run, verify=False)
+    assert m["training"]["mode"] == "plug-in"
+    assert m["training"]["attached_to"]["manifest_sha256"] == src["manifest_sha256"]
+    for k in ("E", "F"):  # the victim's own weights, recorded and unchanged
+        assert m["files"][f"weights/{k}.safetensors"]["sha256"] == src["files"][f"weights/{k}.safetensors"]["sha256"]
+        assert m["training"]["attached_to"]["weights_sha256"][k] == src["files"][f"weights/{k}.safetensors"]["sha256"]
+    assert m["files"]["weights/D.safetensors"]["sha256"] != src["files"]["weights/D.safetensors"]["sha256"]
+    a, _ = load_dafar(tmp_path / "att")
+    b, _ = load_dafar(exported_run)
+    x = load_dataset("mnist").test.images[:300]
+    la = evaluate_arrays(a, x, torch.device("cpu"), 100, purify=False)["logits"]
+    lb = evaluate_arrays(b, x, torch.device("cpu"), 100, purify=False)["logits"]
+    assert np.array_equal(la, lb)
+    assert {"l2", "autoencoder"} <= set(m["thresholds"]) and m["metrics"]["victim_test_acc"] == m["metrics"]["victim_test_acc"]
+    # the CLI: a victim that does not exist, and one trained on other data
+    assert main(["attach", "--victim", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]) == 4
+    assert "neither a finished run folder" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="trained on mnist, not cifar10"):
+        train(TrainConfig.for_profile("cifar10", "quick", attach_to=str(exported_run)), tmp_path / "y")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -1,5 +1,5 @@
 """dafar.train: the four DAFAR subnetworks, joint training, threshold calibration, run folders
-(:func:`train`), and the gray-box attacks on the trained victim (:mod:`dafar.train.attacks`).
+(:func:`train`; :func:`attach` puts the decoder on an already trained classifier), and the gray-box attacks on the trained victim (:mod:`dafar.train.attacks`).
 
 Training needs the ``[train]`` extra (torch, safetensors, tqdm, matplotlib).  The configuration
 (:class:`TrainConfig`) imports without it, so the command line can describe its options on a
@@ -9,12 +9,12 @@ from dafar.errors import require as _require
 
 from .config import TrainConfig
 
-__all__ = ["train", "TrainConfig", "TrainResult"]
+__all__ = ["train", "attach", "TrainConfig", "TrainResult"]
 
 
 def __getattr__(name: str):
     # torch is imported on first use of the stage, not by `import dafar.train`
-    if name in ("train", "TrainResult"):
+    if name in ("train", "attach", "TrainResult"):
         _require("torch", "train", "training")
         from . import trainer
 

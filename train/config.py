@@ -90,6 +90,9 @@ class TrainConfig:
     # A finished run folder whose E, F, D (and victim-only model, when one is trained) start this
     # run: a longer schedule continued as a second one-cycle, or fine-tuning a published model.
     # The manifest records the parent (its manifest digest, epochs and training time).
+    # Plug-in mode: a finished run (or a pretrained model's name) whose E and F are loaded and frozen;
+    # only D (and C) train.  The CLI's `dafar attach --victim SOURCE` sets it.
+    attach_to: str | None = option(None, cli=False, help="attach a decoder to this run's frozen victim")
     init_from: str | None = option(None, metavar="RUN_DIR",
                                    help="start from a finished run's E, F, D weights (continue a schedule, or fine-tune "
                                         "a pretrained model materialized with `dafar pretrained NAME --out DIR`)")
@@ -166,6 +169,12 @@ class TrainConfig:
         object.__setattr__(self, "ema", float(self.ema))
         if not isinstance(self.keep_best, bool):
             raise ConfigError(f"keep_best must be true or false, got {self.keep_best!r}")
+        if self.attach_to is not None:
+            if not isinstance(self.attach_to, (str, os.PathLike)) or not str(self.attach_to).strip():
+                raise ConfigError(f"attach_to must be a run folder or a pretrained model's name, got {self.attach_to!r}")
+            object.__setattr__(self, "attach_to", str(self.attach_to))
+            if self.train_victim:
+                raise ConfigError("a plug-in run attaches to a trained victim: there is no victim-only model to train")
         if self.init_from is not None:
             if not isinstance(self.init_from, (str, os.PathLike)) or not str(self.init_from).strip():
                 raise ConfigError(f"init_from must be a run folder path, got {self.init_from!r}")

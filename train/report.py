@@ -38,7 +38,7 @@ def _plot_training(log: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    phases = [p for p in ("joint", "detector", "victim") if any(r["phase"] == p for r in log)]
+    phases = [p for p in ("joint", "decoder", "detector", "victim") if any(r["phase"] == p for r in log)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for phase in phases:
         recs = [r for r in log if r["phase"] == phase]
@@ -95,6 +95,10 @@ def reproduce_command(cfg: dict) -> str:
     profile (derived from :class:`~dafar.train.config.TrainConfig`, never listed by hand)."""
     c = TrainConfig.from_dict(cfg)
     base = TrainConfig.for_profile(c.dataset, c.profile)
+    if c.attach_to:  # plug-in mode: the data set, network and unpool come from the victim
+        flags = to_argv(c, base, always=("profile", "epochs", "seed"),
+                        skip=("threads", "device", "dataset", "arch", "unpool", "train_victim"))
+        return " ".join(["dafar attach --victim", c.attach_to, *flags, "--out RUN_DIR"])
     flags = to_argv(c, base, always=("dataset", "profile", "epochs", "seed"), skip=("threads", "device"))
     return " ".join(["dafar train", *flags, "--out RUN_DIR"])
 
@@ -125,8 +129,16 @@ def training_sections(run_dir: str | Path, m: dict) -> list[str]:
         L += ["Trained with (as published):", "", "```", published, "```", ""]
     else:
         L += ["Reproduce:", "", "```", cmd, "```", ""]
+    attached = timing.get("attached_to")
+    if attached:
+        w = attached.get("weights_sha256", {})
+        L += [f"Plug-in mode: the decoder (and C) were trained on the frozen classifier of `{attached.get('source')}` "
+              f"(manifest {str(attached.get('manifest_sha256'))[:12]}, E {str(w.get('E'))[:12]}, F {str(w.get('F'))[:12]}; "
+              f"its recorded test accuracy {_pct(attached.get('victim_test_acc'))}): E and F are its weights, "
+              "unchanged.", ""]
     L += ["## Accuracy (test set)", "", "| | ours | paper |", "|---|---|---|"]
-    L.append(f"| victim F(E(x)), trained jointly with D | {_pct(met['victim_test_acc'])} | {_pct(paper.get('victim_test_acc'))} |")
+    how = "the attached classifier, frozen" if attached else "trained jointly with D"
+    L.append(f"| victim F(E(x)), {how} | {_pct(met['victim_test_acc'])} | {_pct(paper.get('victim_test_acc'))} |")
     L.append(f"| victim-only model, same schedule | {_pct(met.get('victim_only_test_acc'))} | {_pct(paper.get('victim_only_test_acc'))} |")
     L.append(f"| purified F(E(D(E(x)))) | {_pct(met['purified_test_acc'])} | {_pct(paper.get('purified_test_acc'))} |")
     if "victim_only_test_acc" in met:

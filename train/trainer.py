@@ -39,13 +39,14 @@ from .models import (ArchSpec, DafarNet, Normalize, Victim, build_dafar, build_v
                      paper_spec, spec_from_record)
 from .weights import load_checkpoint, load_into, read_checkpoint, save_checkpoint, save_state
 
-__all__ = ["train", "TrainResult", "to_model_scale", "NORMALIZATION", "evaluate_arrays", "param_count"]
+__all__ = ["train", "attach", "TrainResult", "to_model_scale", "NORMALIZATION", "evaluate_arrays", "param_count",
+           "resolve_victim_source"]
 
 # Pixels u8 -> x01 = u8 / 255 in [0, 1] (the exported graphs' input contract) -> model scale
 # x = (x01 - mean) / std.  MNIST and CIFAR-10 use 0.5 / 0.5 on every channel: [-1, 1], matching
 # the paper decoder's Tanh output.
 NORMALIZATION = {"mean": 0.5, "std": 0.5}
-PHASES = ("joint", "detector", "victim")
+PHASES = ("joint", "detector", "victim", "decoder")
 
 
 def to_model_scale(u8, norm: torch.nn.Module | None = None, device: torch.device | str | None = None) -> torch.Tensor:
@@ -167,13 +168,15 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarr
 # (e.g. a run resumed with --no-victim keeps its 30 joint epochs; C's epochs do not touch the joint phase).
 _DETECTOR_FIELDS = {"detector", "detector_epochs", "detector_lr", "detector_train_size"}
 _PHASE_IGNORES = {"joint": _DETECTOR_FIELDS | {"train_victim"},
+                  "decoder": _DETECTOR_FIELDS | {"train_victim", "dropout"},
                   "detector": {"train_victim"},
                   "victim": _DETECTOR_FIELDS | {"train_victim", "unpool", "recon_weight"}}
 
 
 # Fields added after checkpoints were first written: a checkpoint without one was made with its default.
 _ADDED_FIELDS = {f: TrainConfig.__dataclass_fields__[f].default
-                 for f in ("dropout", "init_from", "ema", "keep_best", "cutout", "arch")}
+                 for f in ("dropout", "init_from", "ema", "keep_best", "cutout", "arch", "attach_to", "image_size",
+                           "channels", "skip_bad_images")}
 
 
 def _same_schedule(saved: dict | None, now: dict) -> bool:
@@ -507,6 +510,7 @@ class _Session:
     earlier: dict  # seconds spent by earlier calls of a resumed run, per phase
     spec: ArchSpec
     normalization: dict  # {"mean": [...], "std": [...]} per channel, of images in [0, 1]
+    attach: dict | None = None  # plug-in mode: the run whose frozen E and F the decoder is attached to
     memfmt: torch.memory_format = torch.channels_last  # ~20% faster convolutions on CPU (oneDNN), neutral on CUDA
 
     def __post_init__(self):
@@ -564,6 +568,43 @@ def _joint_phase(s: _Session) -> tuple[DafarNet, list[float], dict]:
                     weight_decay=cfg.weight_decay, ema=cfg.ema, keep_best=cfg.keep_best)
     # the checkpoint holds the final joint weights whether or not this call trained any epoch
     kept = _kept(_load_model_only(s.ckdir / "joint", net), cfg)
+    return net, seconds, kept
+
+
+def _decoder_phase(s: _Session) -> tuple[DafarNet, list[float], dict]:
+    """Plug-in mode: the victim's E and F, loaded from the run being attached to and frozen (never
+    updated, so its logits are the classifier's, bit for bit); only D learns to rebuild the input
+    from E's features, loss = mean ||x - D(E(x))||_2."""
+    cfg, src = s.cfg, s.attach
+    _seed_everything(cfg.seed)
+    net = build_dafar(s.spec, cfg.unpool, with_detector=cfg.detector, normalization=s.normalization)
+    for name in ("E", "F"):
+        load_into(getattr(net, name), src["dir"] / f"weights/{name}.safetensors")
+    if s.parent is not None:  # --init-from: a previous plug-in run's D as the start
+        load_into(net.D, s.parent["dir"] / "weights/D.safetensors")
+    net = net.to(s.device, memory_format=s.memfmt)
+    for p in list(net.E.parameters()) + list(net.F.parameters()):
+        p.requires_grad_(False)
+
+    def decoder_step(idx, gen):
+        x, _ = s.batch(idx, gen)
+        net.E.eval()  # frozen: no training-mode behaviour either
+        with torch.no_grad():
+            feats = net.E(x)
+        recon = net.D(feats)
+        loss = l2_per_sample(x - recon).mean()
+        return loss, {"loss": loss.detach(), "recon": loss.detach()}
+
+    def decoder_val():
+        ev = evaluate_arrays(net, s.mon_x, s.device, cfg.eval_batch_size, purify=True, with_ae=False)
+        return {"val_acc": _accuracy(ev["logits"], s.mon_y), "val_purified_acc": _accuracy(ev["purified_logits"], s.mon_y),
+                "val_recon": float(ev["l2"].mean())}
+
+    seconds = s.fit("decoder", net, list(net.D.parameters()), s.n_train, cfg.epochs, cfg.lr, decoder_step, decoder_val,
+                    weight_decay=cfg.weight_decay, ema=cfg.ema, keep_best=False)
+    kept = _kept(_load_model_only(s.ckdir / "decoder", net), cfg)
+    for p in list(net.E.parameters()) + list(net.F.parameters()):
+        p.requires_grad_(True)
     return net, seconds, kept
 
 
@@ -709,6 +750,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
     if resume:
         cfg = _resumed_config(cfg, out)
     parent = _parent_run(cfg) if cfg.init_from else None  # refused before the run folder is touched
+    attach = _attach_source(cfg) if cfg.attach_to else None
     replace = _check_run_dir(out, resume, overwrite)
     t_start = time.perf_counter()
     # the data first: a missing or bad data set leaves no run folder behind
@@ -723,17 +765,24 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         torch.set_num_threads(cfg.threads)
     device = _resolve_device(cfg)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    normalization = _normalization(splits)
+    normalization = attach["normalization"] if attach else _normalization(splits)  # E was trained on its own
     spec = paper_spec(cfg.arch_name.value, splits.input_shape, len(splits.classes),
                       decoder_output_for(normalization["mean"], normalization["std"]))
+    if attach:
+        attach["record"]["same_data"] = attach["fingerprint"] == splits.fingerprint
+        if attach["spec"] != spec:
+            raise ConfigError(f"--victim {attach['dir']}: its network ({attach['spec'].family}, input "
+                              f"{list(attach['spec'].input_shape)}, {attach['spec'].num_classes} classes) does not fit this "
+                              f"data ({list(spec.input_shape)}, {spec.num_classes} classes)")
     data = _tensors(splits, cfg)
     if parent is not None:
         parent["record"]["same_data"] = parent.pop("fingerprint") == splits.fingerprint
     s = _Session(cfg, out, device, data, _Logger(out / "train_log.jsonl", quiet), resume, quiet, parent, {}, spec,
-                 normalization)
+                 normalization, attach)
 
-    net, joint_seconds, joint_kept = _joint_phase(s)
-    seconds, kept = {"joint": joint_seconds}, {"joint": joint_kept}
+    first = "decoder" if attach else "joint"
+    net, first_seconds, first_kept = (_decoder_phase if attach else _joint_phase)(s)
+    seconds, kept = {first: first_seconds}, {first: first_kept}
     if cfg.detector:
         seconds["detector"] = _detector_phase(s, net)
     victim = None
@@ -776,12 +825,37 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
     }
     if parent is not None:
         timing["init_from"] = parent["record"]
+    timing["mode"] = "plug-in" if attach else "joint"
+    if attach is not None:
+        timing["attached_to"] = attach["record"]
     metrics["timing"] = timing
     atomic_write_json(out / "metrics.json", metrics)
     files.update({"scores.npz": {"role": "scores"}, "metrics.json": {"role": "metrics"},
                   "config.json": {"role": "config"}, "train_log.jsonl": {"role": "log"}})
     run = RunFolder.create(out, _manifest_body(cfg, splits, data, net, normalization, thresholds, metrics, timing), files)
     return TrainResult(out, run.manifest, metrics)
+
+
+def attach(victim: str | os.PathLike, out: str | os.PathLike, config: TrainConfig | None = None, *,
+           data_dir: str | os.PathLike | None = None, resume: bool = False, overwrite: bool = False,
+           download: bool = True, quiet: bool = False) -> TrainResult:
+    """Plug-in mode: attach DAFAR's decoder D (and C) to the trained classifier of ``victim`` (a
+    run folder, or a pretrained model's name such as ``"mnist"``) without changing it: its E and F
+    are frozen, so the defended model's victim logits are the classifier's, bit for bit; only D
+    and C train, and alpha is calibrated as in joint training.  ``config`` gives the schedule
+    (default: the quick profile of the victim's data set); its data set, architecture and unpool
+    come from the victim."""
+    from dafar.manifest import read_manifest
+
+    src = resolve_victim_source(str(victim))
+    man = read_manifest(src)
+    ds = man.get("dataset", {}).get("name")
+    spec = spec_from_record(man)
+    base = config if config is not None else TrainConfig.for_profile(ds, "quick")
+    if base.dataset.value != ds:
+        base = TrainConfig.for_profile(ds, base.profile)
+    cfg = base.replace(attach_to=str(victim), arch=spec.family, unpool=man["architecture"]["unpool"], train_victim=False)
+    return train(cfg, out, data_dir, resume=resume, overwrite=overwrite, download=download, quiet=quiet)
 
 
 def _parent_run(cfg: TrainConfig) -> dict:
@@ -822,6 +896,47 @@ def _parent_run(cfg: TrainConfig) -> dict:
         "victim_test_acc": man.get("metrics", {}).get("victim_test_acc"),
     }
     return {"dir": pdir, "record": record, "fingerprint": man.get("dataset", {}).get("fingerprint_sha256")}
+
+
+def resolve_victim_source(source: str) -> Path:
+    """A run folder path, or the name of a pretrained model shipped with dafar."""
+    from dafar.pretrained import PRETRAINED_DIR, available
+
+    p = Path(source)
+    if (p / MANIFEST_NAME).is_file():
+        return p
+    if source in available():
+        return PRETRAINED_DIR / source
+    raise RunFolderError(f"--victim {source}: neither a finished run folder (no {MANIFEST_NAME}) nor a pretrained "
+                         f"model ({', '.join(available()) or 'none installed'})")
+
+
+def _attach_source(cfg: TrainConfig) -> dict:
+    """The run whose victim (E, F) a plug-in decoder attaches to: verified, described for the
+    manifest (its digest and the weights' hashes: the victim this defence was built for)."""
+    from dafar.manifest import load_manifest, manifest_digest
+
+    src = resolve_victim_source(cfg.attach_to)
+    man = load_manifest(src)  # every listed file's sha256
+    arch = man.get("architecture", {})
+    if man.get("dataset", {}).get("name") != cfg.dataset.value:
+        raise ConfigError(f"--victim {src} was trained on {man.get('dataset', {}).get('name')}, not {cfg.dataset.value}")
+    try:
+        spec = spec_from_record(man)
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise ConfigError(f"--victim {src}: its architecture cannot be read ({exc})") from None
+    if spec.family != cfg.arch_name.value or arch.get("unpool") != cfg.unpool.value:
+        raise ConfigError(f"--victim {src}: its network is {spec.family}/{arch.get('unpool')}, this run attaches a "
+                          f"{cfg.arch_name.value}/{cfg.unpool.value} decoder")
+    missing = [n for n in ("weights/E.safetensors", "weights/F.safetensors") if n not in man.get("files", {})]
+    if missing:
+        raise ConfigError(f"--victim {src}: the run has no {', '.join(missing)}")
+    files = man["files"]
+    record = {"source": str(cfg.attach_to), "run": str(src), "manifest_sha256": manifest_digest(man),
+              "weights_sha256": {k: files[f"weights/{k}.safetensors"]["sha256"] for k in ("E", "F")},
+              "victim_test_acc": man.get("metrics", {}).get("victim_test_acc")}
+    return {"dir": src, "record": record, "spec": spec, "normalization": man["input"]["normalization"],
+            "fingerprint": man.get("dataset", {}).get("fingerprint_sha256")}
 
 
 def _load_model_only(ckpt: Path, model: torch.nn.Module) -> dict:
