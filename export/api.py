@@ -94,8 +94,11 @@ def alpha_for(manifest: dict, detector: Detector | str, rule: str | None, run_di
 def graph_module(net, graph: Graph | str, detector: Detector | str | None, contract: InputContract | str,
                  alpha: float | None, normalization: dict):
     """The torch module an exported file is made from (eval mode)."""
+    from dafar.train.mobile import fold_batchnorm
+
     from .fused import FusedDafar, VictimGraph
 
+    net = fold_batchnorm(net)  # batch norm (the mobile network) folded into its convolutions
     if Graph(graph) is Graph.DAFAR:
         return FusedDafar(net, alpha, detector, contract, normalization["mean"], normalization["std"]).eval()
     return VictimGraph(net, contract, normalization["mean"], normalization["std"]).eval()

@@ -185,12 +185,12 @@ def test_image_folder_end_to_end(tmp_path, capsys):
     assert main(["train", "--dataset", "imagefolder", "--data-dir", str(root), "--out", str(run)]) == 3  # corrupt file
     assert "broken.png" in capsys.readouterr().err and not run.exists()
     assert main(["train", "--dataset", "imagefolder", "--data-dir", str(root), "--out", str(run), "--skip-bad-images",
-                 "--arch", "paper-mnist", "--epochs", "6", "--detector-epochs", "2", "--batch-size", "32",
+                 "--width", "0.5", "--epochs", "6", "--detector-epochs", "2", "--batch-size", "32",
                  "--threads", "2", "--quiet"]) == 0
     m = load_manifest(run)
     assert m["dataset"]["classes"] == list(CLASSES) and m["input"]["shape"] == [3, H, W]
     assert m["dataset"]["skipped_images"]["count"] == 1 and m["dataset"]["ignored_non_image_files"] == 1
-    assert m["architecture"]["family"] == "paper-mnist" and m["architecture"]["decoder_output"] == "linear"
+    assert m["architecture"]["family"] == "mobile" and m["architecture"]["decoder_output"] == "linear"
     assert len(m["input"]["normalization"]["mean"]) == 3 and m["metrics"]["victim_test_acc"] > 0.6  # chance: 0.33
     assert main(["export", str(run), "--detector", "l2", "--input", "uint8-nhwc", "--no-victim", "--validate", "all",
                  "--quiet"]) == 0

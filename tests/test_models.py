@@ -83,3 +83,41 @@ def test_unpool_enum_rejects_unknown():
     with pytest.raises(ValueError):
         build_dafar("mnist", "bilinear")
     assert Unpool("mask") is Unpool.MASK
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (1, 40, 24), (3, 96, 128)])
+def test_mobile_network_shapes_costs_and_folded_batch_norm(shape):
+    from dafar.errors import ConfigError
+    from dafar.train.cost import subnet_costs
+    from dafar.train.mobile import fold_batchnorm
+    from dafar.train.models import build_dafar, paper_spec
+
+    spec = paper_spec("mobile", shape, 7, "linear", 0.5)
+    net = build_dafar(spec)
+    for m in net.modules():  # non-trivial statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    x = torch.rand(2, *shape) * 2 - 1
+    with torch.no_grad():
+        logits, recon = net(x)
+        folded = fold_batchnorm(net)
+        logits_f, recon_f = folded(x)
+    assert logits.shape == (2, 7) and recon.shape == x.shape
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    torch.testing.assert_close(logits_f, logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(recon_f, recon, rtol=1e-4, atol=1e-4)
+    c = subnet_costs(net)
+    assert c["E"]["macs"] > 0 and c["D"]["macs"] > 0
+    with pytest.raises(ConfigError, match="divisible"):
+        paper_spec("mobile", (3, 30, 30), 10)
+
+
+def test_mobile_costs_a_fifth_of_the_paper_cifar_victim():
+    from dafar.train.cost import subnet_costs
+    from dafar.train.models import build_dafar, paper_spec
+
+    mobile = subnet_costs(build_dafar(paper_spec("mobile", (3, 32, 32), 10)))
+    paper = subnet_costs(build_dafar("cifar10"))
+    assert mobile["E"]["macs"] + mobile["F"]["macs"] <= (paper["E"]["macs"] + paper["F"]["macs"]) / 5

@@ -38,10 +38,11 @@ class Arch(str, Enum):
 
     PAPER_MNIST = "paper-mnist"  # the paper's MNIST tables: 2 conv blocks of 32 and 64, MLP head
     PAPER_CIFAR10 = "paper-cifar10"  # the paper's CIFAR-10 tables: 2 blocks of 3 convs (96, 192), conv head
+    MOBILE = "mobile"  # a small residual network with batch norm (dafar.train.mobile), sized by --width
 
 
 DEFAULT_ARCH = {DatasetName.MNIST: Arch.PAPER_MNIST, DatasetName.CIFAR10: Arch.PAPER_CIFAR10,
-                DatasetName.IMAGEFOLDER: Arch.PAPER_CIFAR10}
+                DatasetName.IMAGEFOLDER: Arch.MOBILE}
 
 
 class Device(str, Enum):
@@ -108,7 +109,9 @@ class TrainConfig:
     # 3.5 points by epoch 17 while training accuracy kept rising.
     keep_best: bool = option(False, help="keep the epoch with the best validation accuracy instead of the last one")
     arch: Arch | None = option(None, none="default",
-                               help="network: paper-mnist or paper-cifar10 (default: the data set's own)")
+                               help="network: paper-mnist, paper-cifar10 or mobile (default: the paper's for MNIST and "
+                                    "CIFAR-10, mobile for an image folder)")
+    width: float = option(1.0, help="the mobile network's channel multiplier (e.g. 0.5, 1, 2)")
     unpool: Unpool = option(Unpool.MASK, help="decoder unpooling: index-free mask (exportable to TFLite) or the "
                                               "paper's MaxUnpool (torch and ONNX Runtime only)")
     z: float = option(3.0, help="threshold rule mean + z*std (paper: 3 for MNIST, 2 for CIFAR-10)")
@@ -167,6 +170,9 @@ class TrainConfig:
                 and (self.ema == 0 or 0.5 <= self.ema < 1)):
             raise ConfigError(f"ema must be 0 (off) or a per-step decay in [0.5, 1), e.g. 0.999; got {self.ema!r}")
         object.__setattr__(self, "ema", float(self.ema))
+        if not (isinstance(self.width, (int, float)) and not isinstance(self.width, bool) and 0.125 <= self.width <= 4):
+            raise ConfigError(f"width must lie in [0.125, 4], got {self.width!r}")
+        object.__setattr__(self, "width", float(self.width))
         if not isinstance(self.keep_best, bool):
             raise ConfigError(f"keep_best must be true or false, got {self.keep_best!r}")
         if self.attach_to is not None:

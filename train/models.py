@@ -76,6 +76,7 @@ class ArchSpec:
     # D's last activation: Tanh where the model scale of [0, 1] pixels is [-1, 1] (normalization
     # mean 0.5, std 0.5, the paper's setting), none where a data set's own mean/std leave that range
     decoder_out: str = "tanh"
+    width_mult: float = 1.0  # channel multiplier (the mobile family)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -91,6 +92,8 @@ ARCHS: dict[str, ArchSpec] = {
     "cifar10": ArchSpec("dafar-cifar10", "paper-cifar10", 3, 32, 32, 10, (96, 192), 3, (512, 64)),
 }
 FAMILIES = {spec.family: spec for spec in ARCHS.values()}
+# the small residual network of dafar.train.mobile (its channels follow `width`)
+FAMILIES["mobile"] = ArchSpec("dafar-mobile", "mobile", 3, 32, 32, 10, (), 0, (512, 64))
 
 
 def decoder_output_for(mean, std) -> str:
@@ -100,12 +103,22 @@ def decoder_output_for(mean, std) -> str:
     return "tanh" if lo >= -1.0 - 1e-9 and hi <= 1.0 + 1e-9 else "linear"
 
 
-def paper_spec(family: str, input_shape, num_classes: int, decoder_out: str = "tanh") -> ArchSpec:
-    """The paper's architecture ``family`` sized for ``input_shape`` (C, H, W) and ``num_classes``."""
+def paper_spec(family: str, input_shape, num_classes: int, decoder_out: str = "tanh", width_mult: float = 1.0) -> ArchSpec:
+    """Architecture ``family`` (the paper's two, or ``mobile``) sized for ``input_shape`` (C, H, W)
+    and ``num_classes``."""
     if family not in FAMILIES:
         raise ConfigError(f"unknown architecture {family!r}; choose from: {', '.join(sorted(FAMILIES))}")
     c, h, w = (int(v) for v in input_shape)
-    if h % 4 or w % 4 or h < 4 or w < 4:
+    if family == "mobile":
+        from .mobile import mobile_stem_stride
+
+        down = 4 * mobile_stem_stride(h, w)
+        if h % down or w % down or min(h, w) < 16 or max(h, w) > 512:
+            raise ConfigError(f"the mobile architecture takes sides from 16 to 512 px divisible by {down} (its feature "
+                              f"extractor downsamples {down}x), got {h}x{w}; pass --image-size with such a size")
+        if not (isinstance(width_mult, (int, float)) and 0.125 <= width_mult <= 4):
+            raise ConfigError(f"width must lie in [0.125, 4], got {width_mult!r}")
+    elif h % 4 or w % 4 or h < 4 or w < 4:
         raise ConfigError(f"the {family} architecture pools twice (2x2): image height and width must be multiples of "
                           f"4, got {h}x{w}; pass --image-size with such a size")
     if num_classes < 2:
@@ -113,7 +126,7 @@ def paper_spec(family: str, input_shape, num_classes: int, decoder_out: str = "t
     if decoder_out not in ("tanh", "linear"):
         raise ConfigError(f"decoder output must be tanh or linear, got {decoder_out!r}")
     return replace(FAMILIES[family], in_channels=c, height=h, width=w, num_classes=int(num_classes),
-                   decoder_out=decoder_out)
+                   decoder_out=decoder_out, **({"width_mult": float(width_mult)} if family == "mobile" else {}))
 
 
 def spec_from_record(manifest: dict) -> ArchSpec:
@@ -126,7 +139,8 @@ def spec_from_record(manifest: dict) -> ArchSpec:
         if ds not in ARCHS:
             raise ConfigError(f"the manifest names no architecture family and its data set {ds!r} has no default")
         return ARCHS[ds]
-    return paper_spec(arch["family"], manifest["input"]["shape"], arch["num_classes"], arch.get("decoder_output", "tanh"))
+    return paper_spec(arch["family"], manifest["input"]["shape"], arch["num_classes"], arch.get("decoder_output", "tanh"),
+                      arch.get("width", 1.0))  # (the mobile family's channel multiplier)
 
 
 class PoolContext(NamedTuple):
@@ -296,6 +310,22 @@ def l2_per_sample(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t.flatten(1), ord=2, dim=1)
 
 
+def _encoder(spec: ArchSpec, unpool: Unpool) -> nn.Module:
+    if spec.family == "mobile":
+        from .mobile import MobileEncoder
+
+        return MobileEncoder(spec)
+    return Encoder(spec, unpool)
+
+
+def _head(spec: ArchSpec, dropout: float) -> nn.Module:
+    if spec.family == "mobile":
+        from .mobile import MobileHead
+
+        return MobileHead(spec, dropout)
+    return OutputHead(spec, dropout)
+
+
 class DafarNet(nn.Module):
     """E, F, D (and optionally C) together; the training-time view of the defence."""
 
@@ -308,9 +338,13 @@ class DafarNet(nn.Module):
         # the manifest does); 0.5 / 0.5 maps them to [-1, 1], the paper's scale
         norm = normalization or {"mean": [0.5] * spec.in_channels, "std": [0.5] * spec.in_channels}
         self.norm = Normalize(norm["mean"], norm["std"])
-        self.E = Encoder(spec, unpool)
-        self.F = OutputHead(spec, dropout)
-        self.D = Decoder(spec, unpool)
+        self.E, self.F = _encoder(spec, unpool), _head(spec, dropout)
+        if spec.family == "mobile":
+            from .mobile import MobileDecoder
+
+            self.D = MobileDecoder(spec)
+        else:
+            self.D = Decoder(spec, unpool)
         self.C = AnomalyAE(spec) if with_detector else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -345,8 +379,8 @@ class Victim(nn.Module):
     def __init__(self, spec: ArchSpec, dropout: float = 0.0):
         super().__init__()
         self.spec = spec
-        self.E = Encoder(spec, Unpool.MASK)  # the unpool mode is irrelevant without a decoder
-        self.F = OutputHead(spec, dropout)
+        self.E = _encoder(spec, Unpool.MASK)  # the unpool mode is irrelevant without a decoder
+        self.F = _head(spec, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.F(self.E(x).z)

@@ -176,7 +176,7 @@ _PHASE_IGNORES = {"joint": _DETECTOR_FIELDS | {"train_victim"},
 # Fields added after checkpoints were first written: a checkpoint without one was made with its default.
 _ADDED_FIELDS = {f: TrainConfig.__dataclass_fields__[f].default
                  for f in ("dropout", "init_from", "ema", "keep_best", "cutout", "arch", "attach_to", "image_size",
-                           "channels", "skip_bad_images")}
+                           "channels", "skip_bad_images", "width")}
 
 
 def _same_schedule(saved: dict | None, now: dict) -> bool:
@@ -724,6 +724,7 @@ def _manifest_body(cfg: TrainConfig, splits: Splits, data: _Data, net: DafarNet,
         "architecture": {
             "name": spec.name,
             "family": spec.family,
+            **({"width": spec.width_mult} if spec.family == "mobile" else {}),
             "decoder_output": spec.decoder_out,
             "unpool": cfg.unpool.value,
             "unpool_tie_rule": ("every window position equal to the window maximum receives it"
@@ -767,7 +768,7 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
     torch.use_deterministic_algorithms(True, warn_only=True)
     normalization = attach["normalization"] if attach else _normalization(splits)  # E was trained on its own
     spec = paper_spec(cfg.arch_name.value, splits.input_shape, len(splits.classes),
-                      decoder_output_for(normalization["mean"], normalization["std"]))
+                      decoder_output_for(normalization["mean"], normalization["std"]), cfg.width)
     if attach:
         attach["record"]["same_data"] = attach["fingerprint"] == splits.fingerprint
         if attach["spec"] != spec:
