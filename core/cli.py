@@ -58,7 +58,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-_ATTACH_FIXED = ("dataset", "arch", "unpool", "train_victim", "image_size", "channels")  # they come from the victim
+_ATTACH_FIXED = ("dataset", "arch", "width", "unpool", "train_victim", "image_size", "channels")  # from the victim
 
 
 def cmd_attach(args) -> int:
@@ -67,8 +67,11 @@ def cmd_attach(args) -> int:
     from dafar.train import TrainConfig, attach
     from dafar.train.trainer import resolve_victim_source
 
-    ds = read_manifest(resolve_victim_source(args.victim)).get("dataset", {}).get("name")
+    man = read_manifest(resolve_victim_source(args.victim))
+    ds = man.get("dataset", {}).get("name")
     kw = config_kwargs(TrainConfig, args, skip=_ATTACH_FIXED)
+    if man.get("architecture", {}).get("family"):  # so --feedback-at is checked against the victim's network
+        kw["arch"] = man["architecture"]["family"]
     cfg = TrainConfig.for_profile(ds, kw.pop("profile", "quick"), **kw)
     result = attach(args.victim, args.out, cfg, data_dir=args.data_dir, resume=args.resume, overwrite=args.overwrite,
                     download=not args.no_download, quiet=args.quiet)

@@ -332,11 +332,14 @@ def _build(listing: _Listing, opts: FolderOptions, size, channels, folder: Path,
             skipped += bad
         raw = {s: np.memmap(tmp / f"{s}.u8", dtype=np.uint8, mode="r", shape=(len(labels[s]), channels, h, w))
                for s in labels}
+        # every pass over the decoded data goes in chunks of at most ~64 MiB, whatever the image
+        # size, so building the cache of a 224 px folder needs no more memory than a 32 px one
+        rows = max(1, (64 << 20) // (channels * h * w))
         fp = hashlib.sha256()
         for s in ("train", "test"):
             fp.update(f"{s}:{raw[s].shape}".encode())
-            for i in range(0, len(raw[s]), 4096):
-                fp.update(np.ascontiguousarray(raw[s][i: i + 4096]).tobytes())
+            for i in range(0, len(raw[s]), rows):
+                fp.update(np.ascontiguousarray(raw[s][i: i + rows]).tobytes())
             fp.update(labels[s].tobytes())
         if "val" in labels:
             val_from = "val/ folder"
@@ -345,8 +348,8 @@ def _build(listing: _Listing, opts: FolderOptions, size, channels, folder: Path,
             keep = np.setdiff1d(np.arange(len(labels["train"])), vidx)
             for name, idx in (("val", vidx), ("train.split", keep)):
                 out = np.memmap(tmp / f"{name}.u8", dtype=np.uint8, mode="w+", shape=(len(idx), channels, h, w))
-                for i in range(0, len(idx), 1024):
-                    out[i: i + 1024] = raw["train"][idx[i: i + 1024]]
+                for i in range(0, len(idx), rows):
+                    out[i: i + rows] = raw["train"][idx[i: i + rows]]
                 out.flush()
                 del out
             labels["val"], labels["train"] = labels["train"][vidx], labels["train"][keep]
@@ -356,16 +359,18 @@ def _build(listing: _Listing, opts: FolderOptions, size, channels, folder: Path,
                         + ("" if opts.val_size else " (10%)"))
         shapes = {s: [int(len(labels[s])), channels, h, w] for s in labels}
         train = np.memmap(tmp / "train.u8", dtype=np.uint8, mode="r", shape=tuple(shapes["train"]))
-        # per-channel mean and std of pixels / 255 over the training split (never val or test)
-        s1 = np.zeros(channels)
-        s2 = np.zeros(channels)
-        for i in range(0, len(train), 2048):
-            x = train[i: i + 2048].astype(np.float64) / 255.0
-            s1 += x.sum(axis=(0, 2, 3))
-            s2 += (x * x).sum(axis=(0, 2, 3))
-        count = len(train) * h * w
-        mean = s1 / count
-        std = np.sqrt(np.maximum(s2 / count - mean * mean, 0.0))
+        # per-channel mean and std of pixels / 255 over the training split (never val or test),
+        # from exact integer sums of the uint8 pixels and of their squares (no float copy of a chunk)
+        s1 = np.zeros(channels, dtype=np.uint64)
+        s2 = np.zeros(channels, dtype=np.uint64)
+        sq = (np.arange(256, dtype=np.uint32) ** 2).astype(np.uint32)
+        for i in range(0, len(train), rows):
+            x = np.asarray(train[i: i + rows])
+            s1 += x.sum(axis=(0, 2, 3), dtype=np.uint64)
+            s2 += sq[x].sum(axis=(0, 2, 3), dtype=np.uint64)
+        count = float(len(train) * h * w)
+        mean = s1.astype(np.float64) / count / 255.0
+        std = np.sqrt(np.maximum(s2.astype(np.float64) / count / 65025.0 - mean * mean, 0.0))
         del train
         meta = {
             "version": _CACHE_VERSION, "root": str(listing.root), "classes": list(listing.classes),

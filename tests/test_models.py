@@ -121,3 +121,49 @@ def test_mobile_costs_a_fifth_of_the_paper_cifar_victim():
     mobile = subnet_costs(build_dafar(paper_spec("mobile", (3, 32, 32), 10)))
     paper = subnet_costs(build_dafar("cifar10"))
     assert mobile["E"]["macs"] + mobile["F"]["macs"] <= (paper["E"]["macs"] + paper["F"]["macs"]) / 5
+
+
+@pytest.mark.parametrize("family,shape,positions", [
+    ("paper-mnist", (1, 28, 28), ("pool1", "pool2")),
+    ("paper-cifar10", (3, 32, 32), ("pool1", "pool2")),
+    ("mobile", (3, 32, 32), ("stage1", "stage2")),
+    ("mobile", (1, 96, 64), ("stage1", "stage2")),
+])
+def test_feedback_positions_resplit_the_same_classifier(family, shape, positions):
+    """Moving the feedback position moves layers between E and F without changing a weight: the
+    classifier's logits are bit-identical; D mirrors E, so it is cheaper at the earlier position."""
+    from dafar.errors import ConfigError
+    from dafar.train.cost import subnet_costs
+    from dafar.train.models import paper_spec, resplit_victim
+
+    base = paper_spec(family, shape, 5)
+    assert base.feedback == "" and base.feedback_at == positions[-1]  # the default stays unnamed (old manifests)
+    torch.manual_seed(0)
+    ref_net = build_dafar(base).eval()
+    x = torch.randn(4, *shape)
+    with torch.no_grad():
+        ref = ref_net.F(ref_net.E(x).z)
+    macs = {}
+    for fb in positions:
+        spec = paper_spec(family, shape, 5, feedback=fb)
+        net = build_dafar(spec).eval()
+        e, f = resplit_victim(ref_net.E.state_dict(), ref_net.F.state_dict(), base, spec)
+        net.E.load_state_dict(e, strict=True)
+        net.F.load_state_dict(f, strict=True)
+        with torch.no_grad():
+            feats = net.E(x)
+            assert torch.equal(net.F(feats.z), ref)
+            assert net.D(feats).shape == x.shape
+        # and back again: the round trip is the identity
+        e2, f2 = resplit_victim(e, f, spec, base)
+        assert all(torch.equal(e2[k], v) for k, v in ref_net.E.state_dict().items())
+        assert all(torch.equal(f2[k], v) for k, v in ref_net.F.state_dict().items())
+        macs[fb] = subnet_costs(net)
+    first, last = (macs[p] for p in positions)
+    assert first["D"]["macs"] < last["D"]["macs"] and first["E"]["macs"] < last["E"]["macs"]
+    assert first["E"]["macs"] + first["F"]["macs"] == last["E"]["macs"] + last["F"]["macs"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        paper_spec(family, shape, 5, feedback="layer9")
+    other = paper_spec("paper-mnist" if family != "paper-mnist" else "paper-cifar10", (3, 32, 32), 5)
+    with pytest.raises(ConfigError, match="different networks"):
+        resplit_victim(ref_net.E.state_dict(), ref_net.F.state_dict(), base, other)

@@ -413,3 +413,41 @@ def test_attach_trains_only_the_decoder_and_keeps_the_victim_bit_identical(expor
     with pytest.raises(ConfigError, match="trained on mnist, not cifar10"):
         train(TrainConfig.for_profile("cifar10", "quick", attach_to=str(exported_run)), tmp_path / "y")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@pytest.mark.slow
+def test_attach_at_an_earlier_feedback_position_resplits_the_victim_and_exports(exported_run, tmp_path, capsys):
+    """--feedback-at pool1: the victim's second conv block moves from E into F (the same tensors),
+    so the classifier's logits stay bit-identical; D mirrors one block only (far fewer MACs), and
+    the run exports to ONNX and TFLite with the export's own parity checks passing."""
+    from dafar.export import ExportConfig, export
+    from dafar.train import attach
+    from dafar.train.loading import load_dafar
+    from dafar.train.trainer import evaluate_arrays
+
+    cfg = TrainConfig.for_profile("mnist", "quick", train_limit=512, test_limit=200, val_size=200, batch_size=64,
+                                  epochs=1, detector=False, threads=2, feedback_at="pool1")
+    res = attach(exported_run, tmp_path / "p1", cfg, quiet=True)
+    m, src = res.manifest, load_manifest(exported_run, verify=False)
+    assert m["architecture"]["feedback_at"] == "pool1" and m["training"]["config"]["feedback_at"] == "pool1"
+    e1 = load_file(str(tmp_path / "p1/weights/E.safetensors"))
+    e0 = load_file(str(exported_run / "weights/E.safetensors"))
+    f1 = load_file(str(tmp_path / "p1/weights/F.safetensors"))
+    assert set(e1) == {k for k in e0 if k.startswith("blocks.0.")}  # E keeps the first block only
+    assert all(torch.equal(e0[k.replace("blocks.0.", "blocks.1.", 1)], f1[k]) for k in f1 if k.startswith("blocks.0."))
+    costs, costs0 = m["architecture"]["costs"], src["architecture"]["costs"]
+    assert costs["D"]["macs"] < costs0["D"]["macs"] / 2 and costs["E"]["macs"] < costs0["E"]["macs"]
+    assert costs["E"]["macs"] + costs["F"]["macs"] == costs0["E"]["macs"] + costs0["F"]["macs"]
+    a, _ = load_dafar(tmp_path / "p1")
+    b, _ = load_dafar(exported_run)
+    x = load_dataset("mnist").test.images[:300]
+    la = evaluate_arrays(a, x, torch.device("cpu"), 100, purify=False)["logits"]
+    lb = evaluate_arrays(b, x, torch.device("cpu"), 100, purify=False)["logits"]
+    assert np.array_equal(la, lb)
+    out = export(tmp_path / "p1", ExportConfig(validate_images=64, victim=False), log=lambda *a: None)
+    assert any(k.endswith(".onnx") for k in out.entries) and any(k.endswith(".tflite") for k in out.entries)
+    # a position the network does not have
+    with pytest.raises(ConfigError, match="stage1"):
+        TrainConfig.for_profile("imagefolder", "quick", feedback_at="pool1")
+    assert main(["attach", "--victim", str(exported_run), "--feedback-at", "stage2", "--out", str(tmp_path / "z")]) == 2
+    assert "pool1, pool2" in capsys.readouterr().err and not (tmp_path / "z").exists()

@@ -44,6 +44,14 @@ class Arch(str, Enum):
 DEFAULT_ARCH = {DatasetName.MNIST: Arch.PAPER_MNIST, DatasetName.CIFAR10: Arch.PAPER_CIFAR10,
                 DatasetName.IMAGEFOLDER: Arch.MOBILE}
 
+# Where E may end (the feedback position), shallowest first; the last is each network's default
+# (the paper's).  An earlier position makes E and D cheaper (D mirrors E) and moves layers into F.
+FEEDBACK_POSITIONS: dict[str, tuple[str, ...]] = {
+    Arch.PAPER_MNIST.value: ("pool1", "pool2"),
+    Arch.PAPER_CIFAR10.value: ("pool1", "pool2"),
+    Arch.MOBILE.value: ("stage1", "stage2"),
+}
+
 
 class Device(str, Enum):
     AUTO = "auto"  # CUDA when present, else CPU
@@ -112,6 +120,10 @@ class TrainConfig:
                                help="network: paper-mnist, paper-cifar10 or mobile (default: the paper's for MNIST and "
                                     "CIFAR-10, mobile for an image folder)")
     width: float = option(1.0, help="the mobile network's channel multiplier (e.g. 0.5, 1, 2)")
+    # The paper's trade-off knob: E ends (and D starts) after this layer; F is the rest.
+    feedback_at: str | None = option(None, none="default", metavar="LAYER",
+                                     help="feedback position, where E ends and D takes its input: pool1 or pool2 "
+                                          "(paper networks), stage1 or stage2 (mobile); default: the last")
     unpool: Unpool = option(Unpool.MASK, help="decoder unpooling: index-free mask (exportable to TFLite) or the "
                                               "paper's MaxUnpool (torch and ONNX Runtime only)")
     z: float = option(3.0, help="threshold rule mean + z*std (paper: 3 for MNIST, 2 for CIFAR-10)")
@@ -170,6 +182,11 @@ class TrainConfig:
                 and (self.ema == 0 or 0.5 <= self.ema < 1)):
             raise ConfigError(f"ema must be 0 (off) or a per-step decay in [0.5, 1), e.g. 0.999; got {self.ema!r}")
         object.__setattr__(self, "ema", float(self.ema))
+        if self.feedback_at is not None:
+            positions = FEEDBACK_POSITIONS[self.arch_name.value]
+            if self.feedback_at not in positions:
+                raise ConfigError(f"feedback_at must be one of {', '.join(positions)} for the {self.arch_name.value} "
+                                  f"network, got {self.feedback_at!r}")
         if not (isinstance(self.width, (int, float)) and not isinstance(self.width, bool) and 0.125 <= self.width <= 4):
             raise ConfigError(f"width must lie in [0.125, 4], got {self.width!r}")
         object.__setattr__(self, "width", float(self.width))

@@ -9,7 +9,8 @@ convolutions before export: :func:`fold_batchnorm`).
 Layout (channels at ``--width 1``: 32, 64, 128, 256, rounded to multiples of 8):
 
 * E (the feature extractor): a 3x3 stem (stride 1 for inputs up to 64 px, else 2), then two
-  stages of a stride-2 residual block: features at 1/4 (1/8) of the input's side;
+  stages of a stride-2 residual block: features at 1/4 (1/8) of the input's side
+  (``--feedback-at stage1``: one stage, features at 1/2 (1/4), and stage2 moves into F);
 * F (the rest of the classifier): stride-2 stages of 256 and, for large inputs, 512 channels,
   global average pooling and one linear layer;
 * D (the feedback decoder): mirrors E with nearest-neighbour upsampling and 3x3 conv + batch
@@ -82,7 +83,8 @@ class MobileEncoder(nn.Module):
         c = mobile_channels(spec.width_mult)
         self.stem = ConvBN(spec.in_channels, c[0], 3, mobile_stem_stride(spec.height, spec.width))
         self.stage1 = ResBlock(c[0], c[1], 2)
-        self.stage2 = ResBlock(c[1], c[2], 2)
+        # feedback after stage1: stage2 belongs to F (MobileHead.stage2, the same weights)
+        self.stage2 = ResBlock(c[1], c[2], 2) if spec.encoder_blocks == 2 else nn.Identity()
 
     def forward(self, x: torch.Tensor):
         from .models import Features
@@ -95,13 +97,14 @@ class MobileHead(nn.Module):
         super().__init__()
         c = mobile_channels(spec.width_mult)
         large = mobile_stem_stride(spec.height, spec.width) == 2
+        self.stage2 = ResBlock(c[1], c[2], 2) if spec.encoder_blocks == 1 else nn.Identity()
         self.stage3 = nn.Sequential(ResBlock(c[2], c[3], 2), ResBlock(c[3], c[3], 1))
         self.stage4 = ResBlock(c[3], c[4], 2) if large else nn.Identity()
         self.dropout = float(dropout)
         self.fc = nn.Linear(c[4] if large else c[3], spec.num_classes)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.stage4(self.stage3(z)).mean(dim=(2, 3))
+        h = self.stage4(self.stage3(self.stage2(z))).mean(dim=(2, 3))
         if self.dropout and self.training:
             h = nn.functional.dropout(h, self.dropout, training=True)
         return self.fc(h)
@@ -120,7 +123,7 @@ class MobileDecoder(nn.Module):
     def __init__(self, spec):
         super().__init__()
         c = mobile_channels(spec.width_mult)
-        ups = [_Up(c[2], c[1]), _Up(c[1], c[0])]
+        ups = [_Up(c[2], c[1]), _Up(c[1], c[0])][2 - spec.encoder_blocks:]  # mirrors E's stages
         if mobile_stem_stride(spec.height, spec.width) == 2:
             ups.append(_Up(c[0], c[0]))
         self.ups = nn.Sequential(*ups)

@@ -30,6 +30,7 @@ import torch.nn.functional as Fn
 from torch import nn
 
 from dafar.errors import ConfigError
+from dafar.train.config import FEEDBACK_POSITIONS
 from dafar.schema import Unpool
 
 __all__ = [
@@ -50,6 +51,8 @@ __all__ = [
     "spec_from_record",
     "decoder_output_for",
     "FAMILIES",
+    "FEEDBACK_POSITIONS",
+    "resplit_victim",
     "mask_unpool",
     "Normalize",
     "VictimLogits",
@@ -77,6 +80,19 @@ class ArchSpec:
     # mean 0.5, std 0.5, the paper's setting), none where a data set's own mean/std leave that range
     decoder_out: str = "tanh"
     width_mult: float = 1.0  # channel multiplier (the mobile family)
+    # the feedback position: the layer after which E ends, F begins and D's input is taken
+    # (paper section 3: "we can determine the layers to capture high-level features (i.e.,
+    # feedback positions) according to what tradeoff we want to make"); "" = the family's default
+    feedback: str = ""
+
+    @property
+    def feedback_at(self) -> str:
+        return self.feedback or FEEDBACK_POSITIONS[self.family][-1]
+
+    @property
+    def encoder_blocks(self) -> int:
+        """How many of the family's downsampling blocks (pools, or mobile stages) E holds."""
+        return FEEDBACK_POSITIONS[self.family].index(self.feedback_at) + 1
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -92,6 +108,7 @@ ARCHS: dict[str, ArchSpec] = {
     "cifar10": ArchSpec("dafar-cifar10", "paper-cifar10", 3, 32, 32, 10, (96, 192), 3, (512, 64)),
 }
 FAMILIES = {spec.family: spec for spec in ARCHS.values()}
+
 # the small residual network of dafar.train.mobile (its channels follow `width`)
 FAMILIES["mobile"] = ArchSpec("dafar-mobile", "mobile", 3, 32, 32, 10, (), 0, (512, 64))
 
@@ -103,11 +120,18 @@ def decoder_output_for(mean, std) -> str:
     return "tanh" if lo >= -1.0 - 1e-9 and hi <= 1.0 + 1e-9 else "linear"
 
 
-def paper_spec(family: str, input_shape, num_classes: int, decoder_out: str = "tanh", width_mult: float = 1.0) -> ArchSpec:
+def paper_spec(family: str, input_shape, num_classes: int, decoder_out: str = "tanh", width_mult: float = 1.0,
+               feedback: str | None = None) -> ArchSpec:
     """Architecture ``family`` (the paper's two, or ``mobile``) sized for ``input_shape`` (C, H, W)
-    and ``num_classes``."""
+    and ``num_classes``, with E ending at ``feedback`` (default: the family's last position)."""
     if family not in FAMILIES:
         raise ConfigError(f"unknown architecture {family!r}; choose from: {', '.join(sorted(FAMILIES))}")
+    positions = FEEDBACK_POSITIONS[family]
+    if feedback in (None, ""):
+        feedback = positions[-1]
+    if feedback not in positions:
+        raise ConfigError(f"feedback position {feedback!r} does not exist in the {family} network; choose from: "
+                          f"{', '.join(positions)}")
     c, h, w = (int(v) for v in input_shape)
     if family == "mobile":
         from .mobile import mobile_stem_stride
@@ -125,8 +149,11 @@ def paper_spec(family: str, input_shape, num_classes: int, decoder_out: str = "t
         raise ConfigError(f"a classifier needs at least 2 classes, got {num_classes}")
     if decoder_out not in ("tanh", "linear"):
         raise ConfigError(f"decoder output must be tanh or linear, got {decoder_out!r}")
+    # the default position is stored as "" so that specs (and manifests) of runs from before the
+    # option existed compare equal to today's
     return replace(FAMILIES[family], in_channels=c, height=h, width=w, num_classes=int(num_classes),
-                   decoder_out=decoder_out, **({"width_mult": float(width_mult)} if family == "mobile" else {}))
+                   decoder_out=decoder_out, feedback="" if feedback == positions[-1] else feedback,
+                   **({"width_mult": float(width_mult)} if family == "mobile" else {}))
 
 
 def spec_from_record(manifest: dict) -> ArchSpec:
@@ -140,7 +167,8 @@ def spec_from_record(manifest: dict) -> ArchSpec:
             raise ConfigError(f"the manifest names no architecture family and its data set {ds!r} has no default")
         return ARCHS[ds]
     return paper_spec(arch["family"], manifest["input"]["shape"], arch["num_classes"], arch.get("decoder_output", "tanh"),
-                      arch.get("width", 1.0))  # (the mobile family's channel multiplier)
+                      arch.get("width", 1.0),  # (the mobile family's channel multiplier)
+                      arch.get("feedback_at"))  # absent before the option existed: the default position
 
 
 class PoolContext(NamedTuple):
@@ -187,7 +215,7 @@ class Encoder(nn.Module):
         self.unpool = Unpool(unpool)
         blocks = []
         cin = spec.in_channels
-        for cout in spec.enc_channels:
+        for cout in spec.enc_channels[: spec.encoder_blocks]:
             blocks.append(nn.Sequential(*_conv_block(cin, cout, spec.block_convs)))
             cin = cout
         self.blocks = nn.ModuleList(blocks)
@@ -215,6 +243,12 @@ class OutputHead(nn.Module):
         # the CIFAR-10 head overfits (train 92% vs validation 80% after 30 epochs without it).
         # Functional, so the state dict keys stay those of the published weights.
         self.dropout = float(dropout)
+        # the conv blocks (each followed by a 2x2 max-pool) that an earlier feedback position
+        # moves from E into F; the same layers and weights, named F.blocks.i instead of E.blocks.j
+        k = spec.encoder_blocks
+        cins = (spec.in_channels, *spec.enc_channels)
+        self.blocks = nn.ModuleList(nn.Sequential(*_conv_block(cins[j], spec.enc_channels[j], spec.block_convs))
+                                    for j in range(k, len(spec.enc_channels)))
         c = spec.enc_channels[-1]
         hw = (spec.height // 4) * (spec.width // 4)
         if spec.family == "paper-cifar10":
@@ -237,6 +271,8 @@ class OutputHead(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.dropout and self.training:
             z = nn.functional.dropout(z, self.dropout, training=True)
+        for block in self.blocks:
+            z = Fn.max_pool2d(block(z), 2, 2)
         return self.fc(self.convs(z))
 
 
@@ -276,10 +312,14 @@ class Decoder(nn.Module):
         else:
             inner = [_convt(c2, c2), nn.ReLU(), _convt(c2, c1), nn.ReLU()]
             outer = [_convt(c1, c1), nn.ReLU(), _convt(c1, spec.in_channels), *last]
-        self.inner = nn.Sequential(*inner)
+        # feedback after the first pool: E's features are the first block's, D mirrors that block only
+        self.inner = nn.Sequential(*inner) if spec.encoder_blocks == 2 else None
         self.outer = nn.Sequential(*outer)
 
     def forward(self, feats: Features) -> torch.Tensor:
+        if self.inner is None:
+            (outer_ctx,) = feats.pools
+            return self.outer(self.unpool(feats.z, outer_ctx))
         outer_ctx, inner_ctx = feats.pools
         h = self.inner(self.unpool(feats.z, inner_ctx))
         return self.outer(self.unpool(h, outer_ctx))
@@ -431,3 +471,32 @@ class VictimLogits(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.F(self.E(self.pre(x)).z)
+
+
+def _canonical(spec: ArchSpec, sub: str, key: str) -> str:
+    """A name for an E or F tensor that does not depend on the feedback position."""
+    k = spec.encoder_blocks
+    if spec.family == "mobile":
+        return key if key.startswith("stage2.") else f"{sub}.{key}"
+    if key.startswith("blocks."):
+        _, j, rest = key.split(".", 2)
+        return f"blocks.{int(j) + (0 if sub == 'E' else k)}.{rest}"
+    return f"{sub}.{key}"
+
+
+def resplit_victim(e_state: dict, f_state: dict, src: ArchSpec, dst: ArchSpec) -> tuple[dict, dict]:
+    """The state dicts of E and F for feedback position ``dst.feedback_at`` from a classifier
+    split at ``src.feedback_at``: the same tensors (the classifier F(E(x)) is unchanged, bit for
+    bit), only the boundary between E and F moves."""
+    if replace(src, feedback="") != replace(dst, feedback=""):
+        raise ConfigError(f"cannot move the feedback position between different networks ({src} vs {dst})")
+    pool = {_canonical(src, "E", k): v for k, v in e_state.items()}
+    pool.update({_canonical(src, "F", k): v for k, v in f_state.items()})
+    out = []
+    for sub, module in (("E", _encoder(dst, Unpool.MASK)), ("F", _head(dst, 0.0))):
+        want = module.state_dict().keys()
+        missing = [k for k in want if _canonical(dst, sub, k) not in pool]
+        if missing:
+            raise ConfigError(f"the classifier's weights lack {sub}.{missing[0]} for feedback at {dst.feedback_at}")
+        out.append({k: pool[_canonical(dst, sub, k)] for k in want})
+    return out[0], out[1]

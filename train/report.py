@@ -97,7 +97,8 @@ def reproduce_command(cfg: dict) -> str:
     base = TrainConfig.for_profile(c.dataset, c.profile)
     if c.attach_to:  # plug-in mode: the data set, network and unpool come from the victim
         flags = to_argv(c, base, always=("profile", "epochs", "seed"),
-                        skip=("threads", "device", "dataset", "arch", "unpool", "train_victim"))
+                        skip=("threads", "device", "dataset", "arch", "width", "unpool", "train_victim",
+                              "image_size", "channels"))
         return " ".join(["dafar attach --victim", c.attach_to, *flags, "--out RUN_DIR"])
     flags = to_argv(c, base, always=("dataset", "profile", "epochs", "seed"), skip=("threads", "device"))
     return " ".join(["dafar train", *flags, "--out RUN_DIR"])

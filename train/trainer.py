@@ -16,6 +16,7 @@ import platform
 import shutil
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +37,7 @@ from dafar.version import __version__
 from .config import Augment, Device, TrainConfig
 from .cost import subnet_costs
 from .models import (ArchSpec, DafarNet, Normalize, Victim, build_dafar, build_victim, decoder_output_for, l2_per_sample,
-                     paper_spec, spec_from_record)
+                     paper_spec, resplit_victim, spec_from_record)
 from .weights import load_checkpoint, load_into, read_checkpoint, save_checkpoint, save_state
 
 __all__ = ["train", "attach", "TrainResult", "to_model_scale", "NORMALIZATION", "evaluate_arrays", "param_count",
@@ -176,7 +177,7 @@ _PHASE_IGNORES = {"joint": _DETECTOR_FIELDS | {"train_victim"},
 # Fields added after checkpoints were first written: a checkpoint without one was made with its default.
 _ADDED_FIELDS = {f: TrainConfig.__dataclass_fields__[f].default
                  for f in ("dropout", "init_from", "ema", "keep_best", "cutout", "arch", "attach_to", "image_size",
-                           "channels", "skip_bad_images", "width")}
+                           "channels", "skip_bad_images", "width", "feedback_at")}
 
 
 def _same_schedule(saved: dict | None, now: dict) -> bool:
@@ -578,8 +579,16 @@ def _decoder_phase(s: _Session) -> tuple[DafarNet, list[float], dict]:
     cfg, src = s.cfg, s.attach
     _seed_everything(cfg.seed)
     net = build_dafar(s.spec, cfg.unpool, with_detector=cfg.detector, normalization=s.normalization)
-    for name in ("E", "F"):
-        load_into(getattr(net, name), src["dir"] / f"weights/{name}.safetensors")
+    if src["spec"].feedback_at == s.spec.feedback_at:
+        for name in ("E", "F"):
+            load_into(getattr(net, name), src["dir"] / f"weights/{name}.safetensors")
+    else:  # the same classifier split at another layer: tensors moved between E and F, not changed
+        whole = build_victim(src["spec"])
+        for name in ("E", "F"):  # verified against the victim's own split first
+            load_into(getattr(whole, name), src["dir"] / f"weights/{name}.safetensors")
+        e_state, f_state = resplit_victim(whole.E.state_dict(), whole.F.state_dict(), src["spec"], s.spec)
+        net.E.load_state_dict(e_state, strict=True)
+        net.F.load_state_dict(f_state, strict=True)
     if s.parent is not None:  # --init-from: a previous plug-in run's D as the start
         load_into(net.D, s.parent["dir"] / "weights/D.safetensors")
     net = net.to(s.device, memory_format=s.memfmt)
@@ -725,6 +734,7 @@ def _manifest_body(cfg: TrainConfig, splits: Splits, data: _Data, net: DafarNet,
             "name": spec.name,
             "family": spec.family,
             **({"width": spec.width_mult} if spec.family == "mobile" else {}),
+            "feedback_at": spec.feedback_at,  # where E ends and D takes its input
             "decoder_output": spec.decoder_out,
             "unpool": cfg.unpool.value,
             "unpool_tie_rule": ("every window position equal to the window maximum receives it"
@@ -768,10 +778,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
     torch.use_deterministic_algorithms(True, warn_only=True)
     normalization = attach["normalization"] if attach else _normalization(splits)  # E was trained on its own
     spec = paper_spec(cfg.arch_name.value, splits.input_shape, len(splits.classes),
-                      decoder_output_for(normalization["mean"], normalization["std"]), cfg.width)
+                      decoder_output_for(normalization["mean"], normalization["std"]), cfg.width, cfg.feedback_at)
     if attach:
         attach["record"]["same_data"] = attach["fingerprint"] == splits.fingerprint
-        if attach["spec"] != spec:
+        # the decoder may attach at another layer than the victim's own E/F split (its weights are
+        # re-split, unchanged: resplit_victim); everything else must be the victim's network
+        if dataclasses.replace(attach["spec"], feedback="") != dataclasses.replace(spec, feedback=""):
             raise ConfigError(f"--victim {attach['dir']}: its network ({attach['spec'].family}, input "
                               f"{list(attach['spec'].input_shape)}, {attach['spec'].num_classes} classes) does not fit this "
                               f"data ({list(spec.input_shape)}, {spec.num_classes} classes)")
@@ -855,7 +867,8 @@ def attach(victim: str | os.PathLike, out: str | os.PathLike, config: TrainConfi
     base = config if config is not None else TrainConfig.for_profile(ds, "quick")
     if base.dataset.value != ds:
         base = TrainConfig.for_profile(ds, base.profile)
-    cfg = base.replace(attach_to=str(victim), arch=spec.family, unpool=man["architecture"]["unpool"], train_victim=False)
+    cfg = base.replace(attach_to=str(victim), arch=spec.family, unpool=man["architecture"]["unpool"], train_victim=False,
+                       width=spec.width_mult, feedback_at=base.feedback_at or spec.feedback or None)
     return train(cfg, out, data_dir, resume=resume, overwrite=overwrite, download=download, quiet=quiet)
 
 
