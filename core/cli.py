@@ -58,21 +58,40 @@ def cmd_train(args) -> int:
     return 0
 
 
-_ATTACH_FIXED = ("dataset", "arch", "width", "unpool", "train_victim", "image_size", "channels")  # from the victim
+_ATTACH_FIXED = ("arch", "width", "unpool", "train_victim")  # from the victim (a run's data set too, below)
+
+
+def _floats(text, flag):
+    if text is None:
+        return None
+    try:
+        return tuple(float(t) for t in str(text).split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} takes numbers separated by commas, one per channel, got {text!r}") from None
 
 
 def cmd_attach(args) -> int:
     from dafar.manifest import read_manifest
     from dafar.report import write_run_report
     from dafar.train import TrainConfig, attach
-    from dafar.train.trainer import resolve_victim_source
+    from dafar.train.trainer import is_module_ref, resolve_victim_source
 
-    man = read_manifest(resolve_victim_source(args.victim))
-    ds = man.get("dataset", {}).get("name")
     kw = config_kwargs(TrainConfig, args, skip=_ATTACH_FIXED)
-    if man.get("architecture", {}).get("family"):  # so --feedback-at is checked against the victim's network
-        kw["arch"] = man["architecture"]["family"]
-    cfg = TrainConfig.for_profile(ds, kw.pop("profile", "quick"), **kw)
+    if is_module_ref(args.victim):  # a classifier of one's own: the data set is the user's to name
+        kw.update(arch="custom", attach_to=args.victim, victim_weights=args.weights, victim_mean=_floats(args.mean, "--mean"),
+                  victim_std=_floats(args.std, "--std"))
+        cfg = TrainConfig.for_profile(kw.pop("dataset", "imagefolder"), kw.pop("profile", "quick"), **kw)
+    else:
+        if args.weights or args.mean or args.std:
+            raise ConfigError("--weights, --mean and --std describe a classifier of your own "
+                              "(--victim package.module:callable); a run folder's victim carries its own")
+        man = read_manifest(resolve_victim_source(args.victim))
+        ds = man.get("dataset", {}).get("name")
+        for k in ("dataset", "image_size", "channels"):  # the victim's data set, read as it read it
+            kw.pop(k, None)
+        if man.get("architecture", {}).get("family"):  # so --feedback-at is checked against the victim's network
+            kw["arch"] = man["architecture"]["family"]
+        cfg = TrainConfig.for_profile(ds, kw.pop("profile", "quick"), **kw)
     result = attach(args.victim, args.out, cfg, data_dir=args.data_dir, resume=args.resume, overwrite=args.overwrite,
                     download=not args.no_download, quiet=args.quiet)
     write_run_report(result.run_dir)
@@ -298,7 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("attach", help="plug-in mode: train DAFAR's decoder (and C) on a trained classifier, which "
                                       "stays unchanged")
     p.add_argument("--victim", metavar="SOURCE", required=True,
-                   help="the classifier: a run folder, or a pretrained model's name (dafar pretrained --list)")
+                   help="the classifier: a run folder, a pretrained model's name (dafar pretrained --list), or your "
+                        "own torch module as package.module:callable (with --weights, --mean, --std, --feedback-at "
+                        "and the data set)")
+    p.add_argument("--weights", metavar="FILE", default=None, help="your classifier's weights (safetensors)")
+    p.add_argument("--mean", metavar="M[,M,M]", default=None,
+                   help="the per-channel mean your classifier's input was normalized with (on pixels / 255)")
+    p.add_argument("--std", metavar="S[,S,S]", default=None, help="the matching per-channel std")
     _add_train_args(p, skip=_ATTACH_FIXED)
     p.set_defaults(func=cmd_attach)
 

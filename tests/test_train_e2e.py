@@ -451,3 +451,74 @@ def test_attach_at_an_earlier_feedback_position_resplits_the_victim_and_exports(
         TrainConfig.for_profile("imagefolder", "quick", feedback_at="pool1")
     assert main(["attach", "--victim", str(exported_run), "--feedback-at", "stage2", "--out", str(tmp_path / "z")]) == 2
     assert "pool1, pool2" in capsys.readouterr().err and not (tmp_path / "z").exists()
+
+
+@pytest.mark.slow
+def test_attach_to_a_classifier_of_ones_own(tmp_path, capsys, monkeypatch):
+    """dafar attach --victim package.module:callable --weights W: the user's module is traced into a
+    stored graph of torch.nn layers, split at --feedback-at; the run loads without the user's code,
+    its logits are the module's bit for bit, and it exports with the export's parity checks."""
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from dafar.export import ExportConfig, export
+    from dafar.train.loading import load_dafar
+    from dafar.train.trainer import evaluate_arrays
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent / "assets"))
+    import usernet
+
+    torch.manual_seed(0)
+    model = usernet.build()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)  # a few real steps: a classifier, not noise
+    mn = load_dataset("mnist")
+    x = torch.from_numpy(mn.train.images[:4096]).float().div(255).sub(0.5).div(0.5)
+    y = torch.from_numpy(mn.train.labels[:4096]).long()
+    for _ in range(2):
+        for i in range(0, 4096, 128):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[i: i + 128]), y[i: i + 128]).backward()
+            opt.step()
+    model.eval()
+    wpath = tmp_path / "usernet.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(wpath))
+    run = tmp_path / "run"
+    base = ["attach", "--victim", "usernet:build", "--weights", str(wpath), "--dataset", "mnist", "--train-limit", "512",
+            "--test-limit", "200", "--val-size", "200", "--batch-size", "64", "--epochs", "1", "--detector-epochs", "1",
+            "--threads", "2", "--quiet", "--out"]
+    # what is missing or wrong is named, and nothing is written
+    assert main([*base, str(run), "--feedback-at", "layer1"]) == 2
+    assert "--mean and --std" in capsys.readouterr().err
+    assert main([*base, str(run), "--mean", "0.5", "--std", "0.5", "--feedback-at", "layer9"]) == 2
+    assert "layer1.conv1" in capsys.readouterr().err  # the layers it has, listed
+    assert main([*base, str(run), "--mean", "0.5", "--std", "0.5", "--feedback-at", "layer2.conv1"]) == 2
+    assert "skip connection" in capsys.readouterr().err
+    assert not run.exists()
+    assert main([*base, str(run), "--mean", "0.5", "--std", "0.5", "--feedback-at", "layer1"]) == 0
+    m = load_manifest(run)
+    arch = m["architecture"]
+    assert arch["family"] == "custom" and arch["feedback_at"] == "layer1" and arch["feature_shape"] == [32, 14, 14]
+    assert m["training"]["mode"] == "plug-in" and m["training"]["attached_to"]["weights_sha256"]["victim"] == \
+        sha256_file(wpath)
+    assert "usernet:build --weights" in (run / "report.md").read_text()
+    # the run loads without the user's module: the graph comes from the manifest alone
+    monkeypatch.delitem(sys.modules, "usernet")
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not p.endswith("assets")])
+    net, _ = load_dafar(run)
+    xs = to_model_scale(mn.test.images[:300], net.norm)
+    with torch.no_grad():  # the same input through the user's module and through the rebuilt E and F
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            xf = xs.to(memory_format=fmt)
+            assert torch.equal(net.F(net.E(xf).z), model(xf))
+    got = evaluate_arrays(net, mn.test.images[:300], torch.device("cpu"), 100, purify=False)["logits"]
+    with torch.no_grad():
+        want = model(xs.to(memory_format=torch.channels_last)).numpy()
+    assert np.array_equal(got, want)
+    assert m["metrics"]["victim_test_acc"] > 0.5
+    out = export(run, ExportConfig(validate_images=64, victim=False), log=lambda *a: None)
+    assert any(k.endswith(".tflite") for k in out.entries)
+    # a layer type that cannot be stored is refused, naming it
+    assert main(["attach", "--victim", "usernet:build_custom", "--mean", "0.5", "--std", "0.5", "--feedback-at", "conv",
+                 "--dataset", "mnist", "--out", str(tmp_path / "c"), "--weights", str(wpath)]) in (2, 3, 4)

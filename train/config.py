@@ -39,6 +39,7 @@ class Arch(str, Enum):
     PAPER_MNIST = "paper-mnist"  # the paper's MNIST tables: 2 conv blocks of 32 and 64, MLP head
     PAPER_CIFAR10 = "paper-cifar10"  # the paper's CIFAR-10 tables: 2 blocks of 3 convs (96, 192), conv head
     MOBILE = "mobile"  # a small residual network with batch norm (dafar.train.mobile), sized by --width
+    CUSTOM = "custom"  # a user's own classifier, attached in plug-in mode (dafar.train.graph)
 
 
 DEFAULT_ARCH = {DatasetName.MNIST: Arch.PAPER_MNIST, DatasetName.CIFAR10: Arch.PAPER_CIFAR10,
@@ -102,6 +103,11 @@ class TrainConfig:
     # Plug-in mode: a finished run (or a pretrained model's name) whose E and F are loaded and frozen;
     # only D (and C) train.  The CLI's `dafar attach --victim SOURCE` sets it.
     attach_to: str | None = option(None, cli=False, help="attach a decoder to this run's frozen victim")
+    # A classifier of one's own (attach_to = "package.module:callable"): its weights, and the
+    # normalization it was trained with (x = (pixels / 255 - mean) / std, per channel).
+    victim_weights: str | None = option(None, cli=False, help="safetensors weights of your classifier")
+    victim_mean: tuple[float, ...] | None = option(None, cli=False, help="your classifier's input mean per channel")
+    victim_std: tuple[float, ...] | None = option(None, cli=False, help="your classifier's input std per channel")
     init_from: str | None = option(None, metavar="RUN_DIR",
                                    help="start from a finished run's E, F, D weights (continue a schedule, or fine-tune "
                                         "a pretrained model materialized with `dafar pretrained NAME --out DIR`)")
@@ -182,7 +188,12 @@ class TrainConfig:
                 and (self.ema == 0 or 0.5 <= self.ema < 1)):
             raise ConfigError(f"ema must be 0 (off) or a per-step decay in [0.5, 1), e.g. 0.999; got {self.ema!r}")
         object.__setattr__(self, "ema", float(self.ema))
-        if self.feedback_at is not None:
+        if self.arch_name is Arch.CUSTOM and self.attach_to is None:
+            raise ConfigError("the custom architecture is a classifier of your own, attached in plug-in mode "
+                              "(dafar attach --victim package.module:callable)")
+        if self.feedback_at is not None and not isinstance(self.feedback_at, str):
+            raise ConfigError(f"feedback_at must be a layer name, got {self.feedback_at!r}")
+        if self.feedback_at is not None and self.arch_name is not Arch.CUSTOM:
             positions = FEEDBACK_POSITIONS[self.arch_name.value]
             if self.feedback_at not in positions:
                 raise ConfigError(f"feedback_at must be one of {', '.join(positions)} for the {self.arch_name.value} "
@@ -198,6 +209,18 @@ class TrainConfig:
             object.__setattr__(self, "attach_to", str(self.attach_to))
             if self.train_victim:
                 raise ConfigError("a plug-in run attaches to a trained victim: there is no victim-only model to train")
+        for name in ("victim_mean", "victim_std"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            try:
+                v = tuple(float(t) for t in (v if isinstance(v, (list, tuple)) else [v]))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name} must be numbers, one per channel, got {v!r}") from None
+            if not v or not all(math.isfinite(t) for t in v) or (name == "victim_std" and min(v) <= 0):
+                raise ConfigError(f"{name} must be finite numbers, one per channel{' (> 0)' if 'std' in name else ''}, "
+                                  f"got {v!r}")
+            object.__setattr__(self, name, v)
         if self.init_from is not None:
             if not isinstance(self.init_from, (str, os.PathLike)) or not str(self.init_from).strip():
                 raise ConfigError(f"init_from must be a run folder path, got {self.init_from!r}")

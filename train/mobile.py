@@ -28,7 +28,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["ConvBN", "ResBlock", "MobileEncoder", "MobileHead", "MobileDecoder", "fold_batchnorm", "mobile_channels",
+__all__ = ["ConvBN", "ResBlock", "MobileEncoder", "MobileHead", "MobileDecoder", "UpDecoder", "fold_batchnorm", "mobile_channels",
            "mobile_stem_stride"]
 
 
@@ -154,3 +154,30 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
 
     swap(out)
     return out
+
+
+class UpDecoder(nn.Module):
+    """D for a user's own classifier: from E's feature map (C x h x w) back to the image, doubling
+    the side per step (nearest upsampling, 3x3 conv, batch norm, ReLU; channels halve, at least
+    16), then a 3x3 convolution to the image's channels (Tanh where the normalization maps pixels
+    into [-1, 1]).  Like :class:`MobileDecoder` it needs nothing from E but its output."""
+
+    def __init__(self, feature_shape, image_shape, tanh: bool):
+        super().__init__()
+        c, h, _ = (int(v) for v in feature_shape)
+        steps = int(round(math.log2(int(image_shape[1]) // h)))
+        layers, cin = [], c
+        for _ in range(steps):
+            cout = max(16, cin // 2)
+            layers.append(_Up(cin, cout))
+            cin = cout
+        if not layers:  # E keeps the image's resolution: one conv block before the output conv
+            layers.append(ConvBN(cin, max(16, cin // 2), 3, 1))
+            cin = max(16, cin // 2)
+        self.ups = nn.Sequential(*layers)
+        self.out = nn.Conv2d(cin, int(image_shape[0]), 3, padding=1)
+        self.tanh = tanh
+
+    def forward(self, feats) -> torch.Tensor:
+        y = self.out(self.ups(feats.z))
+        return torch.tanh(y) if self.tanh else y

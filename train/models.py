@@ -48,6 +48,7 @@ __all__ = [
     "build_dafar",
     "build_victim",
     "paper_spec",
+    "custom_spec",
     "spec_from_record",
     "decoder_output_for",
     "FAMILIES",
@@ -84,6 +85,10 @@ class ArchSpec:
     # (paper section 3: "we can determine the layers to capture high-level features (i.e.,
     # feedback positions) according to what tradeoff we want to make"); "" = the family's default
     feedback: str = ""
+    # the "custom" family (a user's own classifier, dafar.train.graph): its traced graph as JSON
+    # text and the shape of E's output at the feedback position (what D starts from)
+    victim_graph: str = ""
+    feature_shape: tuple[int, ...] = ()
 
     @property
     def feedback_at(self) -> str:
@@ -111,6 +116,8 @@ FAMILIES = {spec.family: spec for spec in ARCHS.values()}
 
 # the small residual network of dafar.train.mobile (its channels follow `width`)
 FAMILIES["mobile"] = ArchSpec("dafar-mobile", "mobile", 3, 32, 32, 10, (), 0, (512, 64))
+# a user's own classifier (dafar attach --victim package.module:callable): see custom_spec
+FAMILIES["custom"] = ArchSpec("custom-victim", "custom", 3, 32, 32, 10, (), 0, (512, 64))
 
 
 def decoder_output_for(mean, std) -> str:
@@ -124,8 +131,9 @@ def paper_spec(family: str, input_shape, num_classes: int, decoder_out: str = "t
                feedback: str | None = None) -> ArchSpec:
     """Architecture ``family`` (the paper's two, or ``mobile``) sized for ``input_shape`` (C, H, W)
     and ``num_classes``, with E ending at ``feedback`` (default: the family's last position)."""
-    if family not in FAMILIES:
-        raise ConfigError(f"unknown architecture {family!r}; choose from: {', '.join(sorted(FAMILIES))}")
+    if family not in FAMILIES or family == "custom":
+        raise ConfigError(f"unknown architecture {family!r}; choose from: "
+                          f"{', '.join(sorted(set(FAMILIES) - {'custom'}))}")
     positions = FEEDBACK_POSITIONS[family]
     if feedback in (None, ""):
         feedback = positions[-1]
@@ -161,6 +169,11 @@ def spec_from_record(manifest: dict) -> ArchSpec:
     ``architecture.num_classes`` and ``architecture.decoder_output``.  Runs written before the
     family was recorded are MNIST or CIFAR-10 at the paper's size, named by their data set."""
     arch = manifest.get("architecture") or {}
+    if arch.get("family") == "custom":
+        from .graph import VictimGraph
+
+        return custom_spec(VictimGraph.from_data(arch.get("victim_graph")), manifest["input"]["shape"],
+                           arch["num_classes"], arch.get("decoder_output", "tanh"), arch.get("feedback_at"))
     if "family" not in arch:
         ds = (manifest.get("dataset") or {}).get("name")
         if ds not in ARCHS:
@@ -350,7 +363,58 @@ def l2_per_sample(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t.flatten(1), ord=2, dim=1)
 
 
+def custom_spec(graph, input_shape, num_classes: int, decoder_out: str = "tanh", feedback: str | None = None) -> ArchSpec:
+    """The spec of a user's traced classifier (:class:`dafar.train.graph.VictimGraph`) on images
+    of ``input_shape``, with E ending at layer ``feedback``: checked by running both halves once
+    on zeros (the logits must have ``num_classes`` columns; D must be able to mirror E: the input
+    side divided by E's output side is a power of two)."""
+    if not feedback:
+        raise ConfigError("a classifier of your own needs --feedback-at LAYER (where E ends and D takes its input)")
+    c, h, w = (int(v) for v in input_shape)
+    e_graph, f_graph = graph.split(feedback)
+    try:
+        with torch.no_grad():
+            z = e_graph.build().eval()(torch.zeros(1, c, h, w))
+            logits = f_graph.build().eval()(z)
+    except Exception as exc:  # the user's layers on this data's shape: any torch error means "does not fit"
+        raise ConfigError(f"the classifier does not run on {c}x{h}x{w} images ({type(exc).__name__}: {exc})") from None
+    if not isinstance(z, torch.Tensor) or z.dim() != 4:
+        raise ConfigError(f"--feedback-at {feedback}: E's output must be an N x C x H x W feature map, got "
+                          f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (1, num_classes):
+        raise ConfigError(f"the classifier returns {tuple(getattr(logits, 'shape', ()))} for one image, not logits "
+                          f"for the data's {num_classes} classes")
+    fh, fw = int(z.shape[2]), int(z.shape[3])
+    if h % fh or w % fw or h // fh != w // fw or (h // fh) & (h // fh - 1):
+        raise ConfigError(f"--feedback-at {feedback}: E's output is {fh}x{fw} for {h}x{w} images; D upsamples by 2 per "
+                          f"step, so pick a layer whose output side divides the input's by a power of two")
+    return replace(FAMILIES["custom"], in_channels=c, height=h, width=w, num_classes=int(num_classes),
+                   decoder_out=decoder_out, feedback=feedback, victim_graph=graph.text,
+                   feature_shape=tuple(int(v) for v in z.shape[1:]))
+
+
+class _GraphPart(nn.Module):
+    """E or F of a user's classifier, rebuilt from its stored graph (torch.nn layers only)."""
+
+    def __init__(self, graph, features: bool):
+        super().__init__()
+        self.net = graph.build()
+        self.features = features
+
+    def forward(self, x: torch.Tensor):
+        y = self.net(x)
+        return Features(y, ()) if self.features else y
+
+
+def _split_custom(spec: ArchSpec):
+    from .graph import VictimGraph
+
+    return VictimGraph(spec.victim_graph).split(spec.feedback_at)
+
+
 def _encoder(spec: ArchSpec, unpool: Unpool) -> nn.Module:
+    if spec.family == "custom":
+        return _GraphPart(_split_custom(spec)[0], features=True)
     if spec.family == "mobile":
         from .mobile import MobileEncoder
 
@@ -359,6 +423,8 @@ def _encoder(spec: ArchSpec, unpool: Unpool) -> nn.Module:
 
 
 def _head(spec: ArchSpec, dropout: float) -> nn.Module:
+    if spec.family == "custom":
+        return _GraphPart(_split_custom(spec)[1], features=False)
     if spec.family == "mobile":
         from .mobile import MobileHead
 
@@ -383,6 +449,10 @@ class DafarNet(nn.Module):
             from .mobile import MobileDecoder
 
             self.D = MobileDecoder(spec)
+        elif spec.family == "custom":
+            from .mobile import UpDecoder
+
+            self.D = UpDecoder(spec.feature_shape, spec.input_shape, spec.decoder_out == "tanh")
         else:
             self.D = Decoder(spec, unpool)
         self.C = AnomalyAE(spec) if with_detector else None

@@ -95,6 +95,13 @@ def reproduce_command(cfg: dict) -> str:
     profile (derived from :class:`~dafar.train.config.TrainConfig`, never listed by hand)."""
     c = TrainConfig.from_dict(cfg)
     base = TrainConfig.for_profile(c.dataset, c.profile)
+    if c.attach_to and c.arch_name.value == "custom":  # a classifier of one's own: data and normalization named
+        flags = to_argv(c, base, always=("dataset", "profile", "epochs", "seed", "feedback_at"),
+                        skip=("threads", "device", "arch", "width", "unpool", "train_victim"))
+        own = [f"--weights {c.victim_weights}"] if c.victim_weights else []
+        own += [f"--mean {','.join(f'{v:g}' for v in c.victim_mean or ())}",
+                f"--std {','.join(f'{v:g}' for v in c.victim_std or ())}"]
+        return " ".join(["dafar attach --victim", c.attach_to, *own, *flags, "--out RUN_DIR"])
     if c.attach_to:  # plug-in mode: the data set, network and unpool come from the victim
         flags = to_argv(c, base, always=("profile", "epochs", "seed"),
                         skip=("threads", "device", "dataset", "arch", "width", "unpool", "train_victim",
@@ -131,7 +138,13 @@ def training_sections(run_dir: str | Path, m: dict) -> list[str]:
     else:
         L += ["Reproduce:", "", "```", cmd, "```", ""]
     attached = timing.get("attached_to")
-    if attached:
+    if attached and attached.get("run") is None:  # a classifier of one's own
+        w = attached.get("weights_sha256", {})
+        L += [f"Plug-in mode: the decoder (and C) were trained on your classifier `{attached.get('source')}` "
+              f"(weights sha256 {str(w.get('victim'))[:12]}), traced into a graph of torch.nn layers "
+              f"({attached.get('graph_layers')} named layers; stored in the manifest, so loading runs none of your "
+              f"code) and split at `{m['architecture'].get('feedback_at')}`: E and F are its weights, unchanged.", ""]
+    elif attached:
         w = attached.get("weights_sha256", {})
         L += [f"Plug-in mode: the decoder (and C) were trained on the frozen classifier of `{attached.get('source')}` "
               f"(manifest {str(attached.get('manifest_sha256'))[:12]}, E {str(w.get('E'))[:12]}, F {str(w.get('F'))[:12]}; "

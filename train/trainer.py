@@ -37,7 +37,7 @@ from dafar.version import __version__
 from .config import Augment, Device, TrainConfig
 from .cost import subnet_costs
 from .models import (ArchSpec, DafarNet, Normalize, Victim, build_dafar, build_victim, decoder_output_for, l2_per_sample,
-                     paper_spec, resplit_victim, spec_from_record)
+                     custom_spec, paper_spec, resplit_victim, spec_from_record)
 from .weights import load_checkpoint, load_into, read_checkpoint, save_checkpoint, save_state
 
 __all__ = ["train", "attach", "TrainResult", "to_model_scale", "NORMALIZATION", "evaluate_arrays", "param_count",
@@ -177,7 +177,8 @@ _PHASE_IGNORES = {"joint": _DETECTOR_FIELDS | {"train_victim"},
 # Fields added after checkpoints were first written: a checkpoint without one was made with its default.
 _ADDED_FIELDS = {f: TrainConfig.__dataclass_fields__[f].default
                  for f in ("dropout", "init_from", "ema", "keep_best", "cutout", "arch", "attach_to", "image_size",
-                           "channels", "skip_bad_images", "width", "feedback_at")}
+                           "channels", "skip_bad_images", "width", "feedback_at", "victim_weights", "victim_mean",
+                           "victim_std")}
 
 
 def _same_schedule(saved: dict | None, now: dict) -> bool:
@@ -579,7 +580,12 @@ def _decoder_phase(s: _Session) -> tuple[DafarNet, list[float], dict]:
     cfg, src = s.cfg, s.attach
     _seed_everything(cfg.seed)
     net = build_dafar(s.spec, cfg.unpool, with_detector=cfg.detector, normalization=s.normalization)
-    if src["spec"].feedback_at == s.spec.feedback_at:
+    if src.get("graph") is not None:  # a classifier of one's own: its state dict, split between E and F
+        state = src["state"]
+        for sub in (net.E, net.F):
+            want = sub.state_dict()
+            sub.load_state_dict({k: state[k[len("net."):]] for k in want}, strict=True)
+    elif src["spec"].feedback_at == s.spec.feedback_at:
         for name in ("E", "F"):
             load_into(getattr(net, name), src["dir"] / f"weights/{name}.safetensors")
     else:  # the same classifier split at another layer: tensors moved between E and F, not changed
@@ -735,6 +741,9 @@ def _manifest_body(cfg: TrainConfig, splits: Splits, data: _Data, net: DafarNet,
             "family": spec.family,
             **({"width": spec.width_mult} if spec.family == "mobile" else {}),
             "feedback_at": spec.feedback_at,  # where E ends and D takes its input
+            # a classifier of one's own: its traced graph (torch.nn layers only; loading it runs no code)
+            **({"victim_graph": json.loads(spec.victim_graph), "feature_shape": list(spec.feature_shape)}
+               if spec.family == "custom" else {}),
             "decoder_output": spec.decoder_out,
             "unpool": cfg.unpool.value,
             "unpool_tie_rule": ("every window position equal to the window maximum receives it"
@@ -755,18 +764,39 @@ def _manifest_body(cfg: TrainConfig, splits: Splits, data: _Data, net: DafarNet,
 
 
 def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike | None = None, *,
-          resume: bool = False, overwrite: bool = False, download: bool = True, quiet: bool = False) -> TrainResult:
+          resume: bool = False, overwrite: bool = False, download: bool = True, quiet: bool = False,
+          _victim_module: torch.nn.Module | None = None) -> TrainResult:
     """Train a DAFAR model per ``cfg`` into the run folder ``out``; returns its manifest."""
     out = Path(out)
     if resume:
         cfg = _resumed_config(cfg, out)
     parent = _parent_run(cfg) if cfg.init_from else None  # refused before the run folder is touched
-    attach = _attach_source(cfg) if cfg.attach_to else None
+    attach = _attach_source(cfg, _victim_module) if cfg.attach_to else None
     replace = _check_run_dir(out, resume, overwrite)
     t_start = time.perf_counter()
     # the data first: a missing or bad data set leaves no run folder behind
     splits = load_dataset(cfg.dataset, data_dir, download=download, val_size=cfg.val_size, seed=cfg.seed,
                           image_size=cfg.image_size, channels=cfg.channels, skip_bad_images=cfg.skip_bad_images)
+    # the network next, sized from the data: a layer or shape that does not fit is refused before
+    # the run folder is touched
+    normalization = attach["normalization"] if attach else _normalization(splits)  # E was trained on its own
+    dec_out = decoder_output_for(normalization["mean"], normalization["std"])
+    if attach and attach.get("graph") is not None:  # a classifier of one's own: sized (and checked) on this data
+        if len(normalization["mean"]) != splits.input_shape[0]:
+            raise ConfigError(f"the classifier's normalization has {len(normalization['mean'])} channels, the images "
+                              f"have {splits.input_shape[0]} (--mean/--std give one value per channel)")
+        spec = custom_spec(attach["graph"], splits.input_shape, len(splits.classes), dec_out, cfg.feedback_at)
+    else:
+        spec = paper_spec(cfg.arch_name.value, splits.input_shape, len(splits.classes), dec_out, cfg.width,
+                          cfg.feedback_at)
+    if attach and attach.get("graph") is None:
+        attach["record"]["same_data"] = attach["fingerprint"] == splits.fingerprint
+        # the decoder may attach at another layer than the victim's own E/F split (its weights are
+        # re-split, unchanged: resplit_victim); everything else must be the victim's network
+        if dataclasses.replace(attach["spec"], feedback="") != dataclasses.replace(spec, feedback=""):
+            raise ConfigError(f"--victim {attach['dir']}: its network ({attach['spec'].family}, input "
+                              f"{list(attach['spec'].input_shape)}, {attach['spec'].num_classes} classes) does not fit this "
+                              f"data ({list(spec.input_shape)}, {spec.num_classes} classes)")
     _prepare_run_dir(out, replace)
     atomic_write_json(out / "config.json", cfg.to_dict())
     if not resume:
@@ -776,17 +806,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         torch.set_num_threads(cfg.threads)
     device = _resolve_device(cfg)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    normalization = attach["normalization"] if attach else _normalization(splits)  # E was trained on its own
-    spec = paper_spec(cfg.arch_name.value, splits.input_shape, len(splits.classes),
-                      decoder_output_for(normalization["mean"], normalization["std"]), cfg.width, cfg.feedback_at)
-    if attach:
-        attach["record"]["same_data"] = attach["fingerprint"] == splits.fingerprint
-        # the decoder may attach at another layer than the victim's own E/F split (its weights are
-        # re-split, unchanged: resplit_victim); everything else must be the victim's network
-        if dataclasses.replace(attach["spec"], feedback="") != dataclasses.replace(spec, feedback=""):
-            raise ConfigError(f"--victim {attach['dir']}: its network ({attach['spec'].family}, input "
-                              f"{list(attach['spec'].input_shape)}, {attach['spec'].num_classes} classes) does not fit this "
-                              f"data ({list(spec.input_shape)}, {spec.num_classes} classes)")
     data = _tensors(splits, cfg)
     if parent is not None:
         parent["record"]["same_data"] = parent.pop("fingerprint") == splits.fingerprint
@@ -860,6 +879,14 @@ def attach(victim: str | os.PathLike, out: str | os.PathLike, config: TrainConfi
     come from the victim."""
     from dafar.manifest import read_manifest
 
+    if isinstance(victim, torch.nn.Module) or is_module_ref(victim):
+        if config is None:
+            raise ConfigError("attaching to a classifier of your own needs a TrainConfig naming the data set, "
+                              "feedback_at and victim_mean/victim_std")
+        ref = victim if isinstance(victim, str) else f"python:{type(victim).__module__}.{type(victim).__qualname__}"
+        cfg = config.replace(attach_to=ref, arch="custom", train_victim=False)
+        return train(cfg, out, data_dir, resume=resume, overwrite=overwrite, download=download, quiet=quiet,
+                     _victim_module=victim if isinstance(victim, torch.nn.Module) else None)
     src = resolve_victim_source(str(victim))
     man = read_manifest(src)
     ds = man.get("dataset", {}).get("name")
@@ -867,8 +894,12 @@ def attach(victim: str | os.PathLike, out: str | os.PathLike, config: TrainConfi
     base = config if config is not None else TrainConfig.for_profile(ds, "quick")
     if base.dataset.value != ds:
         base = TrainConfig.for_profile(ds, base.profile)
+    # an image folder is read exactly as the victim read it (size and channels from its training)
+    vc = (man.get("training") or {}).get("config") or {}
+    folder = {k: vc.get(k) for k in ("image_size", "channels")} if ds == "imagefolder" else \
+        {"image_size": None, "channels": None}
     cfg = base.replace(attach_to=str(victim), arch=spec.family, unpool=man["architecture"]["unpool"], train_victim=False,
-                       width=spec.width_mult, feedback_at=base.feedback_at or spec.feedback or None)
+                       width=spec.width_mult, feedback_at=base.feedback_at or spec.feedback or None, **folder)
     return train(cfg, out, data_dir, resume=resume, overwrite=overwrite, download=download, quiet=quiet)
 
 
@@ -912,6 +943,52 @@ def _parent_run(cfg: TrainConfig) -> dict:
     return {"dir": pdir, "record": record, "fingerprint": man.get("dataset", {}).get("fingerprint_sha256")}
 
 
+def is_module_ref(source) -> bool:
+    """``package.module:callable`` (a classifier of one's own), not a folder or a published name."""
+    if not isinstance(source, str) or ":" not in source or (Path(source) / MANIFEST_NAME).is_file():
+        return False
+    mod, _, attr = source.partition(":")
+    return all(p.isidentifier() for p in mod.split(".") + attr.split("."))
+
+
+def _user_victim(cfg: TrainConfig, module: torch.nn.Module | None) -> dict:
+    """A classifier of one's own: imported (only here, on the user's request), traced into a
+    stored graph, its weights and normalization checked."""
+    from dafar.manifest import sha256_file
+
+    from .graph import load_user_module, trace_victim
+
+    if cfg.victim_mean is None or cfg.victim_std is None:
+        raise ConfigError("a classifier of your own needs the normalization it was trained with: --mean and --std "
+                          "(per channel, on pixels / 255; e.g. --mean 0.5 --std 0.5, or ImageNet's "
+                          "--mean 0.485,0.456,0.406 --std 0.229,0.224,0.225)")
+    if len(cfg.victim_mean) != len(cfg.victim_std):
+        raise ConfigError(f"--mean has {len(cfg.victim_mean)} values, --std {len(cfg.victim_std)}")
+    if not cfg.feedback_at:
+        raise ConfigError("a classifier of your own needs --feedback-at LAYER (where E ends and D takes its input)")
+    if module is None:
+        if cfg.victim_weights is None:
+            raise ConfigError(f"--victim {cfg.attach_to}: pass its trained weights with --weights FILE.safetensors")
+        module = load_user_module(cfg.attach_to, cfg.victim_weights)
+    elif cfg.victim_weights is not None:
+        from .weights import load_into
+
+        load_into(module, cfg.victim_weights)
+    module = module.eval()
+    graph = trace_victim(module)
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    rebuilt = graph.build()
+    missing = sorted(set(rebuilt.state_dict()) - set(state))
+    if missing:
+        raise ConfigError(f"the traced classifier needs {missing[0]}, which its state dict lacks")
+    weights_sha = sha256_file(cfg.victim_weights) if cfg.victim_weights else None
+    record = {"source": str(cfg.attach_to), "run": None, "manifest_sha256": None,
+              "weights_sha256": {"victim": weights_sha}, "victim_test_acc": None, "graph_layers": len(graph.layer_names())}
+    norm = {"mean": [float(v) for v in cfg.victim_mean], "std": [float(v) for v in cfg.victim_std]}
+    return {"dir": None, "record": record, "spec": None, "graph": graph, "state": state, "normalization": norm,
+            "fingerprint": None}
+
+
 def resolve_victim_source(source: str) -> Path:
     """A run folder path, or the name of a pretrained model shipped with dafar."""
     from dafar.pretrained import PRETRAINED_DIR, available
@@ -925,10 +1002,13 @@ def resolve_victim_source(source: str) -> Path:
                          f"model ({', '.join(available()) or 'none installed'})")
 
 
-def _attach_source(cfg: TrainConfig) -> dict:
+def _attach_source(cfg: TrainConfig, module: torch.nn.Module | None = None) -> dict:
     """The run whose victim (E, F) a plug-in decoder attaches to: verified, described for the
     manifest (its digest and the weights' hashes: the victim this defence was built for)."""
     from dafar.manifest import load_manifest, manifest_digest
+
+    if module is not None or cfg.arch_name.value == "custom" or is_module_ref(cfg.attach_to):
+        return _user_victim(cfg, module)
 
     src = resolve_victim_source(cfg.attach_to)
     man = load_manifest(src)  # every listed file's sha256
