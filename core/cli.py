@@ -144,6 +144,34 @@ def cmd_quantize(args) -> int:
 
 
 # ---------------------------------------------------------------- the device side
+def _check_npy_header(p: Path) -> None:
+    """Refuse a .npy whose header declares more data than the file holds, or more than
+    ``$DAFAR_MAX_ARRAY_BYTES`` (default 1 GiB), before numpy allocates it (a header claiming
+    terabytes made np.load fail with an allocation traceback)."""
+    import os
+
+    import numpy as np
+
+    from dafar.errors import InputValidationError
+
+    try:
+        with open(p, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_2_0 if version >= (2, 0) else np.lib.format.read_array_header_1_0
+            shape, _, dtype = read(f, max_header_size=10_000)
+            offset = f.tell()
+    except (ValueError, OSError, SyntaxError, TypeError) as exc:
+        raise InputValidationError(f"{p}: not a readable .npy array ({exc})") from None
+    need = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    limit = int(os.environ.get("DAFAR_MAX_ARRAY_BYTES", 1 << 30))
+    if need > limit:
+        raise InputValidationError(f"{p}: declares a {'x'.join(map(str, shape))} {dtype} array ({need / 2**20:.0f} MiB), "
+                                   f"above the limit of {limit / 2**20:.0f} MiB; set DAFAR_MAX_ARRAY_BYTES to raise it")
+    if offset + need > p.stat().st_size:
+        raise InputValidationError(f"{p}: its header declares {need} bytes of data but the file holds "
+                                   f"{p.stat().st_size - offset} (truncated or a forged header)")
+
+
 def _load_image(path: str, chw, resize: bool):
     """An image file as uint8 HxWxC, decoded, converted and (with ``resize``) scaled exactly as an
     image folder's training images were (:func:`dafar.imagefolder.read_image`), or a .npy array
@@ -157,6 +185,7 @@ def _load_image(path: str, chw, resize: bool):
     if not p.is_file():
         raise InputValidationError(f"{p}: no such file")
     if p.suffix.lower() == ".npy":
+        _check_npy_header(p)
         try:
             return np.load(p, allow_pickle=False)
         except (ValueError, OSError) as exc:

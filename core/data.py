@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from dafar.errors import ConfigError, DataCorruptError, DataError, DataNotFoundError
+from dafar.manifest import umask_mode
 
 __all__ = [
     "DatasetName",
@@ -364,6 +365,7 @@ def _safe_extract(tar_path: Path, dest: Path) -> None:
     """Extract a tarball into ``dest`` atomically; refuses links and paths leaving ``dest``."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+    os.chmod(tmp, umask_mode(directory=True))  # (mkdtemp makes it 0700)
     try:
         with tarfile.open(tar_path) as tf:
             tf.extractall(tmp, filter="data")

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from dafar.errors import ConfigError, DataCorruptError, DataError, DataNotFoundError, MissingExtraError
+from dafar.manifest import umask_mode
 
 __all__ = ["IMAGE_SUFFIXES", "INTERPOLATION", "FolderOptions", "read_image", "load_image_folder", "parse_image_size"]
 
@@ -46,6 +47,12 @@ def _pil():
         from PIL import Image
     except ImportError:
         raise MissingExtraError("reading image files needs Pillow: pip install 'dafar[images]'") from None
+    env = os.environ.get("DAFAR_MAX_IMAGE_PIXELS")
+    if env:  # Pillow refuses images above twice this many pixels (decompression bombs)
+        try:
+            Image.MAX_IMAGE_PIXELS = int(env)
+        except ValueError:
+            raise ConfigError(f"DAFAR_MAX_IMAGE_PIXELS must be an integer, got {env!r}") from None
     return Image
 
 
@@ -78,7 +85,8 @@ def read_image(path: str | os.PathLike, channels: int, size: tuple[int, int] | N
                 im = im.resize((size[1], size[0]), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.uint8)
     except Image.DecompressionBombError as exc:
-        raise DataCorruptError(f"{p}: {exc} (Pillow's decompression-bomb limit, Image.MAX_IMAGE_PIXELS)") from None
+        raise DataCorruptError(f"{p}: {exc} (Pillow's decompression-bomb limit; set DAFAR_MAX_IMAGE_PIXELS to "
+                               "raise it)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # Pillow's many ways of saying "not readable"
         raise DataCorruptError(f"{p}: not a readable image ({type(exc).__name__}: {exc})") from None
     return arr if arr.ndim == 3 else arr[:, :, None]
@@ -324,6 +332,7 @@ def _decode_split(items, size, channels, out_path: Path, skip_bad: bool, desc: s
 def _build(listing: _Listing, opts: FolderOptions, size, channels, folder: Path, log):
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    os.chmod(tmp, umask_mode(directory=True))  # (mkdtemp makes it 0700)
     h, w = size
     try:
         labels, skipped = {}, []

@@ -56,12 +56,33 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask() sets it, racing other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
+def umask_mode(directory: bool = False) -> int:
+    """The mode a plain ``open``/``mkdir`` would give under the process's umask.  Temporary files
+    and folders (mkstemp, mkdtemp) are created 0600/0700; what is renamed into a run folder gets
+    this mode instead, so a run one user builds can be read by another, or by a service account
+    on the device, exactly as the umask allows."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder and an atomic rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, umask_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -110,6 +131,34 @@ def write_manifest(run_dir: str | os.PathLike, manifest: dict) -> dict:
     return m
 
 
+# Limits on a manifest read from disk (it is input: a run folder may come from anyone).  A dafar
+# manifest nests about 10 levels and weighs well under 1 MiB (a traced user classifier's graph
+# included); these leave room and bound what a crafted one can cost.
+MAX_MANIFEST_DEPTH = 64
+_DEFAULT_MAX_MANIFEST_BYTES = 64 << 20
+
+
+def _max_manifest_bytes() -> int:
+    env = os.environ.get("DAFAR_MAX_MANIFEST_BYTES")
+    try:
+        return int(env) if env else _DEFAULT_MAX_MANIFEST_BYTES
+    except ValueError:
+        raise ManifestError(f"DAFAR_MAX_MANIFEST_BYTES must be an integer, got {env!r}") from None
+
+
+def _depth(obj) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (dict, list)):
+            deepest = max(deepest, d)
+            if d > MAX_MANIFEST_DEPTH:
+                return d
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return deepest
+
+
 def read_manifest(run_dir: str | os.PathLike) -> dict:
     """Read and self-check ``run_dir/manifest.json`` (no file hashes checked)."""
     run_dir = Path(run_dir)
@@ -118,12 +167,25 @@ def read_manifest(run_dir: str | os.PathLike) -> dict:
     path = run_dir / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{path} is missing: {run_dir} is not a complete dafar run folder")
+    limit = _max_manifest_bytes()
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ManifestError(f"{path} is unreadable: {exc}") from exc
+    if size > limit:  # refused before it is read: a crafted 200 MB manifest took 1.25 GB to parse
+        raise ManifestError(f"{path} is {size / 2**20:.1f} MiB, above the limit of {limit / 2**20:.0f} MiB for a "
+                            "manifest; set DAFAR_MAX_MANIFEST_BYTES to raise it")
     try:
         m = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path} is unreadable or not JSON: {exc}") from exc
+    except RecursionError:
+        raise ManifestError(f"{path} nests deeper than JSON parsing allows; not a dafar manifest") from None
     if not isinstance(m, dict):
         raise ManifestError(f"{path} does not hold a JSON object")
+    depth = _depth(m)
+    if depth > MAX_MANIFEST_DEPTH:
+        raise ManifestError(f"{path} nests {depth} levels deep, above the limit of {MAX_MANIFEST_DEPTH} for a manifest")
     if m.get("schema_version") != SCHEMA_VERSION:
         raise ManifestError(f"{path}: schema_version {m.get('schema_version')!r}, this dafar reads {SCHEMA_VERSION}")
     stamped = m.get("manifest_sha256")
@@ -152,6 +214,13 @@ def verify_files(run_dir: str | os.PathLike, manifest: dict, names: Iterable[str
         p = run_dir / rel
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise ManifestError(f"{run_dir / MANIFEST_NAME} lists a path outside the run folder: {rel}")
+        try:  # a symbolic link is followed only where it stays inside the run folder
+            inside = p.resolve().is_relative_to(run_dir.resolve())
+        except (OSError, RuntimeError):  # a link loop
+            inside = False
+        if not inside:
+            raise ManifestError(f"{p} is a symbolic link to {os.path.realpath(p)}, outside the run folder; "
+                                "refusing to use it")
         if not p.is_file():
             raise RunFolderError(f"{p} is listed in the manifest but missing")
         digest = sha256_file(p)

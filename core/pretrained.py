@@ -21,6 +21,7 @@ from pathlib import Path
 
 from dafar.errors import ConfigError, RunFolderError
 from dafar.manifest import MANIFEST_NAME, load_manifest
+from dafar.run import replaceable_run_folder
 
 __all__ = ["PRETRAINED_DIR", "available", "describe", "materialize", "summary_lines", "KEEP_ROLES", "DROP_FIELDS"]
 
@@ -61,11 +62,10 @@ def materialize(name: str, out: str | os.PathLike, overwrite: bool = False) -> P
     src = _source(name)
     load_manifest(src, verify=True)  # a damaged installation is refused before anything is written
     out = Path(out)
-    if out.exists():
-        if not overwrite:
+    if out.exists() or out.is_symlink():
+        if not overwrite and not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
             raise RunFolderError(f"{out} already exists; pass --overwrite to replace it")
-        if out.is_dir() and not (out / MANIFEST_NAME).is_file() and any(out.iterdir()):
-            raise RunFolderError(f"{out} exists and is not a dafar run folder; refusing to replace it")
+        replaceable_run_folder(out)  # a user's file or folder of other things is never replaced
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".staging-pretrained-{out.name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -75,7 +75,7 @@ def materialize(name: str, out: str | os.PathLike, overwrite: bool = False) -> P
             p.chmod(0o755 if p.is_dir() else 0o644)
         load_manifest(staging, verify=True)
         if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+            shutil.rmtree(out)  # a run folder or an empty one (checked above)
         os.replace(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

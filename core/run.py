@@ -35,7 +35,27 @@ from dafar.manifest import (
 )
 from dafar.schema import ExportEntry
 
-__all__ = ["RunFolder"]
+__all__ = ["RunFolder", "replaceable_run_folder"]
+
+
+def replaceable_run_folder(out: str | os.PathLike) -> bool:
+    """May ``--overwrite`` delete ``out``?  Only a run folder (finished, or an interrupted run's
+    checkpoints and config) or an empty folder; anything else (a user's file, a folder of other
+    things, a link) raises :class:`RunFolderError` naming it, so no user data is ever replaced.
+    Returns False when ``out`` does not exist."""
+    out = Path(out)
+    if out.is_symlink():
+        raise RunFolderError(f"{out} is a symbolic link; --overwrite only replaces run folders, never a link's target")
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise RunFolderError(f"{out} exists and is a file, not a run folder; --overwrite only replaces run folders "
+                             "(choose another --out)")
+    if not any(out.iterdir()):
+        return True
+    if (out / MANIFEST_NAME).is_file() or (out / "checkpoints").is_dir() or (out / "config.json").is_file():
+        return True
+    raise RunFolderError(f"{out} is not empty and is not a dafar run folder; --overwrite only replaces run folders")
 
 
 class RunFolder:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from dafar.errors import InferenceError, InputValidationError, MissingExtraError
+from dafar.limits import check_threads
 
 __all__ = ["Backend", "Provider", "ModelRunner", "OnnxRuntimeRunner", "LiteRTRunner", "open_model",
            "litert_interpreter_class"]
@@ -215,6 +216,7 @@ class LiteRTRunner(ModelRunner):
 def open_model(path: str | os.PathLike, backend: Backend | str = Backend.AUTO, *, threads: int | None = None,
                provider: Provider | str = Provider.AUTO, **options) -> ModelRunner:
     """A runner for ``path``: LiteRT for ``.tflite``, ONNX Runtime for ``.onnx`` (or as named)."""
+    check_threads(threads, "threads", InputValidationError)
     kind = Backend(backend)
     if kind is Backend.AUTO:
         kind = Backend.for_path(path)

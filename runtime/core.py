@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from dafar.errors import InferenceError, InputValidationError, ManifestError
+from dafar.limits import check_threads
 from dafar.manifest import MANIFEST_NAME, read_manifest, verify_files
 from dafar.schema import Detector, ExportEntry, Graph, InputContract, Precision
 
@@ -128,8 +129,7 @@ class Defence:
             self.on_invalid = OnInvalid(on_invalid)
         except ValueError as exc:
             raise InputValidationError(str(exc)) from None
-        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-            raise InputValidationError(f"threads must be a positive integer or None, got {threads!r}")
+        check_threads(threads, "threads", InputValidationError)
         self.threads = threads
         if not isinstance(max_images, int) or max_images < 1:
             raise InputValidationError(f"max_images must be a positive integer, got {max_images!r}")

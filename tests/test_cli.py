@@ -84,3 +84,51 @@ def test_opt_in_checks_are_chosen_by_marker_not_by_folder_name(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(root / "tests")],
                          capture_output=True, text=True, cwd=root)
     assert "1 passed, 1 skipped" in out.stdout, out.stdout[-2000:]
+
+
+def test_overwrite_never_replaces_a_users_file_or_folder(tmp_path, capsys):
+    """--overwrite replaces run folders only: a regular file, a folder of other things and a
+    symbolic link given as --out are refused (exit 4), left exactly as they were."""
+    from dafar.cli import main
+
+    f = tmp_path / "notes.txt"
+    f.write_text("mine")
+    d = tmp_path / "photos"
+    d.mkdir()
+    (d / "a.jpg").write_bytes(b"x")
+    link = tmp_path / "link"
+    link.symlink_to(d)
+    for out in (f, d, link):
+        assert main(["pretrained", "mnist", "--out", str(out), "--overwrite"]) == 4
+        err = capsys.readouterr().err
+        assert str(out) in err and "run folder" in err
+        assert main(["train", "--out", str(out), "--overwrite", "--train-limit", "64", "--quiet"]) == 4
+        capsys.readouterr()
+    assert f.read_text() == "mine" and (d / "a.jpg").read_bytes() == b"x" and link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "notes.txt", "photos"]  # no staging left behind
+
+
+def test_npy_inputs_are_bounded_before_numpy_allocates(tmp_path, monkeypatch):
+    """A .npy whose header claims terabytes, or more bytes than the file holds, is refused naming
+    the limit (and how to raise it) before np.load tries to allocate it."""
+    import numpy as np
+
+    from dafar.cli import _check_npy_header
+    from dafar.errors import InputValidationError
+
+    data = np.zeros((1, 28, 28, 1), np.uint8).tobytes()
+    for name, shape, match in (("huge", (100000, 100000, 1000), "DAFAR_MAX_ARRAY_BYTES"),
+                               ("short", (2, 28, 28, 1), "truncated or a forged header")):
+        with open(tmp_path / f"{name}.npy", "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            f.write(data)
+        with pytest.raises(InputValidationError, match=match):
+            _check_npy_header(tmp_path / f"{name}.npy")
+    np.save(tmp_path / "ok.npy", np.zeros((1, 28, 28, 1), np.uint8))
+    _check_npy_header(tmp_path / "ok.npy")
+    monkeypatch.setenv("DAFAR_MAX_ARRAY_BYTES", "100")
+    with pytest.raises(InputValidationError, match="limit of 0 MiB"):
+        _check_npy_header(tmp_path / "ok.npy")
+    (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
+    with pytest.raises(InputValidationError, match="not a readable .npy"):
+        _check_npy_header(tmp_path / "junk.npy")

@@ -15,7 +15,7 @@ from dafar.manifest import (
 
 
 def _run(tmp_path):
-    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights").mkdir(parents=True)
     (tmp_path / "weights" / "E.safetensors").write_bytes(b"abc")
     (tmp_path / "metrics.json").write_text("{}")
     m = {"kind": "dafar-run", "thresholds": {"l2": {"alpha": 1.5}},
@@ -105,3 +105,62 @@ def test_reports_name_the_jpeg_copy_of_cifar10():
         == "CIFAR-10 (JPEG q75)"
     assert dataset_label({"dataset": {"name": "cifar10", "source": "/data/cifar-10-batches-py"}}) == "CIFAR-10"
     assert dataset_label({"dataset": {"name": "mnist", "source": "vendored"}}) == "MNIST"
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    """manifest.json and every atomically written file get the mode a plain open() would
+    (0644 under umask 022), not mkstemp's private 0600."""
+    import os
+    import stat
+
+    from dafar.manifest import atomic_write_json, umask_mode
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "a.json", {"x": 1})
+        assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644 == umask_mode()
+        os.umask(0o077)
+        atomic_write_json(tmp_path / "b.json", {"x": 1})
+        assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
+def test_manifest_parsing_is_bounded_in_size_and_depth(tmp_path, monkeypatch):
+    """A crafted manifest (huge, or nested thousands deep) is refused with a message naming the
+    limit, before it costs memory or a RecursionError."""
+    run = _run(tmp_path / "a")
+    (run / MANIFEST_NAME).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ManifestError, match="nests"):
+        read_manifest(run)
+    nested = {"kind": "dafar-run", "files": {}}
+    d = nested
+    for _ in range(100):
+        d["x"] = {}
+        d = d["x"]
+    run2 = tmp_path / "b"
+    run2.mkdir()
+    write_manifest(run2, nested)
+    with pytest.raises(ManifestError, match="levels deep, above the limit of 64"):
+        read_manifest(run2)
+    monkeypatch.setenv("DAFAR_MAX_MANIFEST_BYTES", "100")
+    with pytest.raises(ManifestError, match="DAFAR_MAX_MANIFEST_BYTES"):
+        read_manifest(run)
+    monkeypatch.delenv("DAFAR_MAX_MANIFEST_BYTES")
+    read_manifest(_run(tmp_path / "c"))
+
+
+def test_a_symbolic_link_out_of_the_run_folder_is_refused(tmp_path):
+    import os
+
+    run = _run(tmp_path / "run")
+    outside = tmp_path / "elsewhere.bin"
+    (run / "weights" / "E.safetensors").rename(outside)
+    os.symlink(outside, run / "weights" / "E.safetensors")  # same bytes, same hash: only the place is wrong
+    with pytest.raises(ManifestError, match="outside the run folder"):
+        load_manifest(run)
+    # a link that stays inside the run folder is fine
+    (run / "weights" / "E.safetensors").unlink()
+    (run / "weights" / "real.bin").write_bytes(b"abc")
+    os.symlink("real.bin", run / "weights" / "E.safetensors")
+    load_manifest(run)

@@ -283,3 +283,27 @@ def test_int8_saturation_risk_reads_the_cpu_flags():
     assert int8_saturation_risk("aarch64", avx2) is False  # ARM: no such kernel
     assert int8_saturation_risk("x86_64", "processor : 0\n") is None  # flags unreadable: unknown, not safe
     assert isinstance(int8_saturation_risk(), (bool, type(None)))  # this machine, whatever it is
+
+
+def test_thread_counts_beyond_the_machine_are_refused_before_the_runtime(monkeypatch):
+    """LiteRT segfaults and ONNX Runtime hangs on absurd thread counts: the limit (4 per CPU, at
+    least 16, $DAFAR_MAX_THREADS) is checked first, with a message naming it and how to raise it."""
+    from dafar.errors import ConfigError, InputValidationError
+    from dafar.limits import check_threads, max_threads
+    from dafar.runtime.backends import open_model
+
+    monkeypatch.delenv("DAFAR_MAX_THREADS", raising=False)
+    assert max_threads() >= 16 and check_threads(None) is None and check_threads(2) == 2
+    with pytest.raises(InputValidationError, match="DAFAR_MAX_THREADS"):
+        open_model("whatever.tflite", threads=100_000)
+    with pytest.raises(ConfigError, match="exceeds the limit of 16"):
+        monkeypatch.setenv("DAFAR_MAX_THREADS", "16")
+        check_threads(17)
+    monkeypatch.setenv("DAFAR_MAX_THREADS", "100000")
+    assert check_threads(100_000) == 100_000
+    monkeypatch.setenv("DAFAR_MAX_THREADS", "lots")
+    with pytest.raises(ConfigError, match="DAFAR_MAX_THREADS must be"):
+        check_threads(2)
+    for bad in (0, -1, True, 2.5, "4"):
+        with pytest.raises(ConfigError):
+            check_threads(bad)

@@ -16,6 +16,7 @@ from enum import Enum
 from dafar.data import DatasetName
 from dafar.errors import ConfigError
 from dafar.imagefolder import parse_image_size
+from dafar.limits import check_threads
 from dafar.options import option
 from dafar.schema import Unpool
 
@@ -237,8 +238,7 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 2):
                 raise ConfigError(f"{name} must be None or an integer >= 2, got {v!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ConfigError(f"threads must be None or >= 1, got {self.threads!r}")
+        check_threads(self.threads)
         if self.train_limit is not None and self.batch_size > self.train_limit:
             raise ConfigError(f"batch_size {self.batch_size} exceeds train_limit {self.train_limit}")
         side = {DatasetName.MNIST: 28, DatasetName.CIFAR10: 32}.get(self.dataset, 4096)

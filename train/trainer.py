@@ -29,7 +29,7 @@ import torch.nn.functional as Fn
 from dafar.data import Splits, load_dataset, sample_index
 from dafar.errors import ConfigError, NonFiniteLossError, RunFolderError, TrainingError
 from dafar.manifest import MANIFEST_NAME, atomic_write_json
-from dafar.run import RunFolder
+from dafar.run import RunFolder, replaceable_run_folder
 from dafar.schema import Detector
 from dafar.threshold import ThresholdRule, calibrate, false_positive_rate
 from dafar.version import __version__
@@ -418,15 +418,12 @@ class TrainResult:
 def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     """Refuse an ``--out`` that this call may not use, before any work; True when it is a run
     folder that ``overwrite`` replaces."""
-    if out.exists() and not out.is_dir():
-        raise RunFolderError(f"--out {out} exists and is not a folder")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        replaceable_run_folder(out)  # raises, naming what --out is instead
     if out.exists() and any(out.iterdir()):
         finished = (out / MANIFEST_NAME).exists()
-        is_run = finished or (out / "checkpoints").is_dir() or (out / "config.json").is_file()
-        if overwrite and not is_run:
-            raise RunFolderError(f"{out} is not empty and is not a dafar run folder; --overwrite only replaces run folders")
         if overwrite:
-            return True
+            return replaceable_run_folder(out)  # only a run folder, never a user's other files
         elif finished and not resume:
             raise RunFolderError(f"{out} already holds a finished run; pass --overwrite or choose another --out")
         elif finished and resume:

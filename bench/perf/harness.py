@@ -38,6 +38,7 @@ import numpy as np
 
 from dafar.errors import ConfigError
 from dafar.manifest import atomic_write_json
+from dafar.limits import check_threads
 from dafar.options import option
 from dafar.run import RunFolder
 from dafar.schema import Detector, Graph, InputContract
@@ -70,6 +71,8 @@ class BenchConfig:
             if not v or any(not isinstance(t, int) or isinstance(t, bool) or t < 1 for t in v):
                 raise ConfigError(f"{name} must be positive integers, got {v!r}")
             object.__setattr__(self, name, tuple(dict.fromkeys(v)))
+        for t in self.threads:
+            check_threads(t)
         if not isinstance(self.runs, int) or self.runs < 5:
             raise ConfigError(f"runs must be an integer >= 5, got {self.runs!r}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
