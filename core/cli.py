@@ -10,11 +10,13 @@ Exit codes: 0 ok, 1 other dafar error, 2 bad arguments/config/input, 3 data, 4 r
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 
-from dafar.errors import ConfigError, DafarError, MissingExtraError
+from dafar.errors import ConfigError, DafarError, MissingExtraError, RunFolderError
 from dafar.options import add_options, config_kwargs
 from dafar.version import __version__
 
@@ -459,6 +461,49 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dafar {args.command}: interrupted; finished steps are kept (a rerun continues or starts over)",
               file=sys.stderr)
         return 130
+    except ImportError as exc:  # a heavy dependency imported below a stage's own check
+        extra = _EXTRA_OF.get((getattr(exc, "name", None) or "").split(".")[0])
+        if extra is None:
+            return _unexpected(args, exc)
+        print(f"dafar {args.command}: '{exc.name}' is needed but is not installed: pip install 'dafar[{extra}]'",
+              file=sys.stderr)
+        return EXIT_MISSING_EXTRA
+    except OSError as exc:  # the file system said no: permissions, a full disk, a read-only folder
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        why = exc.strerror or type(exc).__name__
+        hint = {errno.EACCES: " (check the folder's permissions)", errno.EPERM: " (check the folder's permissions)",
+                errno.EROFS: " (a read-only file system: write the run elsewhere)",
+                errno.ENOSPC: " (the disk is full: free space and rerun; finished steps are kept)"}.get(exc.errno, "")
+        print(f"dafar {args.command}: error: cannot use{where}: {why}{hint}", file=sys.stderr)
+        return RunFolderError.exit_code
+    except Exception as exc:  # noqa: BLE001 - the boundary: a short line here, the traceback in a log
+        return _unexpected(args, exc)
+
+
+# the extra that provides each heavy module (what `pip install 'dafar[...]'` adds)
+_EXTRA_OF = {"torch": "train", "safetensors": "train", "tqdm": "train", "matplotlib": "train", "PIL": "images",
+             "onnx": "export", "onnxscript": "export", "onnx2tf": "export", "tensorflow": "export", "tf_keras": "export",
+             "onnxruntime": "onnx-runtime", "ai_edge_litert": "litert", "art": "eval", "sklearn": "eval",
+             "scipy": "eval"}
+
+
+def _unexpected(args, exc: BaseException) -> int:
+    """A failure dafar did not anticipate: one line on stderr, the traceback in a log file."""
+    import tempfile
+    import time
+    import traceback
+
+    text = "".join(traceback.format_exception(exc))
+    try:
+        fd, log = tempfile.mkstemp(prefix=f"dafar-{args.command}-{time.strftime('%Y%m%d-%H%M%S')}-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"dafar {args.command} {' '.join(sys.argv[1:])}\n\n{text}")
+        where = f"; the traceback is in {log}"
+    except OSError:  # nowhere to write it: print it after all
+        where = "\n" + text
+    print(f"dafar {args.command}: unexpected error: {type(exc).__name__}: {exc}{where} (please report it)",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -248,6 +248,17 @@ def _jobs(run: RunFolder, cfg: QuantizeConfig) -> list[tuple[Format, ExportEntry
         if cfg.contracts is not None and e.contract not in cfg.contracts:
             continue
         jobs.append((e.format, e))
+    # every detector and contract asked for by name must be there: quantizing the rest and
+    # exiting 0 would look like success (--detector autoencoder on an l2-only export did that)
+    for name, wanted, have in (
+            ("detector", cfg.detectors, {e.detector for _, e in jobs if e.graph is Graph.DAFAR}),
+            ("input contract", cfg.contracts, {e.contract for _, e in jobs})):
+        missing = [w.value for w in (wanted or ()) if w not in have]
+        if missing:
+            raise ManifestError(f"{run.path} has no float export for the {name} {', '.join(missing)} (formats "
+                                f"{', '.join(f.value for f in cfg.formats)}, TFLite batch {cfg.tflite_batch}): "
+                                f"export it first (dafar export {run.path} --{name.split()[-1].replace('contract', 'input')} "
+                                f"{','.join(missing)})")
     if not jobs:
         raise ManifestError(
             f"{run.path} has no float export matching formats={[f.value for f in cfg.formats]}, "

@@ -132,3 +132,41 @@ def test_npy_inputs_are_bounded_before_numpy_allocates(tmp_path, monkeypatch):
     (tmp_path / "junk.npy").write_bytes(b"not numpy at all")
     with pytest.raises(InputValidationError, match="not a readable .npy"):
         _check_npy_header(tmp_path / "junk.npy")
+
+
+@pytest.mark.parametrize("exc,code,words", [
+    (PermissionError(13, "Permission denied", "/r/manifest.json"), 4, ["/r/manifest.json", "permissions"]),
+    (OSError(30, "Read-only file system", "/r/export"), 4, ["/r/export", "read-only"]),
+    (OSError(28, "No space left on device", "/r/x.onnx"), 4, ["disk is full"]),
+    (ModuleNotFoundError("No module named 'torch'", name="torch"), 6, ["dafar[train]"]),
+    (ModuleNotFoundError("No module named 'ai_edge_litert'", name="ai_edge_litert"), 6, ["dafar[litert]"]),
+])
+def test_the_cli_boundary_turns_file_system_and_import_failures_into_exit_codes(monkeypatch, capsys, exc, code, words):
+    import dafar.cli as cli
+
+    def boom(args):
+        raise exc
+
+    monkeypatch.setattr(cli, "cmd_info", boom)
+    assert cli.main(["info", "anything"]) == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and all(w in err for w in words)
+
+
+def test_an_unexpected_failure_is_one_line_and_a_log_with_the_traceback(monkeypatch, capsys, tmp_path):
+    import re
+
+    import dafar.cli as cli
+
+    def boom(args):
+        raise RuntimeError("something dafar did not foresee")
+
+    monkeypatch.setattr(cli, "cmd_info", boom)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    assert cli.main(["info", "anything"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "something dafar did not foresee" in err
+    log = re.search(r"traceback is in (\S+\.log)", err).group(1)
+    assert "Traceback" in open(log).read() and log.startswith(str(tmp_path))

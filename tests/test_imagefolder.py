@@ -195,6 +195,9 @@ def test_image_folder_end_to_end(tmp_path, capsys):
     assert main(["export", str(run), "--detector", "l2", "--input", "uint8-nhwc", "--no-victim", "--validate", "all",
                  "--quiet"]) == 0
     assert (run / "export" / "labels.txt").read_text().splitlines() == list(CLASSES)
+    # a detector that was not exported is an error naming it, not a quiet quantization of the rest
+    assert main(["quantize", str(run), "--detector", "autoencoder", "--quiet"]) == 4
+    assert "no float export for the detector autoencoder" in capsys.readouterr().err
     assert main(["quantize", str(run), "--attack-images", "0", "--no-naive", "--calib", "64",
                  "--min-label-agreement", "0.9", "--max-accuracy-drop", "0.05", "--quiet"]) == 0
     capsys.readouterr()
