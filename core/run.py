@@ -35,7 +35,56 @@ from dafar.manifest import (
 )
 from dafar.schema import ExportEntry
 
-__all__ = ["RunFolder", "replaceable_run_folder"]
+__all__ = ["RunFolder", "replaceable_run_folder", "run_lock"]
+
+LOCK_NAME = ".dafar.lock"
+_held: dict[str, list] = {}  # run folder -> [open lock file, depth]: re-entrant within a process
+
+
+@contextlib.contextmanager
+def run_lock(path: str | os.PathLike, stage: str) -> Iterator[None]:
+    """Hold the run folder's advisory lock (``.dafar.lock``, flock) while a stage writes into it.
+
+    Two stages on one run folder otherwise race: one's clean-up of stale staging folders deleted
+    the other's live one.  A second process is refused at once with a message naming the holder;
+    the lock is released when the stage ends or its process dies (the kernel drops it), so a
+    crash never leaves the folder locked.  Re-entrant within a process; a no-op where flock does
+    not exist (Windows)."""
+    key = os.path.realpath(path)
+    if key in _held:
+        _held[key][1] += 1
+        try:
+            yield
+        finally:
+            _held[key][1] -= 1
+        return
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    f = open(Path(path) / LOCK_NAME, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise RunFolderError(f"{path} is in use by {holder}; wait for it to finish, then rerun") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"dafar {stage} (pid {os.getpid()})")
+        f.flush()
+        _held[key] = [f, 1]
+        try:
+            yield
+        finally:
+            del _held[key]
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    finally:
+        f.close()
 
 
 def replaceable_run_folder(out: str | os.PathLike) -> bool:
@@ -184,13 +233,14 @@ class RunFolder:
         is removed first."""
         if not self.path.is_dir():
             raise RunFolderError(f"run folder {self.path} does not exist")
-        for left in clean_stale_staging(self.path):
-            log(f"removed {left} (left by an interrupted run)")
-        tmp = Path(tempfile.mkdtemp(prefix=f".staging-{stage}-", dir=self.path))
-        try:
-            yield tmp
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with run_lock(self.path, stage):  # no other stage is writing here: stale staging is really stale
+            for left in clean_stale_staging(self.path):
+                log(f"removed {left} (left by an interrupted run)")
+            tmp = Path(tempfile.mkdtemp(prefix=f".staging-{stage}-", dir=self.path))
+            try:
+                yield tmp
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def place(self, src: str | os.PathLike, rel: str) -> Path:
         """Move a staged file to ``rel`` inside the run folder (an atomic rename)."""
@@ -207,6 +257,10 @@ class RunFolder:
         merged into the manifest's tables (``{"exports": {rel: entry}}``); ``fields``: top-level
         values replaced.  The manifest is re-read first (its digest checked), so what another
         stage recorded meanwhile is kept."""
+        with run_lock(self.path, "register"):
+            return self._register(files, tables, fields)
+
+    def _register(self, files, tables, fields) -> dict:
         m = read_manifest(self.path)
         table = dict(m.get("files", {}))
         for rel, info in (files or {}).items():

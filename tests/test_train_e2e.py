@@ -522,3 +522,26 @@ def test_attach_to_a_classifier_of_ones_own(tmp_path, capsys, monkeypatch):
     # a layer type that cannot be stored is refused, naming it
     assert main(["attach", "--victim", "usernet:build_custom", "--mean", "0.5", "--std", "0.5", "--feedback-at", "conv",
                  "--dataset", "mnist", "--out", str(tmp_path / "c"), "--weights", str(wpath)]) in (2, 3, 4)
+
+
+def test_train_holds_the_run_folder_lock_and_overwrite_respects_another_holder(tmp_path):
+    """`train --overwrite` on a folder another stage is using is refused before anything is deleted."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")  # an interrupted run's folder
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from dafar.run import run_lock\n"
+        f"with run_lock({str(run)!r}, 'quantize'):\n"
+        "    print('held', flush=True); time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderError, match="in use by dafar quantize"):
+            train(TrainConfig.for_profile("mnist", "quick", train_limit=64, test_limit=64, val_size=64, epochs=1,
+                                          detector=False), run, overwrite=True, quiet=True)
+        assert (run / "config.json").read_text() == "{}"
+    finally:
+        holder.kill()
+        holder.wait()

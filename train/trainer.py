@@ -29,7 +29,7 @@ import torch.nn.functional as Fn
 from dafar.data import Splits, load_dataset, sample_index
 from dafar.errors import ConfigError, NonFiniteLossError, RunFolderError, TrainingError
 from dafar.manifest import MANIFEST_NAME, atomic_write_json
-from dafar.run import RunFolder, replaceable_run_folder
+from dafar.run import RunFolder, replaceable_run_folder, run_lock
 from dafar.schema import Detector
 from dafar.threshold import ThresholdRule, calibrate, false_positive_rate
 from dafar.version import __version__
@@ -415,6 +415,18 @@ class TrainResult:
         return lines
 
 
+@contextlib.contextmanager
+def _train_lock(out: Path, replace: bool):
+    """The run folder's lock for a training run (see :func:`dafar.run.run_lock`); a folder being
+    replaced is checked for another holder before it is deleted."""
+    if replace and out.is_dir():
+        with run_lock(out, "train"):
+            pass  # refused here when another stage holds it: nothing deleted
+    _prepare_run_dir(out, replace)
+    with run_lock(out, "train"):
+        yield
+
+
 def _check_run_dir(out: Path, resume: bool, overwrite: bool) -> bool:
     """Refuse an ``--out`` that this call may not use, before any work; True when it is a run
     folder that ``overwrite`` replaces."""
@@ -794,75 +806,77 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
             raise ConfigError(f"--victim {attach['dir']}: its network ({attach['spec'].family}, input "
                               f"{list(attach['spec'].input_shape)}, {attach['spec'].num_classes} classes) does not fit this "
                               f"data ({list(spec.input_shape)}, {spec.num_classes} classes)")
-    _prepare_run_dir(out, replace)
-    atomic_write_json(out / "config.json", cfg.to_dict())
-    if not resume:
-        (out / "train_log.jsonl").unlink(missing_ok=True)
+    # the run folder is this process's until the run is written: a second stage (or a second
+    # `train --overwrite`) on it is refused instead of deleting what this one writes
+    with _train_lock(out, replace):
+        atomic_write_json(out / "config.json", cfg.to_dict())
+        if not resume:
+            (out / "train_log.jsonl").unlink(missing_ok=True)
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = _resolve_device(cfg)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    data = _tensors(splits, cfg)
-    if parent is not None:
-        parent["record"]["same_data"] = parent.pop("fingerprint") == splits.fingerprint
-    s = _Session(cfg, out, device, data, _Logger(out / "train_log.jsonl", quiet), resume, quiet, parent, {}, spec,
-                 normalization, attach)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device = _resolve_device(cfg)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        data = _tensors(splits, cfg)
+        if parent is not None:
+            parent["record"]["same_data"] = parent.pop("fingerprint") == splits.fingerprint
+        s = _Session(cfg, out, device, data, _Logger(out / "train_log.jsonl", quiet), resume, quiet, parent, {}, spec,
+                     normalization, attach)
 
-    first = "decoder" if attach else "joint"
-    net, first_seconds, first_kept = (_decoder_phase if attach else _joint_phase)(s)
-    seconds, kept = {first: first_seconds}, {first: first_kept}
-    if cfg.detector:
-        seconds["detector"] = _detector_phase(s, net)
-    victim = None
-    if cfg.train_victim:
-        victim, seconds["victim"], kept["victim"] = _victim_phase(s)
+        first = "decoder" if attach else "joint"
+        net, first_seconds, first_kept = (_decoder_phase if attach else _joint_phase)(s)
+        seconds, kept = {first: first_seconds}, {first: first_kept}
+        if cfg.detector:
+            seconds["detector"] = _detector_phase(s, net)
+        victim = None
+        if cfg.train_victim:
+            victim, seconds["victim"], kept["victim"] = _victim_phase(s)
 
-    # ---- evaluation and thresholds
-    t_eval = time.perf_counter()
-    ev_val = evaluate_arrays(net, data.val_x, device, cfg.eval_batch_size, purify=False)
-    ev_test = evaluate_arrays(net, data.test_x, device, cfg.eval_batch_size, victim)
-    thresholds = _thresholds(cfg, ev_val, ev_test, splits.name.value)
-    metrics = _metrics(cfg, ev_val, ev_test, data, thresholds)
-    eval_seconds = time.perf_counter() - t_eval
+        # ---- evaluation and thresholds
+        t_eval = time.perf_counter()
+        ev_val = evaluate_arrays(net, data.val_x, device, cfg.eval_batch_size, purify=False)
+        ev_test = evaluate_arrays(net, data.test_x, device, cfg.eval_batch_size, victim)
+        thresholds = _thresholds(cfg, ev_val, ev_test, splits.name.value)
+        metrics = _metrics(cfg, ev_val, ev_test, data, thresholds)
+        eval_seconds = time.perf_counter() - t_eval
 
-    # ---- write weights, scores, metrics and the manifest (manifest last: it marks the run complete)
-    net = net.to("cpu", memory_format=torch.contiguous_format)
-    meta = {"arch": spec.name, "unpool": cfg.unpool.value, "format": "dafar-weights-v1"}
-    files: dict[str, dict] = {}
-    for name in ("E", "F", "D", "C"):
-        mod = getattr(net, name)
-        if mod is not None:
-            save_state(out / f"weights/{name}.safetensors", mod.state_dict(), {**meta, "module": name})
-            files[f"weights/{name}.safetensors"] = {"role": "weights", "module": name}
-    if victim is not None:
-        victim = victim.to("cpu", memory_format=torch.contiguous_format)
-        save_state(out / "weights/victim_only.safetensors", victim.state_dict(), {**meta, "module": "victim_only"})
-        files["weights/victim_only.safetensors"] = {"role": "weights", "module": "victim_only"}
-    _save_scores(out / "scores.npz", ev_val, ev_test, data.test_y)
-    timing = {
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "seconds_per_epoch": dict(seconds),
-        "eval_seconds": eval_seconds,
-        # every call of a resumed run: this call's wall time plus the epochs earlier calls trained
-        "total_seconds": time.perf_counter() - t_start + sum(s.earlier.values()),
-        "seconds_in_earlier_calls": s.earlier,
-        "resumed": resume,
-        # which weights each phase ended with (the last epoch's, the average's, the best epoch's)
-        "kept_weights": kept,
-    }
-    if parent is not None:
-        timing["init_from"] = parent["record"]
-    timing["mode"] = "plug-in" if attach else "joint"
-    if attach is not None:
-        timing["attached_to"] = attach["record"]
-    metrics["timing"] = timing
-    atomic_write_json(out / "metrics.json", metrics)
-    files.update({"scores.npz": {"role": "scores"}, "metrics.json": {"role": "metrics"},
-                  "config.json": {"role": "config"}, "train_log.jsonl": {"role": "log"}})
-    run = RunFolder.create(out, _manifest_body(cfg, splits, data, net, normalization, thresholds, metrics, timing), files)
-    return TrainResult(out, run.manifest, metrics)
+        # ---- write weights, scores, metrics and the manifest (manifest last: it marks the run complete)
+        net = net.to("cpu", memory_format=torch.contiguous_format)
+        meta = {"arch": spec.name, "unpool": cfg.unpool.value, "format": "dafar-weights-v1"}
+        files: dict[str, dict] = {}
+        for name in ("E", "F", "D", "C"):
+            mod = getattr(net, name)
+            if mod is not None:
+                save_state(out / f"weights/{name}.safetensors", mod.state_dict(), {**meta, "module": name})
+                files[f"weights/{name}.safetensors"] = {"role": "weights", "module": name}
+        if victim is not None:
+            victim = victim.to("cpu", memory_format=torch.contiguous_format)
+            save_state(out / "weights/victim_only.safetensors", victim.state_dict(), {**meta, "module": "victim_only"})
+            files["weights/victim_only.safetensors"] = {"role": "weights", "module": "victim_only"}
+        _save_scores(out / "scores.npz", ev_val, ev_test, data.test_y)
+        timing = {
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "seconds_per_epoch": dict(seconds),
+            "eval_seconds": eval_seconds,
+            # every call of a resumed run: this call's wall time plus the epochs earlier calls trained
+            "total_seconds": time.perf_counter() - t_start + sum(s.earlier.values()),
+            "seconds_in_earlier_calls": s.earlier,
+            "resumed": resume,
+            # which weights each phase ended with (the last epoch's, the average's, the best epoch's)
+            "kept_weights": kept,
+        }
+        if parent is not None:
+            timing["init_from"] = parent["record"]
+        timing["mode"] = "plug-in" if attach else "joint"
+        if attach is not None:
+            timing["attached_to"] = attach["record"]
+        metrics["timing"] = timing
+        atomic_write_json(out / "metrics.json", metrics)
+        files.update({"scores.npz": {"role": "scores"}, "metrics.json": {"role": "metrics"},
+                      "config.json": {"role": "config"}, "train_log.jsonl": {"role": "log"}})
+        run = RunFolder.create(out, _manifest_body(cfg, splits, data, net, normalization, thresholds, metrics, timing), files)
+        return TrainResult(out, run.manifest, metrics)
 
 
 def attach(victim: str | os.PathLike, out: str | os.PathLike, config: TrainConfig | None = None, *,
