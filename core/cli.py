@@ -194,6 +194,16 @@ def _load_image(path: str, chw, resize: bool):
             raise InputValidationError(f"{p}: not a readable .npy array ({exc})") from None
     c, h, w = chw
     try:
+        from PIL import Image
+
+        with Image.open(p) as im:
+            frames = int(getattr(im, "n_frames", 1) or 1)
+        if frames > 1:  # said, not silently chosen
+            print(f"dafar predict: note: {p} is animated ({frames} frames); classifying its first frame",
+                  file=sys.stderr)
+    except Exception:  # noqa: BLE001 - unreadable files are reported by read_image just below
+        pass
+    try:
         arr = read_image(p, c, (h, w) if resize else None)
     except MissingExtraError:
         raise MissingExtraError("reading image files needs Pillow: pip install 'dafar[images]' (or pass .npy arrays)") from None

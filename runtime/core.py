@@ -105,6 +105,29 @@ def default_model(manifest: dict, prefer: str = "tflite") -> str:
     return sorted(cands, key=rank)[0][0]
 
 
+def _plain_array(a, what: str) -> np.ndarray:
+    """Every array-like goes through here, once, before any check: a plain, native-byte-order
+    ndarray, or a refusal naming why.  ndarray subclasses behave differently (np.matrix keeps 2-D
+    under indexing; a masked array hides values from min/max, so an out-of-range pixel behind a
+    mask was accepted and fed to the model), so they are viewed as plain arrays; masked arrays
+    are refused (which value is meant?).  Objects that expose the array protocol (a PIL image, a
+    CPU torch tensor) are converted the same way."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise InputValidationError(f"{what}: a masked array; fill the masked values first (a.filled(0))")
+    if isinstance(a, np.ndarray):
+        x = a.view(np.ndarray) if type(a) is not np.ndarray and not isinstance(a, np.memmap) else a
+    elif hasattr(a, "__array__") or hasattr(a, "__array_interface__"):
+        try:
+            x = np.asarray(a)
+        except Exception as exc:  # noqa: BLE001 - whatever the object's conversion raises
+            raise InputValidationError(f"{what}: {type(a).__name__} could not be read as an array ({exc})") from None
+    else:
+        raise InputValidationError(f"{what} must be a numpy array (or a list of arrays), got {type(a).__name__}")
+    if x.dtype.byteorder == ">" or (x.dtype.byteorder == "<" and not np.little_endian):
+        x = x.astype(x.dtype.newbyteorder("="))
+    return x
+
+
 class Defence:
     """One exported DAFAR graph, ready to classify images.
 
@@ -203,16 +226,16 @@ class Defence:
         if isinstance(images, (list, tuple)):
             if not images:
                 raise InputValidationError("no images given (an empty list)")
-            arrs = [np.asarray(a) for a in images]
+            arrs = [_plain_array(a, f"image {i}") for i, a in enumerate(images)]
             shapes = {a.shape for a in arrs}
             dtypes = {a.dtype for a in arrs}
-            if len(shapes) != 1 or len(dtypes) != 1:
-                raise InputValidationError(f"images in a list must share shape and dtype, got {sorted(map(str, shapes))}")
+            if len(shapes) != 1:
+                raise InputValidationError(f"images in a list must share one shape, got {sorted(map(str, shapes))}")
+            if len(dtypes) != 1:
+                raise InputValidationError(f"images in a list must share one dtype, got {sorted(map(str, dtypes))}")
             x = np.stack(arrs)
         else:
-            if not isinstance(images, np.ndarray):
-                raise InputValidationError(f"images must be a numpy array (or a list of arrays), got {type(images).__name__}")
-            x = images
+            x = _plain_array(images, "images")
         dt = x.dtype
         if dt == np.uint8:
             kind = "uint8"

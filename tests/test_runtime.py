@@ -307,3 +307,33 @@ def test_thread_counts_beyond_the_machine_are_refused_before_the_runtime(monkeyp
     for bad in (0, -1, True, 2.5, "4"):
         with pytest.raises(ConfigError):
             check_threads(bad)
+
+
+@pytest.mark.parametrize("model", ["export/dafar-l2-float-nchw.onnx", "export/dafar-l2-uint8-nhwc-b1.tflite"])
+def test_array_likes_take_one_path_on_every_backend(exported_run, model):
+    """np.matrix, a big-endian array and an object with the array protocol give the plain array's
+    answer on ONNX Runtime and LiteRT alike; a masked array is refused (an out-of-range pixel
+    hidden behind its mask was once accepted); a list of mixed dtypes names the dtypes."""
+    from dafar.runtime import Defence
+
+    d = Defence(exported_run, model)
+    u8, _ = _test_u8(exported_run, 2)
+    ref = d.predict(u8[:1, 0])
+    as_matrix = np.asmatrix(u8[0, 0])
+    big = (u8[:1, 0].astype(np.float32) / 255).astype(">f4")
+
+    class Protocol:
+        def __array__(self, dtype=None, copy=None):
+            return u8[:1, 0]
+
+    for form in (as_matrix, big, Protocol()):
+        p = d.predict(form)
+        assert np.array_equal(p.labels, ref.labels)
+        np.testing.assert_allclose(p.scores, ref.scores, rtol=1e-3)
+    hidden = np.ma.masked_array(np.full((1, 28, 28), 0.5, np.float32), mask=False)
+    hidden[0, 0, 0] = 7.0
+    hidden[0, 0, 0] = np.ma.masked
+    with pytest.raises(InputValidationError, match="masked array"):
+        d.predict(hidden)
+    with pytest.raises(InputValidationError, match="share one dtype.*float32.*uint8"):
+        d.predict([u8[0, 0], u8[1, 0].astype(np.float32) / 255])
