@@ -475,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = _EXTRA_OF.get((getattr(exc, "name", None) or "").split(".")[0])
         if extra is None:
             return _unexpected(args, exc)
+        extra = _COMMAND_EXTRA.get(args.command, extra)  # what the whole subcommand needs, not just this module
         print(f"dafar {args.command}: '{exc.name}' is needed but is not installed: pip install 'dafar[{extra}]'",
               file=sys.stderr)
         return EXIT_MISSING_EXTRA
@@ -495,6 +496,9 @@ _EXTRA_OF = {"torch": "train", "safetensors": "train", "tqdm": "train", "matplot
              "onnx": "export", "onnxscript": "export", "onnx2tf": "export", "tensorflow": "export", "tf_keras": "export",
              "onnxruntime": "onnx-runtime", "ai_edge_litert": "litert", "art": "eval", "sklearn": "eval",
              "scipy": "eval"}
+
+
+_COMMAND_EXTRA = {"export": "export", "quantize": "export", "eval": "eval", "pipeline": "all"}
 
 
 def _unexpected(args, exc: BaseException) -> int:
