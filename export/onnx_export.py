@@ -41,6 +41,32 @@ def _quiet():
             lg.setLevel(lv)
 
 
+# ONNX IR version 9 (ONNX 1.15) is what ONNX Runtime 1.16 and 1.17 read; the exporter writes
+# IR 10 although an opset-18 graph uses nothing of it, and those runtimes (still common on
+# devices) refuse the file: "Unsupported model IR version: 10, max supported IR version: 9".
+PORTABLE_IR_VERSION = 9
+
+
+def portable_ir(model) -> bool:
+    """Lower ``model``'s (an onnx ModelProto) IR version to 9 where its opsets allow (default
+    domain <= 20); True when it changed.  Rewritten to IR 9, the files ran bit-identically on
+    ONNX Runtime 1.16/1.17 (issue 24's measurement)."""
+    if model.ir_version <= PORTABLE_IR_VERSION:
+        return False
+    used = {n.domain or "" for n in model.graph.node}
+    default = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    ml = max((o.version for o in model.opset_import if o.domain == "ai.onnx.ml" and "ai.onnx.ml" in used), default=0)
+    if default > 20 or ml > 4:  # opsets IR 9 does not know
+        return False
+    # ONNX Runtime's quantizer declares every domain it knows; the ones no node uses only stand
+    # in the way of an older reader
+    keep = [o for o in model.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    model.ir_version = PORTABLE_IR_VERSION
+    return True
+
+
 def export_onnx(module: torch.nn.Module, sample: torch.Tensor, path: str | os.PathLike,
                 output_names: tuple[str, ...], dynamic_batch: bool = True) -> Path:
     """Export ``module(sample)`` to ``path`` (input named ``x``) and run the ONNX checker."""
@@ -60,6 +86,8 @@ def export_onnx(module: torch.nn.Module, sample: torch.Tensor, path: str | os.Pa
     except Exception as exc:  # the exporter raises many types
         raise ExportError(f"torch.onnx.export failed for {path.name}: {type(exc).__name__}: {exc}") from exc
     model = onnx.load(str(path))
+    if portable_ir(model):
+        onnx.save(model, str(path))
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as exc:

@@ -202,6 +202,10 @@ def quantize_onnx(src: str | os.PathLike, dst: str | os.PathLike, calib: np.ndar
             w8 = _weight_only_int8(q, keep)
             onnx.save(q, str(dst))
         qm = onnx.load(str(dst))
+        from dafar.export.onnx_export import portable_ir
+
+        if portable_ir(qm):  # as the float export: readable by ONNX Runtime 1.16+
+            onnx.save(qm, str(dst))
         try:
             onnx.checker.check_model(qm)
         except Exception as exc:

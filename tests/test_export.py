@@ -117,6 +117,29 @@ def test_onnx_dynamic_batch_parity(tmp_path, unpool):
     assert sess.run(x)["rejected"][0]  # fails closed in the exported graph too
     ops = onnx_op_counts(path)
     assert ("MaxUnpool" in ops or "ScatterND" in ops) == (unpool == "maxunpool")
+    import onnx
+
+    assert onnx.load(str(path)).ir_version == 9  # readable by ONNX Runtime 1.16 and 1.17
+
+
+def test_portable_ir_lowers_only_what_ir9_can_read():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from dafar.export.onnx_export import portable_ir
+
+    def model(opsets, domain=""):
+        node = helper.make_node("Relu", ["x"], ["y"], domain=domain)
+        g = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets], ir_version=10)
+
+    m = model([("", 18), ("ai.onnx.ml", 5), ("com.microsoft", 1)])  # what ORT's quantizer declares
+    assert portable_ir(m) and m.ir_version == 9 and [(o.domain, o.version) for o in m.opset_import] == [("", 18)]
+    onnx.checker.check_model(m)
+    assert not portable_ir(m)  # already IR 9
+    m21 = model([("", 21)])
+    assert not portable_ir(m21) and m21.ir_version == 10  # opset 21 needs IR 10
 
 
 # ---------------------------------------------------------------- run-folder exports (slow)
