@@ -57,6 +57,9 @@ def _training(m: dict, met: dict) -> dict:
            "purified_test_acc": met.get("purified_test_acc"), "test_images": met.get("test_images"),
            "total_seconds": met.get("timing", {}).get("total_seconds"), "thresholds": {}}
     cfg = m.get("training", {}).get("config", {})
+    out["mode"] = m.get("training", {}).get("mode") or "joint"  # "plug-in": D (and C) on a frozen classifier
+    out["attached_to"] = (m.get("training", {}).get("attached_to") or {}).get("source")
+    out["feedback_at"] = m.get("architecture", {}).get("feedback_at")
     out["epochs"] = {"joint": cfg.get("epochs"), "detector": cfg.get("detector_epochs") if cfg.get("detector") else 0,
                      "victim_only": cfg.get("epochs") if cfg.get("train_victim") else 0}
     parent = m.get("training", {}).get("init_from") or met.get("timing", {}).get("init_from")
@@ -173,9 +176,11 @@ def render_markdown(d: dict) -> str:
 
     paper = PAPER.get(d["dataset"], {})
     t = d["training"]
+    plugin = t.get("mode") == "plug-in"
+    how = f"`{t.get('attached_to')}`, frozen; D attached at {t.get('feedback_at')}" if plugin else "trained with D"
     L = [f"# {d['label']}: headline numbers of `{d['run']}`", "",
          "| | ours | paper |", "|---|---|---|",
-         f"| victim test accuracy (trained with D), {t.get('test_images')} test images | {_pct(t['victim_test_acc'])} | {paper.get('victim', '-')} |"]
+         f"| victim test accuracy ({how}), {t.get('test_images')} test images | {_pct(t['victim_test_acc'])} | {paper.get('victim', '-')} |"]
     if t.get("victim_only_test_acc") is not None:
         L.append(f"| victim-only model, same schedule | {_pct(t['victim_only_test_acc'])} | |")
     L.append(f"| purified accuracy F(E(D(E(x)))) | {_pct(t['purified_test_acc'])} | {paper.get('purified', '-')} |")
@@ -192,7 +197,8 @@ def render_markdown(d: dict) -> str:
         ep, cont = t["epochs"], t.get("continued_from")
         joint = f"{ep['joint']} (+{cont['epochs']} of the run it continued)" if cont else ep["joint"]
         hours = t["total_seconds"] / 3600 + (cont["seconds"] / 3600 if cont else 0)
-        L.append(f"| training: joint / C / victim-only epochs, time | {joint} / {ep['detector']} / {ep['victim_only']}, "
+        L.append(f"| training: {'D (plug-in)' if plugin else 'joint'} / C / victim-only epochs, time | {joint} / "
+                 f"{ep['detector']} / {ep['victim_only']}, "
                  f"{hours:.2f} h{' in all' if cont else ''} | |")
     e = d.get("export")
     if e:
