@@ -146,6 +146,19 @@ def _max_manifest_bytes() -> int:
         raise ManifestError(f"DAFAR_MAX_MANIFEST_BYTES must be an integer, got {env!r}") from None
 
 
+def _text_depth(raw: bytes) -> int:
+    """Deepest bracket nesting of JSON text, outside string literals, without parsing it (regex
+    and numpy: linear, no recursion)."""
+    import re
+
+    import numpy as np
+
+    bare = re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', raw)
+    a = np.frombuffer(bare, dtype=np.uint8)
+    step = np.isin(a, (ord("["), ord("{"))).astype(np.int64) - np.isin(a, (ord("]"), ord("}"))).astype(np.int64)
+    return int(np.cumsum(step).max()) if len(step) else 0
+
+
 def _depth(obj) -> int:
     """Nesting depth of parsed JSON, without recursion."""
     deepest, stack = 0, [(obj, 1)]
@@ -176,8 +189,15 @@ def read_manifest(run_dir: str | os.PathLike) -> dict:
         raise ManifestError(f"{path} is {size / 2**20:.1f} MiB, above the limit of {limit / 2**20:.0f} MiB for a "
                             "manifest; set DAFAR_MAX_MANIFEST_BYTES to raise it")
     try:
-        m = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"{path} is unreadable: {exc}") from exc
+    depth = _text_depth(raw)  # before parsing: json's C parser crashed the process on "[" * 100000
+    if depth > MAX_MANIFEST_DEPTH:
+        raise ManifestError(f"{path} nests {depth} levels deep, above the limit of {MAX_MANIFEST_DEPTH} for a manifest")
+    try:
+        m = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path} is unreadable or not JSON: {exc}") from exc
     except RecursionError:
         raise ManifestError(f"{path} nests deeper than JSON parsing allows; not a dafar manifest") from None
