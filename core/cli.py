@@ -61,15 +61,7 @@ def cmd_train(args) -> int:
 
 
 _ATTACH_FIXED = ("arch", "width", "unpool", "train_victim")  # from the victim (a run's data set too, below)
-
-
-def _floats(text, flag):
-    if text is None:
-        return None
-    try:
-        return tuple(float(t) for t in str(text).split(","))
-    except ValueError:
-        raise ConfigError(f"{flag} takes numbers separated by commas, one per channel, got {text!r}") from None
+_OWN_VICTIM_FIELDS = ("victim_weights", "victim_mean", "victim_std")  # attach only: a classifier of one's own
 
 
 def cmd_attach(args) -> int:
@@ -80,11 +72,10 @@ def cmd_attach(args) -> int:
 
     kw = config_kwargs(TrainConfig, args, skip=_ATTACH_FIXED)
     if is_module_ref(args.victim):  # a classifier of one's own: the data set is the user's to name
-        kw.update(arch="custom", attach_to=args.victim, victim_weights=args.weights, victim_mean=_floats(args.mean, "--mean"),
-                  victim_std=_floats(args.std, "--std"))
+        kw.update(arch="custom", attach_to=args.victim)
         cfg = TrainConfig.for_profile(kw.pop("dataset", "imagefolder"), kw.pop("profile", "quick"), **kw)
     else:
-        if args.weights or args.mean or args.std:
+        if any(kw.get(k) is not None for k in _OWN_VICTIM_FIELDS):
             raise ConfigError("--weights, --mean and --std describe a classifier of your own "
                               "(--victim package.module:callable); a run folder's victim carries its own")
         man = read_manifest(resolve_victim_source(args.victim))
@@ -352,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("train", help="train E, F, D (and C), calibrate alpha, write a run folder")
-    _add_train_args(p)
+    _add_train_args(p, skip=_OWN_VICTIM_FIELDS)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("attach", help="plug-in mode: train DAFAR's decoder (and C) on a trained classifier, which "
@@ -361,15 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the classifier: a run folder, a pretrained model's name (dafar pretrained --list), or your "
                         "own torch module as package.module:callable (with --weights, --mean, --std, --feedback-at "
                         "and the data set)")
-    p.add_argument("--weights", metavar="FILE", default=None, help="your classifier's weights (safetensors)")
-    p.add_argument("--mean", metavar="M[,M,M]", default=None,
-                   help="the per-channel mean your classifier's input was normalized with (on pixels / 255)")
-    p.add_argument("--std", metavar="S[,S,S]", default=None, help="the matching per-channel std")
     _add_train_args(p, skip=_ATTACH_FIXED)
     p.set_defaults(func=cmd_attach)
 
     p = sub.add_parser("pipeline", help="the main job: train, export, quantize to int8, benchmark, write the reports")
-    _add_train_args(p)
+    _add_train_args(p, skip=_OWN_VICTIM_FIELDS)
     p.add_argument("--pretrained", metavar="NAME", default=None,
                    help="start from a pretrained model shipped with dafar (e.g. mnist) instead of training")
     p.add_argument("--skip-quantize", action="store_true")

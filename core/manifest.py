@@ -159,19 +159,6 @@ def _text_depth(raw: bytes) -> int:
     return int(np.cumsum(step).max()) if len(step) else 0
 
 
-def _depth(obj) -> int:
-    """Nesting depth of parsed JSON, without recursion."""
-    deepest, stack = 0, [(obj, 1)]
-    while stack:
-        o, d = stack.pop()
-        if isinstance(o, (dict, list)):
-            deepest = max(deepest, d)
-            if d > MAX_MANIFEST_DEPTH:
-                return d
-            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
-    return deepest
-
-
 def read_manifest(run_dir: str | os.PathLike) -> dict:
     """Read and self-check ``run_dir/manifest.json`` (no file hashes checked)."""
     run_dir = Path(run_dir)
@@ -203,9 +190,6 @@ def read_manifest(run_dir: str | os.PathLike) -> dict:
         raise ManifestError(f"{path} nests deeper than JSON parsing allows; not a dafar manifest") from None
     if not isinstance(m, dict):
         raise ManifestError(f"{path} does not hold a JSON object")
-    depth = _depth(m)
-    if depth > MAX_MANIFEST_DEPTH:
-        raise ManifestError(f"{path} nests {depth} levels deep, above the limit of {MAX_MANIFEST_DEPTH} for a manifest")
     if m.get("schema_version") != SCHEMA_VERSION:
         raise ManifestError(f"{path}: schema_version {m.get('schema_version')!r}, this dafar reads {SCHEMA_VERSION}")
     stamped = m.get("manifest_sha256")

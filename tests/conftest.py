@@ -2,6 +2,7 @@
 ``$DAFAR_SHARED_DATA``); tests that need them skip with a reason when it is absent."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 from pathlib import Path
@@ -124,3 +125,22 @@ def run_clone(exported_run, tmp_path):
     dst = tmp_path / "run"
     shutil.copytree(exported_run, dst)
     return dst
+
+
+# ---------------------------------------------------------------- another process holding a run's lock
+@contextlib.contextmanager
+def lock_held_elsewhere(run, stage: str):
+    """A second process holding ``run``'s lock as dafar ``stage`` for the duration of the block."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from dafar.run import run_lock\n"
+        f"with run_lock({str(run)!r}, {stage!r}):\n"
+        "    print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

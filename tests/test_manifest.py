@@ -169,25 +169,16 @@ def test_a_symbolic_link_out_of_the_run_folder_is_refused(tmp_path):
 def test_a_second_process_on_a_run_folder_is_refused_clearly(tmp_path):
     """Two stages on one run folder: the second is refused naming the first (no stage deletes the
     other's staging); the lock is re-entrant in one process and gone when its holder ends."""
-    import subprocess
-    import sys
+    from conftest import lock_held_elsewhere
 
     from dafar.run import RunFolder, run_lock
 
     run = _run(tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from dafar.run import run_lock\n"
-        f"with run_lock({str(run)!r}, 'export'):\n"
-        "    print('held', flush=True); time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(run, "export"):
         with pytest.raises(RunFolderError, match=r"in use by dafar export \(pid \d+\)"):
             with RunFolder.open(run).staging("quantize", log=lambda *a: None):
                 pass
         with pytest.raises(RunFolderError, match="in use"):
             RunFolder.open(run).register({})
-    finally:
-        holder.kill()
-        holder.wait()
     with run_lock(run, "a"), run_lock(run, "b"):  # free again once the holder died; re-entrant
         RunFolder.open(run).register({})

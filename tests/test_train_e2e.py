@@ -381,14 +381,21 @@ def test_publish_float16_recalibrates_on_the_weights_as_loaded(tiny_run, tmp_pat
     assert sha256_file(run / "manifest.json") == before  # nothing rewritten
 
 
+def _victim_logits(run, n: int = 300) -> np.ndarray:
+    """The run's victim logits F(E(x)) on the first ``n`` MNIST test images."""
+    from dafar.train.loading import load_dafar
+    from dafar.train.trainer import evaluate_arrays
+
+    net, _ = load_dafar(run)
+    return evaluate_arrays(net, load_dataset("mnist").test.images[:n], torch.device("cpu"), 100, purify=False)["logits"]
+
+
 @pytest.mark.slow
 def test_attach_trains_only_the_decoder_and_keeps_the_victim_bit_identical(exported_run, tmp_path, capsys):
     """Plug-in mode: E and F come from the victim run, frozen; D and C train; the defended model's
     victim logits are the classifier's, bit for bit."""
     from dafar.cli import main
     from dafar.train import attach
-    from dafar.train.loading import load_dafar
-    from dafar.train.trainer import evaluate_arrays
 
     cfg = TrainConfig.for_profile("mnist", "quick", train_limit=512, test_limit=200, val_size=200, batch_size=64,
                                   epochs=1, detector_epochs=1, threads=2)
@@ -400,11 +407,7 @@ def test_attach_trains_only_the_decoder_and_keeps_the_victim_bit_identical(expor
         assert m["files"][f"weights/{k}.safetensors"]["sha256"] == src["files"][f"weights/{k}.safetensors"]["sha256"]
         assert m["training"]["attached_to"]["weights_sha256"][k] == src["files"][f"weights/{k}.safetensors"]["sha256"]
     assert m["files"]["weights/D.safetensors"]["sha256"] != src["files"]["weights/D.safetensors"]["sha256"]
-    a, _ = load_dafar(tmp_path / "att")
-    b, _ = load_dafar(exported_run)
-    x = load_dataset("mnist").test.images[:300]
-    la = evaluate_arrays(a, x, torch.device("cpu"), 100, purify=False)["logits"]
-    lb = evaluate_arrays(b, x, torch.device("cpu"), 100, purify=False)["logits"]
+    la, lb = _victim_logits(tmp_path / "att"), _victim_logits(exported_run)
     assert np.array_equal(la, lb)
     assert {"l2", "autoencoder"} <= set(m["thresholds"]) and m["metrics"]["victim_test_acc"] == m["metrics"]["victim_test_acc"]
     # the CLI: a victim that does not exist, and one trained on other data
@@ -422,8 +425,6 @@ def test_attach_at_an_earlier_feedback_position_resplits_the_victim_and_exports(
     the run exports to ONNX and TFLite with the export's own parity checks passing."""
     from dafar.export import ExportConfig, export
     from dafar.train import attach
-    from dafar.train.loading import load_dafar
-    from dafar.train.trainer import evaluate_arrays
 
     cfg = TrainConfig.for_profile("mnist", "quick", train_limit=512, test_limit=200, val_size=200, batch_size=64,
                                   epochs=1, detector=False, threads=2, feedback_at="pool1")
@@ -438,11 +439,7 @@ def test_attach_at_an_earlier_feedback_position_resplits_the_victim_and_exports(
     costs, costs0 = m["architecture"]["costs"], src["architecture"]["costs"]
     assert costs["D"]["macs"] < costs0["D"]["macs"] / 2 and costs["E"]["macs"] < costs0["E"]["macs"]
     assert costs["E"]["macs"] + costs["F"]["macs"] == costs0["E"]["macs"] + costs0["F"]["macs"]
-    a, _ = load_dafar(tmp_path / "p1")
-    b, _ = load_dafar(exported_run)
-    x = load_dataset("mnist").test.images[:300]
-    la = evaluate_arrays(a, x, torch.device("cpu"), 100, purify=False)["logits"]
-    lb = evaluate_arrays(b, x, torch.device("cpu"), 100, purify=False)["logits"]
+    la, lb = _victim_logits(tmp_path / "p1"), _victim_logits(exported_run)
     assert np.array_equal(la, lb)
     out = export(tmp_path / "p1", ExportConfig(validate_images=64, victim=False), log=lambda *a: None)
     assert any(k.endswith(".onnx") for k in out.entries) and any(k.endswith(".tflite") for k in out.entries)
@@ -526,22 +523,13 @@ def test_attach_to_a_classifier_of_ones_own(tmp_path, capsys, monkeypatch):
 
 def test_train_holds_the_run_folder_lock_and_overwrite_respects_another_holder(tmp_path):
     """`train --overwrite` on a folder another stage is using is refused before anything is deleted."""
-    import subprocess
-    import sys
+    from conftest import lock_held_elsewhere
 
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")  # an interrupted run's folder
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import time; from dafar.run import run_lock\n"
-        f"with run_lock({str(run)!r}, 'quantize'):\n"
-        "    print('held', flush=True); time.sleep(30)\n")], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(run, "quantize"):
         with pytest.raises(RunFolderError, match="in use by dafar quantize"):
             train(TrainConfig.for_profile("mnist", "quick", train_limit=64, test_limit=64, val_size=64, epochs=1,
                                           detector=False), run, overwrite=True, quiet=True)
         assert (run / "config.json").read_text() == "{}"
-    finally:
-        holder.kill()
-        holder.wait()

@@ -106,9 +106,14 @@ class TrainConfig:
     attach_to: str | None = option(None, cli=False, help="attach a decoder to this run's frozen victim")
     # A classifier of one's own (attach_to = "package.module:callable"): its weights, and the
     # normalization it was trained with (x = (pixels / 255 - mean) / std, per channel).
-    victim_weights: str | None = option(None, cli=False, help="safetensors weights of your classifier")
-    victim_mean: tuple[float, ...] | None = option(None, cli=False, help="your classifier's input mean per channel")
-    victim_std: tuple[float, ...] | None = option(None, cli=False, help="your classifier's input std per channel")
+    # (`dafar attach` options; `dafar train` leaves them out: _OWN_VICTIM_FIELDS in the CLI)
+    victim_weights: str | None = option(None, flag="--weights", metavar="FILE",
+                                        help="your classifier's weights (safetensors)")
+    victim_mean: tuple[float, ...] | None = option(None, flag="--mean", metavar="M[,M,M]",
+                                                   help="the per-channel mean your classifier's input was normalized "
+                                                        "with (on pixels / 255)")
+    victim_std: tuple[float, ...] | None = option(None, flag="--std", metavar="S[,S,S]",
+                                                  help="the matching per-channel std")
     init_from: str | None = option(None, metavar="RUN_DIR",
                                    help="start from a finished run's E, F, D weights (continue a schedule, or fine-tune "
                                         "a pretrained model materialized with `dafar pretrained NAME --out DIR`)")

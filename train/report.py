@@ -8,6 +8,7 @@ values are shown beside ours for comparison, never in place of them.
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -96,12 +97,11 @@ def reproduce_command(cfg: dict) -> str:
     c = TrainConfig.from_dict(cfg)
     base = TrainConfig.for_profile(c.dataset, c.profile)
     if c.attach_to and c.arch_name.value == "custom":  # a classifier of one's own: data and normalization named
+        own = ("victim_weights", "victim_mean", "victim_std")  # right after --victim: what it is
+        first = to_argv(c, base, skip=[f.name for f in fields(c) if f.name not in own])
         flags = to_argv(c, base, always=("dataset", "profile", "epochs", "seed", "feedback_at"),
-                        skip=("threads", "device", "arch", "width", "unpool", "train_victim"))
-        own = [f"--weights {c.victim_weights}"] if c.victim_weights else []
-        own += [f"--mean {','.join(f'{v:g}' for v in c.victim_mean or ())}",
-                f"--std {','.join(f'{v:g}' for v in c.victim_std or ())}"]
-        return " ".join(["dafar attach --victim", c.attach_to, *own, *flags, "--out RUN_DIR"])
+                        skip=("threads", "device", "arch", "width", "unpool", "train_victim", *own))
+        return " ".join(["dafar attach --victim", c.attach_to, *first, *flags, "--out RUN_DIR"])
     if c.attach_to:  # plug-in mode: the data set, network and unpool come from the victim
         flags = to_argv(c, base, always=("profile", "epochs", "seed"),
                         skip=("threads", "device", "dataset", "arch", "width", "unpool", "train_victim",

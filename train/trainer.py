@@ -9,6 +9,7 @@ checkpoint takes exactly the same steps as an uninterrupted one (bitwise on CPU)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +17,6 @@ import platform
 import shutil
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
