@@ -471,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         why = exc.strerror or type(exc).__name__
         hint = {errno.EACCES: " (check the folder's permissions)", errno.EPERM: " (check the folder's permissions)",
                 errno.EROFS: " (a read-only file system: write the run elsewhere)",
-                errno.ENOSPC: " (the disk is full: free space and rerun; finished steps are kept)"}.get(exc.errno, "")
+                errno.ENOSPC: " (the disk is full: free space and rerun; finished steps are kept)",
+                errno.EFBIG: " (a file-size limit, ulimit -f, or a full file system: raise it and rerun)"}.get(exc.errno, "")
         print(f"dafar {args.command}: error: cannot use{where}: {why}{hint}", file=sys.stderr)
         return RunFolderError.exit_code
     except Exception as exc:  # noqa: BLE001 - the boundary: a short line here, the traceback in a log
@@ -485,7 +486,8 @@ _EXTRA_OF = {"torch": "train", "safetensors": "train", "tqdm": "train", "matplot
              "scipy": "eval"}
 
 
-_COMMAND_EXTRA = {"export": "export", "quantize": "export", "eval": "eval", "pipeline": "all"}
+# quantize needs eval: its default detection check attacks the int8 model with ART (--attack-images 0 skips it)
+_COMMAND_EXTRA = {"export": "export", "quantize": "eval", "eval": "eval", "pipeline": "all"}
 
 
 def _unexpected(args, exc: BaseException) -> int:

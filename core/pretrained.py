@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 from dafar.errors import ConfigError, RunFolderError
-from dafar.manifest import MANIFEST_NAME, load_manifest
+from dafar.manifest import MANIFEST_NAME, load_manifest, umask_mode
 from dafar.run import replaceable_run_folder
 
 __all__ = ["PRETRAINED_DIR", "available", "describe", "materialize", "summary_lines", "KEEP_ROLES", "DROP_FIELDS"]
@@ -71,8 +71,9 @@ def materialize(name: str, out: str | os.PathLike, overwrite: bool = False) -> P
     shutil.rmtree(staging, ignore_errors=True)
     try:
         shutil.copytree(src, staging)
-        for p in staging.rglob("*"):  # package files may be read-only; the run folder is the user's
-            p.chmod(0o755 if p.is_dir() else 0o644)
+        # package files may be read-only; the run folder is the user's, with the modes their umask gives
+        for p in [staging, *staging.rglob("*")]:
+            p.chmod(umask_mode(directory=p.is_dir()) | (0o700 if p.is_dir() else 0o600))
         load_manifest(staging, verify=True)
         if out.exists():
             shutil.rmtree(out)  # a run folder or an empty one (checked above)

@@ -116,11 +116,17 @@ def _plain_array(a, what: str) -> np.ndarray:
         raise InputValidationError(f"{what}: a masked array; fill the masked values first (a.filled(0))")
     if isinstance(a, np.ndarray):
         x = a.view(np.ndarray) if type(a) is not np.ndarray and not isinstance(a, np.memmap) else a
-    elif hasattr(a, "__array__") or hasattr(a, "__array_interface__"):
+    elif (hasattr(a, "__array__") or hasattr(a, "__array_interface__") or isinstance(a, (list, tuple, memoryview))) \
+            and not isinstance(a, (str, bytes)):
+        # nested lists of numbers (rows of pixels), buffers and array-protocol objects: numpy's own
+        # conversion, then every check a plain array gets (a list of ints becomes int64 and is
+        # refused by the dtype rule below, exactly as an int64 array is)
         try:
             x = np.asarray(a)
-        except Exception as exc:  # noqa: BLE001 - whatever the object's conversion raises
+        except Exception as exc:  # noqa: BLE001 - whatever the object's conversion raises (ragged lists, ...)
             raise InputValidationError(f"{what}: {type(a).__name__} could not be read as an array ({exc})") from None
+        if x.dtype == object:
+            raise InputValidationError(f"{what}: {type(a).__name__} holds things that are not numbers")
     else:
         raise InputValidationError(f"{what} must be a numpy array (or a list of arrays), got {type(a).__name__}")
     if x.dtype.byteorder == ">" or (x.dtype.byteorder == "<" and not np.little_endian):

@@ -50,3 +50,28 @@ def test_cli_errors_and_killed_stage(exported_run, tmp_path):
     it = interrupted_stage(exported_run, tmp_path, after_s=4.0)
     assert it["manifest_unchanged"] and it["folder_verifies"]
     assert it["next_export_exit"] == 0 and not it["staging_after_next_export"]
+
+
+def test_fault_classes(exported_run, tmp_path):
+    """Every class of fault a new user hit (resource bounds, file system, concurrency, manifest
+    parsing, array-likes, device install) ends as documented: the exit code, the words, no
+    traceback, nothing lost."""
+    from dafar.bench.reliability.faults import FAULT_CLASSES, fault_checks
+
+    rows = fault_checks(exported_run, MODELS[0], tmp_path, log=lambda *a: None)
+    assert {r["class"] for r in rows} == set(FAULT_CLASSES)
+    for cls in FAULT_CLASSES:
+        assert sum(r["class"] == cls for r in rows) >= 3, cls
+    bad = [r for r in rows if not r["ok"]]
+    assert not bad, bad
+
+
+def test_fault_report_counts_each_class(tmp_path):
+    from dafar.bench.reliability.checks import _fault_section
+
+    rows = [{"class": "array-likes", "case": "a", "expected": "x", "ok": True, "detail": "d|e"},
+            {"class": "array-likes", "case": "b", "expected": "x", "ok": False, "detail": "line\nbreak"},
+            {"class": "concurrency", "case": "c", "expected": "x", "ok": True, "detail": ""}]
+    text = "\n".join(_fault_section(rows))
+    assert "| array-likes | 2 | 1 (FAILURES) |" in text and "| concurrency | 1 | 1 |" in text
+    assert "| all | 3 | 2 |" in text and "d/e" in text and "line break" in text

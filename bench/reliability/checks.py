@@ -14,6 +14,8 @@
 4. Concurrency: 8 threads sharing one runtime object for 10,000 inferences; results identical to
    the single-threaded ones; throughput.
 5. The CLI on bad arguments, and a stage killed mid-way (the run folder must stay consistent).
+6. Fault classes (:mod:`.faults`): resource bounds, the file system (read-only, full, a user's own
+   file), two processes on one run folder, the manifest as input, array-likes, the device install.
 """
 from __future__ import annotations
 
@@ -453,6 +455,10 @@ def run_reliability(run_dir, *, fuzz_cases: int = 10_000, long_n: int = 100_000,
     with tempfile.TemporaryDirectory(prefix="dafar-rel-") as tmp:
         res["cli"] = cli_checks(run_dir, Path(tmp))
         res["interrupted"] = interrupted_stage(run_dir, Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="dafar-rel-") as tmp:
+        from .faults import fault_checks
+
+        res["faults"] = fault_checks(run_dir, next(iter(pick.values())), Path(tmp), log=log)
     out = run_dir / "reliability"
     out.mkdir(exist_ok=True)
     atomic_write_json(out / "summary.json", res)
@@ -500,9 +506,30 @@ def write_reliability_report(run_dir, cmd: str = "dafar reliability RUN_DIR") ->
           f"{it['manifest_unchanged']}, every listed file verifies {it['folder_verifies']}, staging folders left behind "
           f"{len(it['staging_left_behind'])} (removed by the next stage run: {not it['staging_after_next_export']}, "
           f"its exit code {it['next_export_exit']}).", ""]
+    L += _fault_section(r.get("faults", []))
     path = run_dir / "reliability_report.md"
     atomic_write_text(path, "\n".join(L))
     return path
+
+
+def _fault_section(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    from .faults import FAULT_CLASSES
+
+    L = ["## Fault classes", "",
+         "Each case is what a new user tried (a CLI command in a subprocess, or a Python API call) with what must "
+         "happen: the documented exit code and words in the message, no traceback, nothing lost.", "",
+         "| class | cases | passed |", "|---|---|---|"]
+    for cls in FAULT_CLASSES:
+        mine = [x for x in rows if x["class"] == cls]
+        L.append(f"| {cls} | {len(mine)} | {sum(x['ok'] for x in mine)}{'' if all(x['ok'] for x in mine) else ' (FAILURES)'} |")
+    L += [f"| all | {len(rows)} | {sum(x['ok'] for x in rows)} |", "", "| class | case | expected | result | detail |",
+          "|---|---|---|---|---|"]
+    for x in rows:
+        detail = x["detail"].replace("|", "/").replace("\n", " ")[:160]
+        L.append(f"| {x['class']} | {x['case']} | {x['expected']} | {'ok' if x['ok'] else 'FAILED'} | {detail} |")
+    return L + [""]
 
 
 def check_reliability(run_dir, cfg: ReliabilityConfig = ReliabilityConfig(), *, log=print) -> ReliabilityResult:
