@@ -209,7 +209,8 @@ def _load_image(path: str, chw, resize: bool):
 def cmd_predict(args) -> int:
     from dafar.runtime import Defence
 
-    d = Defence(args.run, args.model, threads=args.threads, provider=args.provider, on_invalid=args.on_invalid)
+    d = Defence(args.run, args.model, backend=args.backend, threads=args.threads, provider=args.provider,
+                on_invalid=args.on_invalid)
     # a model trained on resized images gets every image resized the same way
     resize = args.resize or bool((d.manifest.get("dataset", {}).get("preprocess") or {}).get("resize"))
     rows = []
@@ -391,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG files (Pillow) or .npy arrays")
     p.add_argument("--model", default=None, help="model file of the run folder (default: the int8/float TFLite defence)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--backend", default="auto", choices=["auto", "litert", "litert-compiled", "onnxruntime"],
+                   help="auto: from the file (LiteRT's Interpreter for .tflite); litert-compiled: LiteRT's CompiledModel API")
     p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"], help="ONNX Runtime execution provider")
     p.add_argument("--on-invalid", default="raise", choices=["raise", "reject"],
                    help="an invalid image: fail (default) or report it rejected")

@@ -172,7 +172,7 @@ class _Job:
 def _export_onnx(job: _Job, module, x, ref, common, staging: Path, run: RunFolder, cfg: ExportConfig, log) -> dict:
     import torch
 
-    from dafar.runtime.backends import OnnxRuntimeRunner
+    from dafar.runtime.backends import MIN_ONNXRUNTIME, OnnxRuntimeRunner
 
     from .onnx_export import OPSET, export_onnx, onnx_op_counts
 
@@ -188,13 +188,14 @@ def _export_onnx(job: _Job, module, x, ref, common, staging: Path, run: RunFolde
     return {rel: {**common, "format": "onnx", "opset": OPSET, "batch": "dynamic",
                   "input": input_spec(job.contract, run.chw, "N"),
                   "outputs": output_specs(job.names, "N", run.num_classes),
-                  "ops": onnx_op_counts(path), "validation": report, "seconds": round(time.perf_counter() - t0, 2)}}
+                  "ops": onnx_op_counts(path), "min_runtime": {"onnxruntime": MIN_ONNXRUNTIME},
+                  "validation": report, "seconds": round(time.perf_counter() - t0, 2)}}
 
 
 def _export_tflite(job: _Job, net, x, ref, common, staging: Path, run: RunFolder, cfg: ExportConfig, log) -> dict:
     from dafar.runtime.backends import LiteRTRunner
 
-    from .tflite_export import check_builtin_only, convert_to_tflite
+    from .tflite_export import check_builtin_only, convert_to_tflite, min_runtime_version
 
     out: dict = {}
     for batch in cfg.tflite_batches:
@@ -221,7 +222,8 @@ def _export_tflite(job: _Job, net, x, ref, common, staging: Path, run: RunFolder
         out[rel] = {**common, "format": "tflite", "batch": batch, "signature": "serving_default",
                     "input": input_spec(job.contract, run.chw, batch),
                     "outputs": [{"name": n, **io["outputs"][n]} for n in job.names],
-                    "ops": ops, "validation": report, "seconds": round(time.perf_counter() - t0, 2)}
+                    "ops": ops, "min_runtime": {"tflite": min_runtime_version(path)},
+                    "validation": report, "seconds": round(time.perf_counter() - t0, 2)}
     return out
 
 

@@ -2,7 +2,8 @@
 
 ``FusedDafar`` maps an image batch to five outputs, in this order and with these names:
 
-* ``label``: argmax of the purified logits (int64; int32 where the format prefers it),
+* ``label``: argmax of the purified logits (int64 in ONNX; int32 in TFLite, where LiteRT's
+  CompiledModel API cannot read int64),
 * ``score``: the anomaly score, ``||d||_2`` with ``d = x - D(E(x))`` (``--detector l2``) or
   ``d - C(d)`` (``--detector autoencoder``), on the model scale [-1, 1],
 * ``rejected``: ``not (score <= alpha)``: True for a score above alpha *and* for a NaN score, so

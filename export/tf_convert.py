@@ -97,7 +97,10 @@ def named_savedmodel(spec: dict, work: Path) -> Path:
         @tf.function(input_signature=[in_spec])
         def serve(self, x):
             out = sig(**{in_keys[0]: adapt(x)})
-            return {name: tf.identity(out[k], name=name) for name, k in zip(names, keys)}
+            # label as int32: LiteRT's CompiledModel API cannot read an int64 tensor
+            # ("ReadTensorToBuffer: unsupported dtype 'int64'"); class indices fit either way
+            return {name: tf.identity(tf.cast(out[k], tf.int32) if name == "label" else out[k], name=name)
+                    for name, k in zip(names, keys)}
 
     graph = Graph()
     tf.saved_model.save(graph, str(work / "named"), signatures={"serving_default": graph.serve})

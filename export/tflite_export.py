@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dafar.errors import ExportError, UnsupportedOpError, require, require_available
 
-__all__ = ["convert_to_tflite", "tflite_builtin_names", "tflite_op_counts", "check_builtin_only"]
+__all__ = ["convert_to_tflite", "tflite_builtin_names", "tflite_op_counts", "check_builtin_only", "min_runtime_version"]
 
 CONVERT_TIMEOUT_S = 900
 
@@ -90,3 +90,22 @@ def check_builtin_only(path: str | os.PathLike) -> dict[str, int]:
     if bad:
         raise UnsupportedOpError(f"{Path(path).name} holds non-builtin ops {bad}; a stock LiteRT interpreter cannot run it")
     return ops
+
+
+def min_runtime_version(path_or_bytes) -> str | None:
+    """The ``min_runtime_version`` metadata the TFLite converter wrote from the file's op versions
+    (e.g. ``"2.3.0"``), or None where the file has none.  Recorded in the manifest: an interpreter
+    older than this cannot run the file."""
+    from ai_edge_litert import schema_py_generated as S
+
+    buf = path_or_bytes if isinstance(path_or_bytes, (bytes, bytearray)) else Path(path_or_bytes).read_bytes()
+    m = S.Model.GetRootAs(buf, 0)
+    for i in range(m.MetadataLength()):
+        md = m.Metadata(i)
+        if md.Name() == b"min_runtime_version":
+            data = m.Buffers(md.Buffer()).DataAsNumpy()
+            if isinstance(data, int):  # no data
+                return None
+            return bytes(data).rstrip(b"\0").decode("ascii", "replace")
+    return None
+

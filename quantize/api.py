@@ -406,7 +406,7 @@ def _quantize_one(fmt: Format, e: ExportEntry, cfg: QuantizeConfig, run: RunFold
     entry.update({
         "precision": "int8", "layout": cfg.layout.value, "source": e.rel, "alpha": main["alpha"],
         "alpha_float": e.alpha, "thresholds_int8": main["thresholds"],
-        "calibration": imgs.calib_record, "quantization": {k: v for k, v in main["info"].items() if k != "ops"},
+        "calibration": imgs.calib_record, "quantization": {k: v for k, v in main["info"].items() if k not in ("ops", "min_runtime")},
         "validation": rep, "layer_errors": layers, "seconds": round(time.perf_counter() - t0, 2),
     })
     if fmt is Format.ONNX:
@@ -416,8 +416,13 @@ def _quantize_one(fmt: Format, e: ExportEntry, cfg: QuantizeConfig, run: RunFold
         entry["input"] = input_spec(e.contract, run.chw, "N")
         entry["outputs"] = output_specs(e.output_names, "N", run.num_classes)
     else:
+        from dafar.runtime.backends import LiteRTRunner
+
         entry["ops"] = main["info"].get("ops", {})
         entry["input"] = input_spec(e.contract, run.chw, cfg.tflite_batch)
+        io = LiteRTRunner(dst).signature()  # what the int8 file itself declares (label int32)
+        entry["outputs"] = [{"name": n, **io["outputs"][n]} for n in e.output_names]
+        entry["min_runtime"] = main["info"].get("min_runtime", {})
     if Layout.NAIVE in record:
         entry["naive_comparison"] = {"validation": record[Layout.NAIVE]["validation"],
                                      "alpha": record[Layout.NAIVE]["alpha"],

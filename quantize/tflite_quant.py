@@ -127,7 +127,9 @@ def quantize_tflite(src_onnx: str | os.PathLike, dst: str | os.PathLike, *, cont
                     input_chw: tuple[int, int, int], output_names: tuple[str, ...], calib: np.ndarray,
                     layout: Layout | str, work_dir: str | os.PathLike) -> dict:
     """Convert the static-batch float ONNX graph ``src_onnx`` to an int8 ``.tflite`` at ``dst``."""
-    from dafar.export.tflite_export import check_builtin_only, convert_to_tflite
+    from dafar.export.tflite_export import check_builtin_only, convert_to_tflite, min_runtime_version
+
+    from .tflite_compat import explicit_dequantize
 
     from .graphs import tflite_ops
     from .layout import float_ops
@@ -161,6 +163,12 @@ def quantize_tflite(src_onnx: str | os.PathLike, dst: str | os.PathLike, *, cont
         new, moved = weight_only_int8(buf, keep)
         Path(dst).write_bytes(new)
         info["weight_only_int8_nodes"] = moved
+    # hybrid ops (float input, int8 weights) that older interpreters lack get an explicit DEQUANTIZE
+    new, n = explicit_dequantize(Path(dst).read_bytes())
+    if n:
+        Path(dst).write_bytes(new)
+    info["explicit_dequantize_ops"] = n
+    info["min_runtime"] = {"tflite": min_runtime_version(dst)}
     try:
         info["ops"] = check_builtin_only(dst)
     except Exception as exc:

@@ -28,13 +28,20 @@ import numpy as np
 from dafar.errors import InferenceError, InputValidationError, MissingExtraError
 from dafar.limits import check_threads
 
-__all__ = ["Backend", "Provider", "ModelRunner", "OnnxRuntimeRunner", "LiteRTRunner", "open_model",
-           "litert_interpreter_class"]
+__all__ = ["Backend", "Provider", "ModelRunner", "OnnxRuntimeRunner", "LiteRTRunner", "LiteRTCompiledRunner",
+           "open_model", "litert_interpreter_class", "litert_runtime", "version_tuple", "MIN_ONNXRUNTIME"]
+
+# The oldest ONNX Runtime our .onnx files run on: they are ONNX IR version 9 (opset 18), which
+# 1.16 reads (measured with 1.17.3: float bit-identical to 1.32, int8 within 2e-6).  An older one
+# is refused here with the version named, instead of its "Unsupported model IR version" deep
+# inside the first load.
+MIN_ONNXRUNTIME = "1.16.0"
 
 
 class Backend(str, Enum):
     AUTO = "auto"  # from the file's suffix
-    LITERT = "litert"
+    LITERT = "litert"  # LiteRT's Interpreter API (ai_edge_litert, or tflite_runtime)
+    LITERT_COMPILED = "litert-compiled"  # LiteRT's CompiledModel API (ai_edge_litert >= 2), what Android apps use
     ONNXRUNTIME = "onnxruntime"
 
     @classmethod
@@ -93,6 +100,14 @@ def _ort_providers(ort, provider: Provider) -> list[str]:
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in avail else []) + ["CPUExecutionProvider"]
 
 
+def version_tuple(v: str) -> tuple[int, ...]:
+    out = []
+    for part in str(v).split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
 class OnnxRuntimeRunner(ModelRunner):
     backend = Backend.ONNXRUNTIME
 
@@ -101,6 +116,10 @@ class OnnxRuntimeRunner(ModelRunner):
             import onnxruntime as ort
         except ImportError:
             raise MissingExtraError("running .onnx models needs onnxruntime: pip install 'dafar[onnx-runtime]'") from None
+        have = getattr(ort, "__version__", "0")
+        if version_tuple(have) < version_tuple(MIN_ONNXRUNTIME):
+            raise MissingExtraError(f"{Path(path).name} needs onnxruntime >= {MIN_ONNXRUNTIME} (ONNX IR version 9); "
+                                    f"this one is {have}: pip install 'onnxruntime>={MIN_ONNXRUNTIME}'")
         self.path = Path(path)
         so = ort.SessionOptions()
         so.log_severity_level = 3
@@ -146,6 +165,21 @@ def litert_interpreter_class():
     except ImportError:
         raise MissingExtraError(
             "running .tflite models needs ai-edge-litert (or tflite-runtime): pip install 'dafar[litert]'") from None
+
+
+def litert_runtime() -> tuple[str, str]:
+    """(package, version) of the LiteRT interpreter in use: ``ai_edge_litert`` or ``tflite_runtime``
+    (whose versions follow TensorFlow's, the scale of a file's ``min_runtime_version``)."""
+    cls = litert_interpreter_class()
+    pkg = cls.__module__.split(".")[0]
+    try:
+        from importlib.metadata import version
+
+        return pkg, version(pkg.replace("_", "-"))
+    except Exception:  # noqa: BLE001 - a vendored build without metadata
+        import importlib
+
+        return pkg, str(getattr(importlib.import_module(pkg), "__version__", "0"))
 
 
 class LiteRTRunner(ModelRunner):
@@ -213,6 +247,84 @@ class LiteRTRunner(ModelRunner):
         return {k: np.array(v) for k, v in res.items()}  # copy: the runner's buffers are reused
 
 
+class LiteRTCompiledRunner(ModelRunner):
+    """A ``.tflite`` file through LiteRT's CompiledModel API (``ai_edge_litert.compiled_model``,
+    the API Android apps use), CPU accelerator.  Same interface as :class:`LiteRTRunner`; one
+    compiled model per thread.  It cannot read int64 tensors, so files whose outputs hold one
+    (TFLite files exported before labels became int32) are refused at load, naming the fix."""
+
+    backend = Backend.LITERT_COMPILED
+    SIGNATURE = "serving_default"
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        try:
+            from ai_edge_litert.compiled_model import CompiledModel  # noqa: F401
+        except ImportError:
+            raise MissingExtraError("LiteRT's CompiledModel API needs ai-edge-litert >= 2 (tflite-runtime has none): "
+                                    "pip install 'dafar[litert]'") from None
+        self.path = Path(path)
+        self.threads = threads or 1
+        self._local = threading.local()
+        _, _, ind, outd, _, _ = self._state()  # fail now, not on the first image
+        if len(ind) != 1:
+            raise InferenceError(f"{self.path.name}: signature {self.SIGNATURE} has inputs {list(ind)}, expected one")
+        self.input_name, detail = next(iter(ind.items()))
+        shape = [int(v) for v in detail["shape"]]
+        self.batch = shape[0] if shape and shape[0] > 0 else None
+        self.input_dtype = np.dtype(detail["dtype"])
+        self.output_names = list(outd)
+
+    def _new(self):
+        from ai_edge_litert.compiled_model import CompiledModel
+        from ai_edge_litert.cpu_options import CpuOptions
+        from ai_edge_litert.hardware_accelerator import HardwareAccelerator
+        from ai_edge_litert.options import Options
+
+        try:
+            m = CompiledModel.from_file(str(self.path), options=Options(HardwareAccelerator.CPU,
+                                                                          cpu_options=CpuOptions(num_threads=self.threads)))
+            sigs = m.get_signature_list()
+            if self.SIGNATURE not in sigs:
+                raise InferenceError(f"{self.path.name} has no {self.SIGNATURE} signature (has {list(sigs)})")
+            si = m.get_signature_index(self.SIGNATURE)
+            ind = m.get_input_tensor_details(self.SIGNATURE)
+            outd = m.get_output_tensor_details(self.SIGNATURE)
+            wide = sorted(k for k, d in {**ind, **outd}.items() if np.dtype(d["dtype"]) == np.int64)
+            if wide:
+                raise InferenceError(
+                    f"{self.path.name}: tensors {wide} are int64, which LiteRT's CompiledModel API cannot read; "
+                    "re-export the run with this dafar (TFLite labels are int32), or use backend='litert'")
+            ins, outs = m.create_input_buffers(si), m.create_output_buffers(si)
+        except InferenceError:
+            raise
+        except Exception as exc:
+            raise InferenceError(f"LiteRT (CompiledModel) cannot load {self.path}: {type(exc).__name__}: {exc}") from exc
+        self._local.state = (m, si, ind, outd, ins, outs)
+        return self._local.state
+
+    def _state(self):
+        st = getattr(self._local, "state", None)
+        return st if st is not None else self._new()
+
+    def signature(self) -> dict:
+        _, _, ind, outd, _, _ = self._state()
+
+        def table(d):
+            return {k: {"shape": [int(v) for v in t["shape"]], "dtype": np.dtype(t["dtype"]).name} for k, t in d.items()}
+
+        return {"inputs": table(ind), "outputs": table(outd)}
+
+    def invoke(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        m, si, _, outd, ins, outs = self._state()
+        try:
+            ins[0].write(np.ascontiguousarray(x, dtype=self.input_dtype))
+            m.run_by_index(si, ins, outs)
+            return {k: np.array(b.read(int(np.prod(d["shape"])), np.dtype(d["dtype"]))).reshape(d["shape"])
+                    for (k, d), b in zip(outd.items(), outs)}
+        except Exception as exc:
+            raise InferenceError(f"LiteRT (CompiledModel) failed on {self.path.name}: {type(exc).__name__}: {exc}") from exc
+
+
 def open_model(path: str | os.PathLike, backend: Backend | str = Backend.AUTO, *, threads: int | None = None,
                provider: Provider | str = Provider.AUTO, **options) -> ModelRunner:
     """A runner for ``path``: LiteRT for ``.tflite``, ONNX Runtime for ``.onnx`` (or as named)."""
@@ -221,9 +333,11 @@ def open_model(path: str | os.PathLike, backend: Backend | str = Backend.AUTO, *
     if kind is Backend.AUTO:
         kind = Backend.for_path(path)
     suffix = Path(path).suffix.lower()
-    want = {Backend.LITERT: ".tflite", Backend.ONNXRUNTIME: ".onnx"}.get(kind)
+    want = {Backend.LITERT: ".tflite", Backend.LITERT_COMPILED: ".tflite", Backend.ONNXRUNTIME: ".onnx"}.get(kind)
     if want != suffix:
         raise InputValidationError(f"{Path(path).name}: backend {kind.value!r} cannot run a {suffix or 'suffix-less'} file")
     if kind is Backend.ONNXRUNTIME:
         return OnnxRuntimeRunner(path, threads, provider)
+    if kind is Backend.LITERT_COMPILED:
+        return LiteRTCompiledRunner(path, threads)
     return LiteRTRunner(path, threads, **options)

@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from dafar.errors import InferenceError, InputValidationError, ManifestError
+from dafar.errors import InferenceError, InputValidationError, ManifestError, MissingExtraError
 from dafar.limits import check_threads
 from dafar.manifest import MANIFEST_NAME, read_manifest, verify_files
 from dafar.schema import Detector, ExportEntry, Graph, InputContract, Precision
 
-from .backends import Backend, Provider, open_model
+from .backends import Backend, Provider, litert_runtime, open_model, version_tuple
 
 __all__ = ["OnInvalid", "Prediction", "Defence", "list_models", "default_model"]
 
@@ -172,8 +172,9 @@ class Defence:
             verify_files(self.run_dir, self.manifest, [rel])  # before the backend reads a byte of it
         self.model_path = self.run_dir / rel
         self._read_spec()
-        if Backend.for_path(self.model_path) is Backend.ONNXRUNTIME and backend is not Backend.LITERT:
+        if Backend.for_path(self.model_path) is Backend.ONNXRUNTIME and backend in (Backend.AUTO, Backend.ONNXRUNTIME):
             self._warn_int8_saturation()
+        self._check_min_runtime(backend)
         self.runner = open_model(self.model_path, backend, threads=threads, provider=self.provider)
         self.backend_kind = self.runner.backend
         if self.runner.input_dtype != self.input_dtype:
@@ -181,6 +182,17 @@ class Defence:
         self.init_seconds = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ set-up
+    def _check_min_runtime(self, backend: Backend) -> None:
+        """Refuse, before loading, a tflite_runtime older than the file's recorded minimum (an old
+        interpreter loads a file it cannot run and fails only on the first image)."""
+        need = (self.entry.get("min_runtime") or {}).get("tflite")
+        if not need or Backend.for_path(self.model_path) is not Backend.LITERT or backend is Backend.ONNXRUNTIME:
+            return
+        pkg, have = litert_runtime()
+        if pkg == "tflite_runtime" and version_tuple(have) < version_tuple(need):
+            raise MissingExtraError(f"{self.model_rel} needs a TFLite runtime >= {need}; this tflite_runtime is {have}: "
+                                    f"pip install 'tflite-runtime>={need}' or 'dafar[litert]'")
+
     def _resolve_model(self, model) -> str:
         exports = self.manifest.get("exports", {})
         if model is None:

@@ -310,3 +310,75 @@ def test_quantize_needs_float_exports(exported_run, tmp_path):
 
     assert main(["quantize", str(run), "--calib", "4"]) == 2
     assert main(["quantize", str(tmp_path / "missing")]) == 4
+
+
+@pytest.mark.slow
+def test_int8_tflite_has_no_hybrid_op_an_older_interpreter_lacks(quantized):
+    """tflite-runtime 2.14 cannot run a TRANSPOSE_CONV with float input and int8 weights (the
+    converter's hybrid op for the precise layout): every such op gets an explicit DEQUANTIZE."""
+    from ai_edge_litert import schema_py_generated as S
+
+    from dafar.export.tflite_export import tflite_builtin_names
+
+    run, entries = quantized
+    names = tflite_builtin_names()
+    seen = 0
+    for rel, e in entries.items():
+        if not rel.endswith(".tflite"):
+            continue
+        m = S.ModelT.InitFromPackedBuf((run / rel).read_bytes(), 0)
+        sg = m.subgraphs[0]
+        for op in sg.operators:
+            if names.get(max(m.operatorCodes[op.opcodeIndex].builtinCode,
+                             m.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)) == "TRANSPOSE_CONV":
+                seen += 1
+                w, x = sg.tensors[op.inputs[1]], sg.tensors[op.inputs[2]]
+                assert not (w.type == S.TensorType.INT8 and x.type == S.TensorType.FLOAT32), rel
+        assert e["min_runtime"]["tflite"]  # recorded from the file's own metadata
+        assert {o["name"]: o["dtype"] for o in e["outputs"]}["label"] == "int32"
+    assert seen  # the paper decoder has transposed convolutions: the case was exercised
+
+
+@pytest.mark.slow
+def test_tflite_files_on_litert_compiled_model_api(quantized):
+    """LiteRT's CompiledModel API (Android's) runs every TFLite file with the Interpreter's exact
+    outputs: it cannot read int64, so labels are int32 in TFLite."""
+    from dafar.runtime import Defence
+
+    run, entries = quantized
+    x = np.random.default_rng(3).integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
+    tfl = [r for r, e in entries.items() if r.endswith(".tflite") and e["graph"] == "dafar"]
+    tfl += [r.replace("-int8", "") for r in tfl]  # and the float files they came from
+    for rel in tfl:
+        a = Defence(run, rel).predict(x)
+        b = Defence(run, rel, backend="litert-compiled").predict(x)
+        assert b.labels.dtype == np.int64  # the runtime's contract, whatever the file's dtype
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.rejected, b.rejected)
+        np.testing.assert_array_equal(a.scores, b.scores)
+
+
+@pytest.mark.slow
+def test_compat_matrix_old_runtimes_and_node_client(quantized, tmp_path_factory):
+    """tflite-runtime 2.14 (own venv, numpy<2), ONNX Runtime 1.16 and the Node client run every
+    file with the reference's decisions; skipped per runtime (with the reason) where it cannot be
+    installed here."""
+    from dafar.bench.compat.matrix import RUNTIMES, compat_matrix, write_matrix_report
+
+    run, _ = quantized
+    want = ("litert-interpreter", "tflite-runtime-2.14", "onnxruntime", "onnxruntime-1.16", "onnxruntime-node")
+    res = compat_matrix(run, images=200, envs=tmp_path_factory.mktemp("envs"),
+                        runtimes=tuple(r for r in RUNTIMES if r.key in want), log=lambda *a: None)
+    skipped = {k: r["skipped"] for k, r in res["runtimes"].items() if r["skipped"]}
+    if len(skipped) == 3:
+        pytest.skip(f"no other runtime could be installed here: {skipped}")
+    for rel, row in res["files"].items():
+        for key, c in row["cells"].items():
+            if c.get("skipped"):
+                continue
+            assert c.get("ran"), (rel, key, c)
+            assert c["label_agreement"] >= (0.99 if "int8" in rel else 1.0), (rel, key, c)
+            if "decision_agreement" in c:
+                assert c["decision_agreement"] == 1.0 and c["score_within_1e-3"] >= 0.99, (rel, key, c)
+    text = write_matrix_report(res, tmp_path_factory.mktemp("matrix"), "cmd").read_text()
+    assert "tflite-runtime-2.14" in text and "FAILS" not in text

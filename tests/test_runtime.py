@@ -337,3 +337,33 @@ def test_array_likes_take_one_path_on_every_backend(exported_run, model):
         d.predict(hidden)
     with pytest.raises(InputValidationError, match="share one dtype.*float32.*uint8"):
         d.predict([u8[0, 0], u8[1, 0].astype(np.float32) / 255])
+
+
+def test_minimum_runtime_versions_are_recorded_and_enforced(exported_run, monkeypatch):
+    """An interpreter older than a file needs is refused at load with the version named (an old
+    tflite_runtime would load the file and fail only on the first image; ONNX Runtime < 1.16
+    cannot read IR 9)."""
+    import onnxruntime
+
+    import dafar.runtime.core as core
+    from dafar.errors import MissingExtraError
+    from dafar.manifest import read_manifest
+    from dafar.runtime import Defence
+    from dafar.runtime.backends import MIN_ONNXRUNTIME, OnnxRuntimeRunner
+
+    ex = read_manifest(exported_run)["exports"]
+    tfl = "export/dafar-l2-float-nchw-b1.tflite"
+    assert ex["export/dafar-l2-float-nchw.onnx"]["min_runtime"] == {"onnxruntime": MIN_ONNXRUNTIME}
+    need = ex[tfl]["min_runtime"]["tflite"]
+    assert need and need.count(".") == 2
+    assert {o["name"]: o["dtype"] for o in ex[tfl]["outputs"]}["label"] == "int32"
+
+    monkeypatch.setattr(core, "litert_runtime", lambda: ("tflite_runtime", "2.2.0"))
+    with pytest.raises(MissingExtraError, match=f">= {need}.*2.2.0"):
+        Defence(exported_run, tfl)
+    monkeypatch.setattr(core, "litert_runtime", lambda: ("ai_edge_litert", "2.3.0"))  # another numbering: not compared
+    Defence(exported_run, tfl)
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.15.1")
+    with pytest.raises(MissingExtraError, match=r"onnxruntime >= 1\.16\.0.*1\.15\.1"):
+        OnnxRuntimeRunner(exported_run / "export/dafar-l2-float-nchw.onnx")
