@@ -98,7 +98,7 @@ def cmd_pipeline(args) -> int:
     res = pipeline(args.out, None if args.pretrained else _train_config(args), pretrained=args.pretrained,
                    data_dir=args.data_dir, resume=args.resume, overwrite=args.overwrite,
                    download=not args.no_download, quantize=not args.skip_quantize, bench=not args.skip_bench,
-                   quiet=args.quiet, log=print)
+                   full=args.full, quiet=args.quiet, log=print)
     print(f"report: {res.report}")
     return 0
 
@@ -362,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from a pretrained model shipped with dafar (e.g. mnist) instead of training")
     p.add_argument("--skip-quantize", action="store_true")
     p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--full", action="store_true",
+                   help="export and quantize every detector and input contract (default: the L2 detector on uint8 "
+                        "camera pixels, the variant a device runs by default)")
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("export", help="fuse victim, feedback loop and detector into ONNX/TFLite graphs, validated")

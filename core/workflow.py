@@ -1,5 +1,6 @@
-"""The main job as a function: train (or start from a pretrained model), export every graph
-variant, quantize to int8, benchmark, and write the reports.  ``dafar pipeline`` on the command
+"""The main job as a function: train (or start from a pretrained model), export the default
+deployment variant (or, with ``full``, every graph variant), quantize to int8, benchmark, and
+write the reports.  ``dafar pipeline`` on the command
 line; ``dafar.pipeline(...)`` from Python.
 """
 from __future__ import annotations
@@ -24,12 +25,15 @@ class PipelineResult:
 
 def pipeline(out: str | os.PathLike, config=None, *, pretrained: str | None = None, data_dir=None,
              resume: bool = False, overwrite: bool = False, download: bool = True, quantize: bool = True,
-             bench: bool = True, quiet: bool = False, log=print) -> PipelineResult:
+             bench: bool = True, full: bool = False, quiet: bool = False, log=print) -> PipelineResult:
     """Run the main job into the run folder ``out``.
 
     ``config`` is a :class:`dafar.train.TrainConfig` (default: MNIST, quick profile); with
-    ``pretrained`` (e.g. ``"mnist"``) the shipped model is copied instead of training.  Every
-    detector the model has is exported for both input contracts, in ONNX and TFLite."""
+    ``pretrained`` (e.g. ``"mnist"``) the shipped model is copied instead of training.  By default
+    the one variant a device runs by default is exported and quantized (the L2 detector on raw
+    camera pixels, ``uint8-nhwc``, in ONNX and TFLite, beside the undefended victim); ``full``
+    exports every detector the model has for both input contracts (three times the files and
+    about three times the export, quantize and bench time)."""
     from dafar.bench import BenchConfig
     from dafar.bench import bench as run_bench
     from dafar.export import ExportConfig, export
@@ -53,10 +57,12 @@ def pipeline(out: str | os.PathLike, config=None, *, pretrained: str | None = No
         stages["train"] = result
         log("\n".join(result.summary_lines()))
         run, has_c = result.run_dir, cfg.detector
-    dets = (Detector.L2, Detector.AUTOENCODER) if has_c else (Detector.L2,)
+    if full:
+        dets, contracts = ((Detector.L2, Detector.AUTOENCODER) if has_c else (Detector.L2,)), tuple(InputContract)
+    else:  # what dafar.runtime.Defence runs when no model is named
+        dets, contracts = (Detector.L2,), (InputContract.UINT8_NHWC,)
     log("== export")
-    stages["export"] = export(run, ExportConfig(detectors=dets, contracts=tuple(InputContract)), data_dir=data_dir,
-                              log=log)
+    stages["export"] = export(run, ExportConfig(detectors=dets, contracts=contracts), data_dir=data_dir, log=log)
     if quantize:
         log("== quantize")
         stages["quantize"] = run_quantize(run, QuantizeConfig(), data_dir=data_dir, log=log)

@@ -48,21 +48,25 @@ PORTABLE_IR_VERSION = 9
 
 
 def portable_ir(model) -> bool:
-    """Lower ``model``'s (an onnx ModelProto) IR version to 9 where its opsets allow (default
-    domain <= 20); True when it changed.  Rewritten to IR 9, the files ran bit-identically on
+    """Drop the opset imports no node uses, and lower ``model``'s (an onnx ModelProto) IR version
+    to 9 where its opsets allow (default domain <= 20); True when it changed.  Rewritten to IR 9, the files ran bit-identically on
     ONNX Runtime 1.16/1.17 (issue 24's measurement)."""
-    if model.ir_version <= PORTABLE_IR_VERSION:
-        return False
     used = {n.domain or "" for n in model.graph.node}
-    default = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    ml = max((o.version for o in model.opset_import if o.domain == "ai.onnx.ml" and "ai.onnx.ml" in used), default=0)
-    if default > 20 or ml > 4:  # opsets IR 9 does not know
-        return False
-    # ONNX Runtime's quantizer declares every domain it knows; the ones no node uses only stand
-    # in the way of an older reader
+    for f in model.functions:
+        used |= {n.domain or "" for n in f.node}
+    # ONNX Runtime's quantizer declares every domain it knows (ai.onnx.ml opset 5 among them, which
+    # ONNX Runtime 1.16 refuses to load); the ones no node uses only stand in an older reader's way
     keep = [o for o in model.opset_import if o.domain in ("", "ai.onnx") or o.domain in used]
-    del model.opset_import[:]
-    model.opset_import.extend(keep)
+    changed = len(keep) != len(model.opset_import)
+    if changed:
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+    if model.ir_version <= PORTABLE_IR_VERSION:
+        return changed
+    default = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    ml = max((o.version for o in model.opset_import if o.domain == "ai.onnx.ml"), default=0)
+    if default > 20 or ml > 4:  # opsets IR 9 does not know
+        return changed
     model.ir_version = PORTABLE_IR_VERSION
     return True
 

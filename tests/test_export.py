@@ -140,6 +140,9 @@ def test_portable_ir_lowers_only_what_ir9_can_read():
     assert not portable_ir(m)  # already IR 9
     m21 = model([("", 21)])
     assert not portable_ir(m21) and m21.ir_version == 10  # opset 21 needs IR 10
+    m9 = model([("", 18), ("ai.onnx.ml", 5)])
+    m9.ir_version = 9  # already IR 9, but declaring ai.onnx.ml 5, which ONNX Runtime 1.16 refuses to load
+    assert portable_ir(m9) and [(o.domain, o.version) for o in m9.opset_import] == [("", 18)]
 
 
 # ---------------------------------------------------------------- run-folder exports (slow)
