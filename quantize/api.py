@@ -430,15 +430,18 @@ def _quantize_one(fmt: Format, e: ExportEntry, cfg: QuantizeConfig, run: RunFold
     return rel, entry
 
 
-def _save_scores(run: RunFolder, scores: dict, test_y: np.ndarray) -> None:
-    """Clean test scores, float and int8, for the report's plots (merged with an earlier call's)."""
+def _save_scores(run: RunFolder, scores: dict, test_y: np.ndarray, dst: Path | None = None) -> None:
+    """Clean test scores, float and int8, for the report's plots (merged with an earlier call's),
+    written to ``dst`` (a staging file) or straight into the run folder."""
     old = {}
     if (run.path / SCORES).is_file() and SCORES in run.manifest.get("files", {}):
         with np.load(run.path / SCORES, allow_pickle=False) as z:
             old = {k: z[k] for k in z.files}
     buf = io.BytesIO()
-    np.savez_compressed(buf, **{**old, **scores}, test_labels=test_y)
-    atomic_write_bytes(run.path / SCORES, buf.getvalue())
+    # an earlier call's file holds test_labels too: merged, not passed twice (a second
+    # `dafar quantize`, e.g. --format onnx after --format tflite, failed here)
+    np.savez_compressed(buf, **{**old, **scores, "test_labels": test_y})
+    atomic_write_bytes(dst or run.path / SCORES, buf.getvalue())
 
 
 def quantize_run(run_dir: str | os.PathLike, cfg: QuantizeConfig = QuantizeConfig(), *, data_dir=None,
@@ -460,10 +463,13 @@ def quantize_run(run_dir: str | os.PathLike, cfg: QuantizeConfig = QuantizeConfi
             rel, entry = _quantize_one(fmt, e, cfg, run, imgs, sources, staging, host, scores)
             entries[rel] = entry
             log(f"{rel}: {_summary(entry['validation'])}")
-        # every model passed: move into place and register
+        # every model passed: everything that can still fail is written to staging first, then
+        # moved into place and registered (a failure between the two left files that did not
+        # match the manifest)
+        _save_scores(run, scores, imgs.test_y, staging / SCORES)
         for rel in entries:
             run.place(staging / Path(rel).name, rel)
-        _save_scores(run, scores, imgs.test_y)
+        run.place(staging / SCORES, SCORES)
         run.register({SCORES: {"role": "scores"},
                       **{rel: {"role": "export", "format": e["format"], "graph": e["graph"], "precision": "int8"}
                          for rel, e in entries.items()}},

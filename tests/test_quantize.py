@@ -382,3 +382,16 @@ def test_compat_matrix_old_runtimes_and_node_client(quantized, tmp_path_factory)
                 assert c["decision_agreement"] == 1.0 and c["score_within_1e-3"] >= 0.99, (rel, key, c)
     text = write_matrix_report(res, tmp_path_factory.mktemp("matrix"), "cmd").read_text()
     assert "tflite-runtime-2.14" in text and "FAILS" not in text
+
+
+def test_scores_of_a_second_quantize_call_merge_with_the_first(tmp_path):
+    from types import SimpleNamespace
+
+    from dafar.quantize.api import SCORES, _save_scores
+
+    run = SimpleNamespace(path=tmp_path, manifest={"files": {SCORES: {}}})
+    y = np.arange(4)
+    _save_scores(run, {"a": np.ones(4)}, y)
+    _save_scores(run, {"b": np.zeros(4)}, y)  # a second `dafar quantize` (another format) on the same run
+    with np.load(tmp_path / SCORES) as z:
+        assert sorted(z.files) == ["a", "b", "test_labels"] and (z["test_labels"] == y).all()
