@@ -475,6 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the file system said no: permissions, a full disk, a read-only folder
         where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
         why = exc.strerror or type(exc).__name__
+        errs = exc.args[0] if exc.args and isinstance(exc.args[0], list) else None
+        if errs and isinstance(errs[0], tuple) and len(errs[0]) == 3:  # shutil.Error: [(src, dst, why), ...]
+            where, why = f" {errs[0][1]}", f"{errs[0][2]}" + (f" (and {len(errs) - 1} more files)" if len(errs) > 1 else "")
+            import re
+
+            code = next((int(c) for c in re.findall(r"\[Errno (\d+)\]", why)), None)
+            exc.errno = exc.errno or code
         hint = {errno.EACCES: " (check the folder's permissions)", errno.EPERM: " (check the folder's permissions)",
                 errno.EROFS: " (a read-only file system: write the run elsewhere)",
                 errno.ENOSPC: " (the disk is full: free space and rerun; finished steps are kept)",
