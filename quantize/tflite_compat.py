@@ -38,17 +38,12 @@ def _code(oc) -> int:
     return max(oc.builtinCode, oc.deprecatedBuiltinCode)
 
 
-def _version_tuple(v: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(p) for p in v.split("."))
-    except ValueError:
-        return (0,)
-
-
 def explicit_dequantize(model_bytes: bytes) -> tuple[bytes, int]:
     """(new file bytes, number of ops rewritten); the bytes come back unchanged when none was."""
     import flatbuffers
     import numpy as np
+
+    from dafar.runtime.backends import version_tuple
 
     fb = _schema()
     ops_by_name = {k: v for k, v in vars(fb.BuiltinOperator).items() if not k.startswith("_")}
@@ -66,7 +61,7 @@ def explicit_dequantize(model_bytes: bytes) -> tuple[bytes, int]:
                 if w.type == fb.TensorType.INT8 and x.type == fb.TensorType.FLOAT32:
                     per_channel = w.quantization is not None and w.quantization.scale is not None and len(w.quantization.scale) > 1
                     version, runtime = _DEQUANTIZE_VERSION[per_channel]
-                    if _version_tuple(runtime) > _version_tuple(need_version):
+                    if version_tuple(runtime) > version_tuple(need_version):
                         need_version = runtime
                     idx = next((i for i, oc in enumerate(m.operatorCodes) if _code(oc) == deq and oc.version == version), None)
                     if idx is None:
@@ -99,7 +94,7 @@ def explicit_dequantize(model_bytes: bytes) -> tuple[bytes, int]:
         if md.name in (b"min_runtime_version", "min_runtime_version"):
             data = m.buffers[md.buffer].data
             old = bytes(bytearray(data)).rstrip(b"\0").decode("ascii", "replace") if data is not None else "0"
-            if _version_tuple(need_version) > _version_tuple(old):
+            if version_tuple(need_version) > version_tuple(old):
                 m.buffers[md.buffer].data = np.frombuffer(need_version.encode().ljust(16, b"\0"), dtype=np.uint8)
     builder = flatbuffers.Builder(len(model_bytes) + 1024)
     builder.Finish(m.Pack(builder), file_identifier=b"TFL3")

@@ -167,6 +167,11 @@ def litert_interpreter_class():
             "running .tflite models needs ai-edge-litert (or tflite-runtime): pip install 'dafar[litert]'") from None
 
 
+def _io_table(details: dict) -> dict:
+    """A signature's tensors as {name: {"shape": [...], "dtype": "..."}} (both LiteRT APIs)."""
+    return {k: {"shape": [int(v) for v in t["shape"]], "dtype": np.dtype(t["dtype"]).name} for k, t in details.items()}
+
+
 def litert_runtime() -> tuple[str, str]:
     """(package, version) of the LiteRT interpreter in use: ``ai_edge_litert`` or ``tflite_runtime``
     (whose versions follow TensorFlow's, the scale of a file's ``min_runtime_version``)."""
@@ -233,11 +238,7 @@ class LiteRTRunner(ModelRunner):
     def signature(self) -> dict:
         """Names, shapes and dtypes of the signature's inputs and outputs."""
         runner = self._runner()
-
-        def table(d):
-            return {k: {"shape": [int(s) for s in v["shape"]], "dtype": np.dtype(v["dtype"]).name} for k, v in d.items()}
-
-        return {"inputs": table(runner.get_input_details()), "outputs": table(runner.get_output_details())}
+        return {"inputs": _io_table(runner.get_input_details()), "outputs": _io_table(runner.get_output_details())}
 
     def invoke(self, x: np.ndarray) -> dict[str, np.ndarray]:
         try:
@@ -308,11 +309,7 @@ class LiteRTCompiledRunner(ModelRunner):
 
     def signature(self) -> dict:
         _, _, ind, outd, _, _ = self._state()
-
-        def table(d):
-            return {k: {"shape": [int(v) for v in t["shape"]], "dtype": np.dtype(t["dtype"]).name} for k, t in d.items()}
-
-        return {"inputs": table(ind), "outputs": table(outd)}
+        return {"inputs": _io_table(ind), "outputs": _io_table(outd)}
 
     def invoke(self, x: np.ndarray) -> dict[str, np.ndarray]:
         m, si, _, outd, ins, outs = self._state()
