@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dafar.errors import RunFolderError
 from dafar.manifest import dataset_label, read_manifest
-from dafar.schema import Detector, InputContract
+from dafar.schema import Detector, InputContract, Mode
 
 __all__ = ["summarize", "render_markdown", "collect"]
 
@@ -115,22 +115,27 @@ def _bench(b: dict | None) -> dict | None:
     for r in b.get("records", []):
         if r.get("batch") != 1 or "p50_ms" not in r:
             continue
-        key = (r.get("backend"), r.get("precision"), r.get("graph"), r.get("detector"), r.get("contract"), r.get("threads"))
+        # records made before output modes existed are hybrid defence graphs
+        mode = (r.get("mode") or Mode.HYBRID.value) if r.get("graph") == "dafar" else None
+        key = (r.get("backend"), r.get("precision"), r.get("graph"), r.get("detector"), mode, r.get("contract"),
+               r.get("threads"))
         rows[key] = r["p50_ms"]
     out = []
     for backend in ("litert", "onnxruntime"):
-        for threads in sorted({k[5] for k in rows}):
+        for threads in sorted({k[6] for k in rows}):
             for det in (d.value for d in Detector):
-                for contract in (InputContract.UINT8_NHWC.value, InputContract.FLOAT_NCHW.value):
-                    f = rows.get((backend, "float32", "dafar", det, contract, threads))
-                    q = rows.get((backend, "int8", "dafar", det, contract, threads))
-                    fv = rows.get((backend, "float32", "victim", None, contract, threads))
-                    qv = rows.get((backend, "int8", "victim", None, contract, threads))
-                    if f is None and q is None:
-                        continue
-                    out.append({"backend": backend, "threads": threads, "detector": det, "contract": contract,
-                                "defence_float_ms": f, "defence_int8_ms": q, "victim_float_ms": fv, "victim_int8_ms": qv})
-                    break  # one input contract per (backend, threads, detector): the first that exists
+                for mode in (m.value for m in Mode):
+                    for contract in (InputContract.UINT8_NHWC.value, InputContract.FLOAT_NCHW.value):
+                        f = rows.get((backend, "float32", "dafar", det, mode, contract, threads))
+                        q = rows.get((backend, "int8", "dafar", det, mode, contract, threads))
+                        fv = rows.get((backend, "float32", "victim", None, None, contract, threads))
+                        qv = rows.get((backend, "int8", "victim", None, None, contract, threads))
+                        if f is None and q is None:
+                            continue
+                        out.append({"backend": backend, "threads": threads, "detector": det, "mode": mode,
+                                    "contract": contract, "defence_float_ms": f, "defence_int8_ms": q,
+                                    "victim_float_ms": fv, "victim_int8_ms": qv})
+                        break  # one input contract per (backend, threads, detector, mode): the first that exists
     ratios = [r for r in b.get("ratios", []) if r.get("threads") == 1 and r.get("batch") == 1
               and "-int8" not in r.get("model", "") and r.get("model", "").endswith(".tflite")]
     return {"latency": out, "mac_ratio": [(r["model"], r["latency_ratio"], r["mac_ratio"]) for r in ratios],
@@ -220,11 +225,11 @@ def render_markdown(d: dict) -> str:
             return "-" if v is None else f"{v:.3f}"
 
         L += ["", f"Latency, batch 1, p50 ms on {b.get('machine') or 'this machine'} (`bench_report.md`):", "",
-              "| backend | threads | detector | input | defence float | defence int8 | victim float | victim int8 | int8 speed-up (defence) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| backend | threads | detector | mode | input | defence float | defence int8 | victim float | victim int8 | int8 speed-up (defence) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
         for r in b["latency"]:
             f, q = r["defence_float_ms"], r["defence_int8_ms"]
-            L.append(f"| {r['backend']} | {r['threads']} | {r['detector']} | {r['contract']} | {ms(f)} | {ms(q)} | "
+            L.append(f"| {r['backend']} | {r['threads']} | {r['detector']} | {r.get('mode', 'hybrid')} | {r['contract']} | {ms(f)} | {ms(q)} | "
                      f"{ms(r['victim_float_ms'])} | {ms(r['victim_int8_ms'])} | {'-' if not f or not q else f'{f / q:.2f}x'} |")
         if b["mac_ratio"]:
             L += ["", "Defence / victim latency against the MAC ratio (LiteRT float, 1 thread): "

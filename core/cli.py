@@ -18,6 +18,7 @@ from pathlib import Path
 
 from dafar.errors import ConfigError, DafarError, MissingExtraError, RunFolderError
 from dafar.options import add_options, config_kwargs
+from dafar.schema import Mode
 from dafar.version import __version__
 
 EXIT_MISSING_EXTRA = 6
@@ -98,7 +99,7 @@ def cmd_pipeline(args) -> int:
     res = pipeline(args.out, None if args.pretrained else _train_config(args), pretrained=args.pretrained,
                    data_dir=args.data_dir, resume=args.resume, overwrite=args.overwrite,
                    download=not args.no_download, quantize=not args.skip_quantize, bench=not args.skip_bench,
-                   full=args.full, quiet=args.quiet, log=print)
+                   full=args.full, mode=args.mode, quiet=args.quiet, log=print)
     print(f"report: {res.report}")
     return 0
 
@@ -223,10 +224,11 @@ def cmd_predict(args) -> int:
                 rec["class"] = d.classes[rec["label"]]
             rows.append(rec)
     if args.json:
-        print(json.dumps({"model": d.model_rel, "alpha": d.alpha, "detector": d.detector, "precision": d.precision,
-                          "predictions": rows}, indent=2))
+        print(json.dumps({"model": d.model_rel, "alpha": d.alpha, "detector": d.detector, "mode": d.mode,
+                          "precision": d.precision, "predictions": rows}, indent=2))
     else:
-        print(f"model {d.model_rel} ({d.precision}, detector {d.detector}, alpha {d.alpha})")
+        mode = f", {d.mode} mode" if d.mode else ""
+        print(f"model {d.model_rel} ({d.precision}, detector {d.detector}{mode}, alpha {d.alpha})")
         for r in rows:
             score = "n/a" if r["score"] is None else f"{r['score']:.4f}"
             print(f"{r['file']}: label {r['label']} ({r.get('class', '?')})  score {score}  {r['verdict'].upper()}")
@@ -365,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true",
                    help="export and quantize every detector and input contract (default: the L2 detector on uint8 "
                         "camera pixels, the variant a device runs by default)")
+    p.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.HYBRID.value,
+                   help="defence graph mode: hybrid (label from the purified logits, the paper's) or detect (the "
+                        "victim's label, D only for the score: about 2/3 of hybrid's cost); --full exports both")
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("export", help="fuse victim, feedback loop and detector into ONNX/TFLite graphs, validated")

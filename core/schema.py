@@ -21,8 +21,10 @@ __all__ = [
     "Format",
     "Precision",
     "Graph",
+    "Mode",
     "Unpool",
     "OUTPUT_NAMES",
+    "DETECT_OUTPUT_NAMES",
     "VICTIM_OUTPUT_NAMES",
     "output_names",
     "input_spec",
@@ -122,6 +124,19 @@ class Graph(str, Enum):
     VICTIM = "victim"  # the undefended classifier F(E(x)): label, logits
 
 
+class Mode(str, Enum):
+    """Where a defence graph's label comes from (recorded per export as ``mode``).
+
+    ``hybrid`` (the paper's, the default): the label is the argmax of the purified logits
+    F(E(D(E(x)))), so the graph runs E and F twice.  ``detect``: the label is the victim's own
+    F(E(x)); D runs only for the score and there is no second E/F pass, so the graph costs
+    E + F + D (about 2x the victim on the paper networks instead of 3x).  A detect graph has no
+    ``purified_logits`` output; every other output keeps its name and meaning."""
+
+    HYBRID = "hybrid"
+    DETECT = "detect"
+
+
 class Unpool(str, Enum):
     """Which unpooling operator the decoder uses (recorded as ``architecture.unpool``)."""
 
@@ -130,14 +145,17 @@ class Unpool(str, Enum):
 
 
 OUTPUT_NAMES = ("label", "score", "rejected", "logits", "purified_logits")
+DETECT_OUTPUT_NAMES = ("label", "score", "rejected", "logits")  # --mode detect: no purified_logits
 VICTIM_OUTPUT_NAMES = ("label", "logits")
 
 _OUTPUT_TYPES = {"label": "int64", "score": "float32", "rejected": "bool", "logits": "float32",
                  "purified_logits": "float32"}
 
 
-def output_names(graph: Graph | str) -> tuple[str, ...]:
-    return OUTPUT_NAMES if Graph(graph) is Graph.DAFAR else VICTIM_OUTPUT_NAMES
+def output_names(graph: Graph | str, mode: Mode | str = Mode.HYBRID) -> tuple[str, ...]:
+    if Graph(graph) is not Graph.DAFAR:
+        return VICTIM_OUTPUT_NAMES
+    return DETECT_OUTPUT_NAMES if Mode(mode) is Mode.DETECT else OUTPUT_NAMES
 
 
 def input_spec(contract: InputContract | str, chw, batch) -> dict:
@@ -193,10 +211,11 @@ class ExportEntry:
     alpha: float | None
     threshold_rule: str | None
     raw: dict
+    mode: Mode | None = None  # defence graphs: where the label comes from; None for the victim
 
     @property
     def output_names(self) -> tuple[str, ...]:
-        return output_names(self.graph)
+        return output_names(self.graph, self.mode or Mode.HYBRID)
 
     @property
     def pair_key(self) -> tuple:
@@ -215,6 +234,8 @@ class ExportEntry:
             contract = InputContract(e.get("contract", "float-nchw"))
             det = e.get("detector")
             detector = Detector(det) if det is not None else None
+            # files exported before modes existed are hybrid graphs
+            mode = Mode(e.get("mode") or Mode.HYBRID.value) if graph is Graph.DAFAR else None
         except (KeyError, ValueError) as exc:
             raise ManifestError(f"{where}: export {rel} has a missing or unknown field ({exc})") from None
         inp = e.get("input")
@@ -231,4 +252,4 @@ class ExportEntry:
         if graph is Graph.DAFAR and (not isinstance(alpha, (int, float)) or not np.isfinite(alpha)):
             raise ManifestError(f"{where}: defence graph {rel} has no finite alpha")
         return cls(rel, graph, fmt, precision, contract, detector, batch, chw, int(e.get("num_classes", 10)),
-                   None if alpha is None else float(alpha), e.get("threshold_rule"), e)
+                   None if alpha is None else float(alpha), e.get("threshold_rule"), e, mode)

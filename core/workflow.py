@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dafar.schema import Detector, InputContract
+from dafar.schema import Detector, InputContract, Mode
 
 __all__ = ["pipeline", "PipelineResult"]
 
@@ -25,15 +25,18 @@ class PipelineResult:
 
 def pipeline(out: str | os.PathLike, config=None, *, pretrained: str | None = None, data_dir=None,
              resume: bool = False, overwrite: bool = False, download: bool = True, quantize: bool = True,
-             bench: bool = True, full: bool = False, quiet: bool = False, log=print) -> PipelineResult:
+             bench: bool = True, full: bool = False, mode: Mode | str = Mode.HYBRID, quiet: bool = False,
+             log=print) -> PipelineResult:
     """Run the main job into the run folder ``out``.
 
     ``config`` is a :class:`dafar.train.TrainConfig` (default: MNIST, quick profile); with
     ``pretrained`` (e.g. ``"mnist"``) the shipped model is copied instead of training.  By default
     the one variant a device runs by default is exported and quantized (the L2 detector on raw
     camera pixels, ``uint8-nhwc``, in ONNX and TFLite, beside the undefended victim); ``full``
-    exports every detector the model has for both input contracts (three times the files and
-    about three times the export, quantize and bench time)."""
+    exports every detector the model has for both input contracts and both modes (five times the
+    files and about five times the export, quantize and bench time).  ``mode`` picks the defence
+    graph's mode otherwise: ``hybrid`` (the paper's) or ``detect`` (the victim's label; no second
+    E/F pass)."""
     from dafar.bench import BenchConfig
     from dafar.bench import bench as run_bench
     from dafar.export import ExportConfig, export
@@ -59,10 +62,12 @@ def pipeline(out: str | os.PathLike, config=None, *, pretrained: str | None = No
         run, has_c = result.run_dir, cfg.detector
     if full:
         dets, contracts = ((Detector.L2, Detector.AUTOENCODER) if has_c else (Detector.L2,)), tuple(InputContract)
+        modes = tuple(Mode)
     else:  # what dafar.runtime.Defence runs when no model is named
-        dets, contracts = (Detector.L2,), (InputContract.UINT8_NHWC,)
+        dets, contracts, modes = (Detector.L2,), (InputContract.UINT8_NHWC,), (Mode(mode),)
     log("== export")
-    stages["export"] = export(run, ExportConfig(detectors=dets, contracts=contracts), data_dir=data_dir, log=log)
+    stages["export"] = export(run, ExportConfig(detectors=dets, contracts=contracts, modes=modes), data_dir=data_dir,
+                              log=log)
     if quantize:
         log("== quantize")
         stages["quantize"] = run_quantize(run, QuantizeConfig(), data_dir=data_dir, log=log)

@@ -5,6 +5,7 @@ Files land in ``RUN/export/``::
 
     dafar-<detector>-<contract>.onnx           dynamic batch
     dafar-<detector>-<contract>-b<N>.tflite    fixed batch N (1 by default), signature serving_default
+    dafar-<detector>-detect-<contract>...      the same in --mode detect (label from the victim's logits)
     victim-<contract>.onnx / victim-<contract>-b<N>.tflite
 
 and the manifest gains an ``exports`` table (format, detector, contract, alpha and its rule,
@@ -26,7 +27,7 @@ from dafar.errors import ExportError, InferenceError, ManifestError, OutputShape
 from dafar.manifest import get_field, package_versions
 from dafar.options import option
 from dafar.run import RunFolder
-from dafar.schema import Detector, Format, Graph, InputContract, input_spec, output_names, output_specs, parse_enums
+from dafar.schema import Detector, Format, Graph, InputContract, Mode, input_spec, output_names, output_specs, parse_enums
 
 from .validate import Tolerance, validate_model_outputs
 
@@ -43,6 +44,10 @@ class ExportConfig:
     contracts: tuple[InputContract, ...] = option(
         (InputContract.FLOAT_NCHW,), flag="--input",
         help="comma list of input contracts: float-nchw (float32 in [0, 1]) and/or uint8-nhwc (raw pixels)")
+    modes: tuple[Mode, ...] = option(
+        (Mode.HYBRID,), flag="--mode",
+        help="comma list of defence graph modes: hybrid (label from the purified logits, the paper's) and/or "
+             "detect (label from the victim's logits; D only for the score; about 2/3 of hybrid's cost)")
     tflite_batches: tuple[int, ...] = option((1,), flag="--tflite-batch", help="comma list of fixed TFLite batch sizes")
     threshold_rule: str | None = option(None, metavar="RULE",
                                         help="alpha rule key from the manifest, e.g. 'quantile@fpr=0.01' "
@@ -56,6 +61,7 @@ class ExportConfig:
         object.__setattr__(self, "formats", parse_enums(self.formats, Format, "format"))
         object.__setattr__(self, "detectors", parse_enums(self.detectors, Detector, "detector"))
         object.__setattr__(self, "contracts", parse_enums(self.contracts, InputContract, "input contract"))
+        object.__setattr__(self, "modes", parse_enums(self.modes, Mode, "mode"))
         batches = tuple(dict.fromkeys(self.tflite_batches))
         if not batches or any(not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= 1024 for b in batches):
             from dafar.errors import ConfigError
@@ -92,7 +98,7 @@ def alpha_for(manifest: dict, detector: Detector | str, rule: str | None, run_di
 
 
 def graph_module(net, graph: Graph | str, detector: Detector | str | None, contract: InputContract | str,
-                 alpha: float | None, normalization: dict):
+                 alpha: float | None, normalization: dict, mode: Mode | str = Mode.HYBRID):
     """The torch module an exported file is made from (eval mode)."""
     from dafar.train.mobile import fold_batchnorm
 
@@ -100,12 +106,12 @@ def graph_module(net, graph: Graph | str, detector: Detector | str | None, contr
 
     net = fold_batchnorm(net)  # batch norm (the mobile network) folded into its convolutions
     if Graph(graph) is Graph.DAFAR:
-        return FusedDafar(net, alpha, detector, contract, normalization["mean"], normalization["std"]).eval()
+        return FusedDafar(net, alpha, detector, contract, normalization["mean"], normalization["std"], mode).eval()
     return VictimGraph(net, contract, normalization["mean"], normalization["std"]).eval()
 
 
 def source_onnx(net, graph: Graph | str, detector: Detector | str | None, alpha: float | None, normalization: dict,
-                chw, batch: int, path: str | os.PathLike) -> Path:
+                chw, batch: int, path: str | os.PathLike, mode: Mode | str = Mode.HYBRID) -> Path:
     """The static-batch, float-NCHW ONNX graph that a TFLite file is converted from (onnx2tf wants a
     static batch; the input contract's cast and layout change are added on the TF side, inside the
     same .tflite graph).  ``dafar quantize`` converts its int8 files from the same source."""
@@ -113,8 +119,8 @@ def source_onnx(net, graph: Graph | str, detector: Detector | str | None, alpha:
 
     from .onnx_export import export_onnx
 
-    mod = graph_module(net, graph, detector, InputContract.FLOAT_NCHW, alpha, normalization)
-    return export_onnx(mod, torch.zeros(batch, *chw), path, output_names(graph), dynamic_batch=False)
+    mod = graph_module(net, graph, detector, InputContract.FLOAT_NCHW, alpha, normalization, mode)
+    return export_onnx(mod, torch.zeros(batch, *chw), path, output_names(graph, mode), dynamic_batch=False)
 
 
 def _torch_outputs(module, x: np.ndarray, names, batch_size: int = 500) -> dict[str, np.ndarray]:
@@ -163,10 +169,14 @@ def _summary(r: dict) -> str:
 class _Job:
     """One graph (defence with a detector, or the victim) for one input contract."""
 
-    def __init__(self, graph: Graph, detector: Detector | None, contract: InputContract, alpha, rule):
+    def __init__(self, graph: Graph, detector: Detector | None, contract: InputContract, alpha, rule,
+                 mode: Mode = Mode.HYBRID):
         self.graph, self.detector, self.contract, self.alpha, self.rule = graph, detector, contract, alpha, rule
-        self.names = output_names(graph)
-        self.stem = (f"dafar-{detector.value}-{contract.value}" if graph is Graph.DAFAR else f"victim-{contract.value}")
+        self.mode = mode if graph is Graph.DAFAR else None
+        self.names = output_names(graph, mode)
+        # hybrid files keep the names they always had; a detect graph says so in its name
+        tag = "-detect" if self.mode is Mode.DETECT else ""
+        self.stem = (f"dafar-{detector.value}{tag}-{contract.value}" if graph is Graph.DAFAR else f"victim-{contract.value}")
 
 
 def _export_onnx(job: _Job, module, x, ref, common, staging: Path, run: RunFolder, cfg: ExportConfig, log) -> dict:
@@ -202,7 +212,7 @@ def _export_tflite(job: _Job, net, x, ref, common, staging: Path, run: RunFolder
         t0 = time.perf_counter()
         rel = f"export/{job.stem}-b{batch}.tflite"
         src = source_onnx(net, job.graph, job.detector, job.alpha, run.normalization, run.chw, batch,
-                          staging / f"{job.stem}-b{batch}.src.onnx")
+                          staging / f"{job.stem}-b{batch}.src.onnx", job.mode or Mode.HYBRID)
         path = convert_to_tflite(src, staging / Path(rel).name, contract=job.contract.value, batch=batch,
                                  input_chw=run.chw, output_names=job.names)
         src.unlink()
@@ -246,20 +256,27 @@ def export(run_dir: str | os.PathLike, cfg: ExportConfig = ExportConfig(), *, da
 
     jobs = []
     for contract in cfg.contracts:
-        jobs += [_Job(Graph.DAFAR, d, contract, *alphas[d]) for d in cfg.detectors]
+        jobs += [_Job(Graph.DAFAR, d, contract, *alphas[d], mode) for mode in cfg.modes for d in cfg.detectors]
         if cfg.victim:
             jobs.append(_Job(Graph.VICTIM, None, contract, None, None))
 
     entries: dict[str, dict] = {}
     with run.staging("export", log) as staging:
         for job in jobs:
-            module = graph_module(net, job.graph, job.detector, job.contract, job.alpha, run.normalization)
+            module = graph_module(net, job.graph, job.detector, job.contract, job.alpha, run.normalization,
+                                  job.mode or Mode.HYBRID)
             x = job.contract.from_pixels(test.images)
             ref = _torch_outputs(module, x, job.names)
             common = {"graph": job.graph.value, "detector": job.detector.value if job.detector else None,
                       "contract": job.contract.value, "alpha": job.alpha, "threshold_rule": job.rule,
                       "num_classes": run.num_classes, "normalization": run.normalization,
                       "tolerance": cfg.tolerance.to_dict()}
+            if job.mode is not None:
+                common["mode"] = job.mode.value
+                if job.mode is Mode.DETECT:
+                    # the signature documents what a detect graph leaves out
+                    common["omitted_outputs"] = {"purified_logits": "detect mode: the label is the victim's F(E(x)); "
+                                                                    "no second E/F pass on D(E(x))"}
             if Format.ONNX in cfg.formats:
                 entries.update(_export_onnx(job, module, x, ref, common, staging, run, cfg, log))
             if Format.TFLITE in cfg.formats:

@@ -2,14 +2,16 @@
 
 ``FusedDafar`` maps an image batch to five outputs, in this order and with these names:
 
-* ``label``: argmax of the purified logits (int64 in ONNX; int32 in TFLite, where LiteRT's
-  CompiledModel API cannot read int64),
+* ``label``: argmax of the purified logits (``--mode hybrid``, the paper's) or of the victim's
+  logits (``--mode detect``); int64 in ONNX, int32 in TFLite, where LiteRT's CompiledModel API
+  cannot read int64,
 * ``score``: the anomaly score, ``||d||_2`` with ``d = x - D(E(x))`` (``--detector l2``) or
   ``d - C(d)`` (``--detector autoencoder``), on the model scale [-1, 1],
 * ``rejected``: ``not (score <= alpha)``: True for a score above alpha *and* for a NaN score, so
   the graph fails closed (built so that converters cannot turn it into ``score > alpha``),
 * ``logits``: the victim's logits ``F(E(x))``,
-* ``purified_logits``: ``F(E(D(E(x))))``.
+* ``purified_logits``: ``F(E(D(E(x))))`` (hybrid mode only: a detect graph leaves out the second
+  E/F pass, and with it this output; the other four keep their names and meaning).
 
 The input contract decides the first ops: ``float-nchw`` takes float32 NCHW in [0, 1];
 ``uint8-nhwc`` takes camera pixels (uint8 NHWC) and casts, transposes and scales inside the graph.
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dafar.schema import OUTPUT_NAMES, VICTIM_OUTPUT_NAMES, Detector, InputContract
+from dafar.schema import OUTPUT_NAMES, VICTIM_OUTPUT_NAMES, Detector, InputContract, Mode
 from dafar.train.models import DafarNet, Normalize, Victim
 
 __all__ = ["OUTPUT_NAMES", "VICTIM_OUTPUT_NAMES", "FusedDafar", "VictimGraph"]
@@ -46,9 +48,11 @@ class FusedDafar(nn.Module):
 
     def __init__(self, net: DafarNet, alpha: float, detector: Detector | str = Detector.L2,
                  contract: InputContract | str = InputContract.FLOAT_NCHW,
-                 mean: list[float] | None = None, std: list[float] | None = None):
+                 mean: list[float] | None = None, std: list[float] | None = None,
+                 mode: Mode | str = Mode.HYBRID):
         super().__init__()
         self.detector = Detector(detector)
+        self.mode = Mode(mode)
         if self.detector is Detector.AUTOENCODER and net.C is None:
             raise ValueError("detector=autoencoder needs a model trained with the anomaly autoencoder C")
         c = net.spec.in_channels
@@ -81,6 +85,9 @@ class FusedDafar(nn.Module):
         # side in every format; the TFLite and ONNX tests feed NaN images to check it.
         accepted = (score <= self.alpha).to(torch.float32)
         rejected = accepted < 0.5
+        if self.mode is Mode.DETECT:
+            # the victim's own label: D served only the score, no second pass through E and F
+            return torch.argmax(logits, dim=1), score, rejected, logits
         purified_logits = self.F(self.E(recon).z)
         label = torch.argmax(purified_logits, dim=1)
         return label, score, rejected, logits, purified_logits

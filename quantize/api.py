@@ -43,6 +43,7 @@ from dafar.schema import (
     Format,
     Graph,
     InputContract,
+    Mode,
     Precision,
     input_spec,
     output_specs,
@@ -287,7 +288,7 @@ def _images(run: RunFolder, cfg: QuantizeConfig, jobs, data_dir, log) -> _Images
 
 class _Sources:
     """Static-batch float-NCHW ONNX graphs rebuilt from the weights by the exporter's own code
-    (what onnx2tf converts to int8 TFLite), one per (graph, detector, batch)."""
+    (what onnx2tf converts to int8 TFLite), one per (graph, detector, mode, batch)."""
 
     def __init__(self, run: RunFolder, staging: Path):
         from dafar.train.loading import load_dafar
@@ -299,11 +300,13 @@ class _Sources:
     def get(self, e: ExportEntry, batch: int) -> Path:
         from dafar.export.api import source_onnx
 
-        key = (e.graph, e.detector, batch)
+        key = (e.graph, e.detector, e.mode, batch)
         if key not in self._cache:
             det = e.detector.value if e.detector else None
+            mode = e.mode or Mode.HYBRID
             self._cache[key] = source_onnx(self.net, e.graph, e.detector, e.alpha, self.run.normalization, self.run.chw,
-                                           batch, self.staging / f"src-{e.graph.value}-{det}-{batch}.onnx")
+                                           batch, self.staging / f"src-{e.graph.value}-{det}-{mode.value}-{batch}.onnx",
+                                           mode)
         return self._cache[key]
 
 

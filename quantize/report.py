@@ -178,7 +178,9 @@ def write_quantize_report(run_dir) -> Path | None:
          "alpha is recalibrated for each int8 model on its own clean validation scores with the float model's rule, "
          "written into the graph, and checked (the model's decisions follow it on every test image).", "",
          "## Clean test set", "",
-         "| int8 model | victim acc float -> int8 | purified acc float -> int8 | top-1 agree | FPR float -> int8 | "
+         "The defence's label column is the purified label F(E(D(E(x)))) for hybrid graphs and the victim's own "
+         "label for `-detect-` graphs (`--mode detect`).", "",
+         "| int8 model | victim acc float -> int8 | defence label acc float -> int8 | top-1 agree | FPR float -> int8 | "
          "decisions agree | score corr | score rel. err (mean / p99) | alpha float -> int8 | size (of float) |",
          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in recs:
@@ -252,7 +254,7 @@ def summary_section(m: dict) -> list[str]:
     int8 = {k: v for k, v in m.get("exports", {}).items() if v.get("precision") == "int8" and v["graph"] == "dafar"}
     if int8:
         L += ["## int8", "", "Full report: [quantize_report.md](quantize_report.md).", "",
-              "| int8 model | purified acc float -> int8 | FPR float -> int8 | decisions agree | score corr | size |",
+              "| int8 model | defence label acc float -> int8 | FPR float -> int8 | decisions agree | score corr | size |",
               "|---|---|---|---|---|---|"]
         for rel, e in sorted(int8.items()):
             v = e["validation"]

@@ -32,7 +32,7 @@ import numpy as np
 from dafar.errors import InferenceError, InputValidationError, ManifestError, MissingExtraError
 from dafar.limits import check_threads
 from dafar.manifest import MANIFEST_NAME, read_manifest, verify_files
-from dafar.schema import Detector, ExportEntry, Graph, InputContract, Precision
+from dafar.schema import Detector, ExportEntry, Graph, InputContract, Mode, Precision
 
 from .backends import Backend, Provider, litert_runtime, open_model, version_tuple
 
@@ -48,8 +48,8 @@ class OnInvalid(str, Enum):
 class Prediction:
     """Results for a batch of N images (arrays of length N).
 
-    ``labels`` come from the purified path F(E(D(E(x)))) for the defence graphs, from F(E(x)) for
-    the victim-only graph; ``rejected`` is True for inputs flagged as adversarial, for inputs
+    ``labels`` come from the purified path F(E(D(E(x)))) for hybrid defence graphs (the paper's),
+    from F(E(x)) for ``--mode detect`` graphs and the victim-only graph; ``rejected`` is True for inputs flagged as adversarial, for inputs
     whose score is not finite, and (with ``on_invalid="reject"``) for invalid images.
     """
 
@@ -57,7 +57,7 @@ class Prediction:
     scores: np.ndarray  # float32 (N,), NaN where no score exists
     rejected: np.ndarray  # bool (N,)
     logits: np.ndarray  # float32 (N, classes): the victim's F(E(x))
-    purified_logits: np.ndarray | None = None  # float32 (N, classes)
+    purified_logits: np.ndarray | None = None  # float32 (N, classes); None for detect and victim graphs
     invalid: np.ndarray | None = None  # bool (N,), only with on_invalid="reject"
     reasons: tuple[str, ...] = ()  # one message per invalid image, in order
     seconds: float = 0.0  # wall time of the backend calls
@@ -90,7 +90,8 @@ def list_models(manifest: dict) -> list[str]:
 
 def default_model(manifest: dict, prefer: str = "tflite") -> str:
     """The model a device runs when none is named: the defence graph with the L2 detector,
-    int8 before float, ``prefer``-format first, batch 1, raw-pixel input first."""
+    int8 before float, ``prefer``-format first, hybrid before detect mode, batch 1, raw-pixel
+    input first."""
     exports = manifest.get("exports", {})
     cands = [(rel, e) for rel, e in exports.items() if isinstance(e, dict) and e.get("graph") == Graph.DAFAR.value]
     if not cands:
@@ -99,7 +100,8 @@ def default_model(manifest: dict, prefer: str = "tflite") -> str:
     def rank(item):
         rel, e = item
         return (e.get("format") != prefer, e.get("precision", Precision.FLOAT32.value) != Precision.INT8.value,
-                e.get("detector") != Detector.L2.value, e.get("batch") not in (1, "dynamic"),
+                e.get("detector") != Detector.L2.value, (e.get("mode") or Mode.HYBRID.value) != Mode.HYBRID.value,
+                e.get("batch") not in (1, "dynamic"),
                 e.get("contract") != InputContract.UINT8_NHWC.value, rel)
 
     return sorted(cands, key=rank)[0][0]
@@ -221,6 +223,8 @@ class Defence:
         self.output_names = [o["name"] for o in self.entry.get("outputs", [])]
         self.alpha = s.alpha
         self.detector = s.detector.value if s.detector else None
+        # hybrid: the label is the purified one; detect: the victim's own (no purified_logits)
+        self.mode = s.mode.value if s.mode else None
         self.precision = s.precision.value
         self.num_classes = s.num_classes
         classes = self.manifest.get("dataset", {}).get("classes")
@@ -376,7 +380,7 @@ class Defence:
     def describe(self) -> dict[str, Any]:
         return {"run": str(self.run_dir), "model": self.model_rel, "backend": self.backend_kind.value,
                 "format": self.entry.get("format"), "precision": self.precision, "graph": self.graph,
-                "detector": self.detector, "contract": self.contract, "batch": self.batch or "dynamic",
+                "detector": self.detector, "mode": self.mode, "contract": self.contract, "batch": self.batch or "dynamic",
                 "alpha": self.alpha, "threshold_rule": self.entry.get("threshold_rule"), "threads": self.threads,
                 "providers": getattr(self.runner, "providers", None)}
 

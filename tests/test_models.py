@@ -167,3 +167,42 @@ def test_feedback_positions_resplit_the_same_classifier(family, shape, positions
     other = paper_spec("paper-mnist" if family != "paper-mnist" else "paper-cifar10", (3, 32, 32), 5)
     with pytest.raises(ConfigError, match="different networks"):
         resplit_victim(ref_net.E.state_dict(), ref_net.F.state_dict(), base, other)
+
+
+@pytest.mark.parametrize("family,shape,positions", [
+    ("paper-mnist", (1, 28, 28), ("pool1", "pool2")),
+    ("paper-cifar10", (3, 32, 32), ("pool1", "pool2")),
+    ("mobile", (3, 32, 32), ("stage1", "stage2")),
+    ("mobile", (1, 96, 64), ("stage1", "stage2")),
+])
+def test_decoder_width_narrows_only_the_decoder(family, shape, positions):
+    """--decoder-width w: D's hidden layers narrow (its MACs fall roughly with w, at least by the
+    first layer's share), E, F and C are unchanged, D still rebuilds the input's shape; width 1 is
+    the paper's decoder, with the same state-dict keys and shapes as before the option existed."""
+    from dafar.errors import ConfigError
+    from dafar.train.cost import subnet_costs
+    from dafar.train.models import paper_spec, spec_from_record
+
+    for fb in positions:
+        full = build_dafar(paper_spec(family, shape, 5, feedback=fb))
+        assert {k: v.shape for k, v in full.D.state_dict().items()} == \
+               {k: v.shape for k, v in build_dafar(paper_spec(family, shape, 5, feedback=fb, decoder_width=1)).D.state_dict().items()}
+        c_full = subnet_costs(full)
+        prev = c_full["D"]["macs"]
+        for w in (0.5, 0.25):
+            net = build_dafar(paper_spec(family, shape, 5, feedback=fb, decoder_width=w)).eval()
+            c = subnet_costs(net)
+            assert {k: c[k] for k in "EFC"} == {k: c_full[k] for k in "EFC"}
+            assert c["D"]["macs"] < 0.75 * prev and c["D"]["params"] < c_full["D"]["params"]
+            prev = c["D"]["macs"]
+            x = torch.rand(2, *shape)
+            with torch.no_grad():
+                assert net.D(net.E(x)).shape == x.shape
+    # the manifest carries it; manifests from before the option read as width 1
+    rec = {"architecture": {"family": family, "num_classes": 5, "decoder_width": 0.5}, "input": {"shape": list(shape)}}
+    assert spec_from_record(rec).decoder_width == 0.5
+    del rec["architecture"]["decoder_width"]
+    assert spec_from_record(rec).decoder_width == 1.0
+    for bad in (0, 0.1, 1.5, True, "half"):
+        with pytest.raises(ConfigError, match="decoder width"):
+            paper_spec(family, shape, 5, decoder_width=bad)

@@ -122,12 +122,16 @@ class _Up(nn.Module):
 class MobileDecoder(nn.Module):
     def __init__(self, spec):
         super().__init__()
+        from .models import decoder_channels
+
         c = mobile_channels(spec.width_mult)
-        ups = [_Up(c[2], c[1]), _Up(c[1], c[0])][2 - spec.encoder_blocks:]  # mirrors E's stages
+        d0, d1 = (decoder_channels(v, spec.decoder_width) for v in c[:2])  # --decoder-width
+        # mirrors E's stages: from E's output (c[2] after stage 2, c[1] after stage 1)
+        ups = [_Up(c[2], d1), _Up(d1, d0)] if spec.encoder_blocks == 2 else [_Up(c[1], d0)]
         if mobile_stem_stride(spec.height, spec.width) == 2:
-            ups.append(_Up(c[0], c[0]))
+            ups.append(_Up(d0, d0))
         self.ups = nn.Sequential(*ups)
-        self.out = nn.Conv2d(c[0], spec.in_channels, 3, padding=1)
+        self.out = nn.Conv2d(d0, spec.in_channels, 3, padding=1)
         self.tanh = spec.decoder_out == "tanh"
 
     def forward(self, feats) -> torch.Tensor:
@@ -162,18 +166,19 @@ class UpDecoder(nn.Module):
     16), then a 3x3 convolution to the image's channels (Tanh where the normalization maps pixels
     into [-1, 1]).  Like :class:`MobileDecoder` it needs nothing from E but its output."""
 
-    def __init__(self, feature_shape, image_shape, tanh: bool):
+    def __init__(self, feature_shape, image_shape, tanh: bool, decoder_width: float = 1.0):
         super().__init__()
+        from .models import decoder_channels
+
         c, h, _ = (int(v) for v in feature_shape)
         steps = int(round(math.log2(int(image_shape[1]) // h)))
-        layers, cin = [], c
-        for _ in range(steps):
-            cout = max(16, cin // 2)
-            layers.append(_Up(cin, cout))
+        layers, full, cin = [], c, c  # full: the channel count at width 1; cin: what the last layer gives
+        for _ in range(max(1, steps)):
+            full = max(16, full // 2)
+            cout = decoder_channels(full, decoder_width)
+            # no steps: E keeps the image's resolution, one conv block before the output conv
+            layers.append(_Up(cin, cout) if steps else ConvBN(cin, cout, 3, 1))
             cin = cout
-        if not layers:  # E keeps the image's resolution: one conv block before the output conv
-            layers.append(ConvBN(cin, max(16, cin // 2), 3, 1))
-            cin = max(16, cin // 2)
         self.ups = nn.Sequential(*layers)
         self.out = nn.Conv2d(cin, int(image_shape[0]), 3, padding=1)
         self.tanh = tanh

@@ -81,6 +81,9 @@ class ArchSpec:
     # mean 0.5, std 0.5, the paper's setting), none where a data set's own mean/std leave that range
     decoder_out: str = "tanh"
     width_mult: float = 1.0  # channel multiplier (the mobile family)
+    # D's channel multiplier (every family): the paper's other cost knob beside the feedback
+    # position.  Only D's hidden layers narrow; the channels its unpool masks need (E's) do not.
+    decoder_width: float = 1.0
     # the feedback position: the layer after which E ends, F begins and D's input is taken
     # (paper section 3: "we can determine the layers to capture high-level features (i.e.,
     # feedback positions) according to what tradeoff we want to make"); "" = the family's default
@@ -127,8 +130,19 @@ def decoder_output_for(mean, std) -> str:
     return "tanh" if lo >= -1.0 - 1e-9 and hi <= 1.0 + 1e-9 else "linear"
 
 
+def decoder_channels(c: int, decoder_width: float) -> int:
+    """A hidden layer of D with ``c`` channels at full width, narrowed by ``decoder_width``."""
+    return c if decoder_width == 1.0 else max(4, int(round(c * decoder_width)))
+
+
+def _check_decoder_width(v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.125 <= v <= 1:
+        raise ConfigError(f"decoder width must lie in [0.125, 1] (a fraction of the paper's decoder), got {v!r}")
+    return float(v)
+
+
 def paper_spec(family: str, input_shape, num_classes: int, decoder_out: str = "tanh", width_mult: float = 1.0,
-               feedback: str | None = None) -> ArchSpec:
+               feedback: str | None = None, decoder_width: float = 1.0) -> ArchSpec:
     """Architecture ``family`` (the paper's two, or ``mobile``) sized for ``input_shape`` (C, H, W)
     and ``num_classes``, with E ending at ``feedback`` (default: the family's last position)."""
     if family not in FAMILIES or family == "custom":
@@ -155,13 +169,14 @@ def paper_spec(family: str, input_shape, num_classes: int, decoder_out: str = "t
                           f"4, got {h}x{w}; pass --image-size with such a size")
     if num_classes < 2:
         raise ConfigError(f"a classifier needs at least 2 classes, got {num_classes}")
+    decoder_width = _check_decoder_width(decoder_width)
     if decoder_out not in ("tanh", "linear"):
         raise ConfigError(f"decoder output must be tanh or linear, got {decoder_out!r}")
     # the default position is stored as "" so that specs (and manifests) of runs from before the
     # option existed compare equal to today's
     return replace(FAMILIES[family], in_channels=c, height=h, width=w, num_classes=int(num_classes),
                    decoder_out=decoder_out, feedback="" if feedback == positions[-1] else feedback,
-                   **({"width_mult": float(width_mult)} if family == "mobile" else {}))
+                   decoder_width=decoder_width, **({"width_mult": float(width_mult)} if family == "mobile" else {}))
 
 
 def spec_from_record(manifest: dict) -> ArchSpec:
@@ -173,7 +188,8 @@ def spec_from_record(manifest: dict) -> ArchSpec:
         from .graph import VictimGraph
 
         return custom_spec(VictimGraph.from_data(arch.get("victim_graph")), manifest["input"]["shape"],
-                           arch["num_classes"], arch.get("decoder_output", "tanh"), arch.get("feedback_at"))
+                           arch["num_classes"], arch.get("decoder_output", "tanh"), arch.get("feedback_at"),
+                           arch.get("decoder_width", 1.0))
     if "family" not in arch:
         ds = (manifest.get("dataset") or {}).get("name")
         if ds not in ARCHS:
@@ -181,7 +197,8 @@ def spec_from_record(manifest: dict) -> ArchSpec:
         return ARCHS[ds]
     return paper_spec(arch["family"], manifest["input"]["shape"], arch["num_classes"], arch.get("decoder_output", "tanh"),
                       arch.get("width", 1.0),  # (the mobile family's channel multiplier)
-                      arch.get("feedback_at"))  # absent before the option existed: the default position
+                      arch.get("feedback_at"),  # absent before the option existed: the default position
+                      arch.get("decoder_width", 1.0))  # likewise: the paper's decoder
 
 
 class PoolContext(NamedTuple):
@@ -317,14 +334,17 @@ class Decoder(nn.Module):
     def __init__(self, spec: ArchSpec, unpool: Unpool = Unpool.MASK):
         super().__init__()
         c1, c2 = spec.enc_channels
+        # --decoder-width narrows the hidden layers (w1, w2); each unpool's input keeps E's channel
+        # count (c2 for z, c1 after the inner stage), since the mask comes from E's activations
+        w1, w2 = (decoder_channels(c, spec.decoder_width) for c in (c1, c2))
         self.unpool = _Unpool(unpool)
         last = [nn.Tanh()] if spec.decoder_out == "tanh" else []
         if spec.family == "paper-cifar10":
-            inner = [_convt(c2, c2), nn.ReLU(), _convt(c2, c2), nn.ReLU(), _convt(c2, c1), nn.ReLU()]
-            outer = [_convt(c1, c1), nn.ReLU(), _convt(c1, c1), nn.ReLU(), _convt(c1, spec.in_channels), *last]
+            inner = [_convt(c2, w2), nn.ReLU(), _convt(w2, w2), nn.ReLU(), _convt(w2, c1), nn.ReLU()]
+            outer = [_convt(c1, w1), nn.ReLU(), _convt(w1, w1), nn.ReLU(), _convt(w1, spec.in_channels), *last]
         else:
-            inner = [_convt(c2, c2), nn.ReLU(), _convt(c2, c1), nn.ReLU()]
-            outer = [_convt(c1, c1), nn.ReLU(), _convt(c1, spec.in_channels), *last]
+            inner = [_convt(c2, w2), nn.ReLU(), _convt(w2, c1), nn.ReLU()]
+            outer = [_convt(c1, w1), nn.ReLU(), _convt(w1, spec.in_channels), *last]
         # feedback after the first pool: E's features are the first block's, D mirrors that block only
         self.inner = nn.Sequential(*inner) if spec.encoder_blocks == 2 else None
         self.outer = nn.Sequential(*outer)
@@ -363,13 +383,15 @@ def l2_per_sample(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t.flatten(1), ord=2, dim=1)
 
 
-def custom_spec(graph, input_shape, num_classes: int, decoder_out: str = "tanh", feedback: str | None = None) -> ArchSpec:
+def custom_spec(graph, input_shape, num_classes: int, decoder_out: str = "tanh", feedback: str | None = None,
+                decoder_width: float = 1.0) -> ArchSpec:
     """The spec of a user's traced classifier (:class:`dafar.train.graph.VictimGraph`) on images
     of ``input_shape``, with E ending at layer ``feedback``: checked by running both halves once
     on zeros (the logits must have ``num_classes`` columns; D must be able to mirror E: the input
     side divided by E's output side is a power of two)."""
     if not feedback:
         raise ConfigError("a classifier of your own needs --feedback-at LAYER (where E ends and D takes its input)")
+    decoder_width = _check_decoder_width(decoder_width)
     c, h, w = (int(v) for v in input_shape)
     e_graph, f_graph = graph.split(feedback)
     try:
@@ -389,7 +411,7 @@ def custom_spec(graph, input_shape, num_classes: int, decoder_out: str = "tanh",
         raise ConfigError(f"--feedback-at {feedback}: E's output is {fh}x{fw} for {h}x{w} images; D upsamples by 2 per "
                           f"step, so pick a layer whose output side divides the input's by a power of two")
     return replace(FAMILIES["custom"], in_channels=c, height=h, width=w, num_classes=int(num_classes),
-                   decoder_out=decoder_out, feedback=feedback, victim_graph=graph.text,
+                   decoder_out=decoder_out, feedback=feedback, victim_graph=graph.text, decoder_width=decoder_width,
                    feature_shape=tuple(int(v) for v in z.shape[1:]))
 
 
@@ -452,7 +474,7 @@ class DafarNet(nn.Module):
         elif spec.family == "custom":
             from .mobile import UpDecoder
 
-            self.D = UpDecoder(spec.feature_shape, spec.input_shape, spec.decoder_out == "tanh")
+            self.D = UpDecoder(spec.feature_shape, spec.input_shape, spec.decoder_out == "tanh", spec.decoder_width)
         else:
             self.D = Decoder(spec, unpool)
         self.C = AnomalyAE(spec) if with_detector else None

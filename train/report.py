@@ -171,8 +171,10 @@ def training_sections(run_dir: str | Path, m: dict) -> list[str]:
         L += ["", f"Paper: FPR {_pct(paper['fpr'])} at alpha = {paper['alpha']} (on the paper's own, unstated pixel "
               "scale; our scores are L2 norms on the [-1, 1] model scale, so alpha values are not comparable)."]
     L += ["", "![clean scores](plots/clean_scores.png)", ""]
-    L += ["## Model", "", f"Architecture `{m['architecture']['name']}`, unpool `{m['architecture']['unpool']}` "
-          f"({m['architecture']['unpool_tie_rule']}).", "", "| subnetwork | parameters |", "|---|---|"]
+    ar = m["architecture"]
+    L += ["## Model", "", f"Architecture `{ar['name']}`, unpool `{ar['unpool']}` ({ar['unpool_tie_rule']}); "
+          f"feedback at `{ar.get('feedback_at', 'the default position')}`, decoder width "
+          f"{ar.get('decoder_width', 1.0):g}.", "", "| subnetwork | parameters |", "|---|---|"]
     for k, v in m["architecture"]["params"].items():
         L.append(f"| {k} | {v:,} |")
     vp = m["architecture"]["victim_params"]

@@ -178,7 +178,7 @@ _PHASE_IGNORES = {"joint": _DETECTOR_FIELDS | {"train_victim"},
 _ADDED_FIELDS = {f: TrainConfig.__dataclass_fields__[f].default
                  for f in ("dropout", "init_from", "ema", "keep_best", "cutout", "arch", "attach_to", "image_size",
                            "channels", "skip_bad_images", "width", "feedback_at", "victim_weights", "victim_mean",
-                           "victim_std")}
+                           "victim_std", "decoder_width")}
 
 
 def _same_schedule(saved: dict | None, now: dict) -> bool:
@@ -750,6 +750,7 @@ def _manifest_body(cfg: TrainConfig, splits: Splits, data: _Data, net: DafarNet,
             "family": spec.family,
             **({"width": spec.width_mult} if spec.family == "mobile" else {}),
             "feedback_at": spec.feedback_at,  # where E ends and D takes its input
+            "decoder_width": spec.decoder_width,  # D's channel multiplier (1 = the paper's decoder)
             # a classifier of one's own: its traced graph (torch.nn layers only; loading it runs no code)
             **({"victim_graph": json.loads(spec.victim_graph), "feature_shape": list(spec.feature_shape)}
                if spec.family == "custom" else {}),
@@ -794,15 +795,17 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         if len(normalization["mean"]) != splits.input_shape[0]:
             raise ConfigError(f"the classifier's normalization has {len(normalization['mean'])} channels, the images "
                               f"have {splits.input_shape[0]} (--mean/--std give one value per channel)")
-        spec = custom_spec(attach["graph"], splits.input_shape, len(splits.classes), dec_out, cfg.feedback_at)
+        spec = custom_spec(attach["graph"], splits.input_shape, len(splits.classes), dec_out, cfg.feedback_at,
+                           cfg.decoder_width)
     else:
         spec = paper_spec(cfg.arch_name.value, splits.input_shape, len(splits.classes), dec_out, cfg.width,
-                          cfg.feedback_at)
+                          cfg.feedback_at, cfg.decoder_width)
     if attach and attach.get("graph") is None:
         attach["record"]["same_data"] = attach["fingerprint"] == splits.fingerprint
         # the decoder may attach at another layer than the victim's own E/F split (its weights are
         # re-split, unchanged: resplit_victim); everything else must be the victim's network
-        if dataclasses.replace(attach["spec"], feedback="") != dataclasses.replace(spec, feedback=""):
+        if dataclasses.replace(attach["spec"], feedback="", decoder_width=1.0) != \
+                dataclasses.replace(spec, feedback="", decoder_width=1.0):
             raise ConfigError(f"--victim {attach['dir']}: its network ({attach['spec'].family}, input "
                               f"{list(attach['spec'].input_shape)}, {attach['spec'].num_classes} classes) does not fit this "
                               f"data ({list(spec.input_shape)}, {spec.num_classes} classes)")
@@ -925,9 +928,13 @@ def _parent_run(cfg: TrainConfig) -> dict:
     man = load_manifest(pdir)  # verifies every listed file's sha256
     arch = man.get("architecture", {})
     try:
-        family = spec_from_record(man).family
+        pspec = spec_from_record(man)
+        family = pspec.family
     except (ConfigError, KeyError, TypeError) as exc:
         raise ConfigError(f"--init-from {pdir}: its architecture cannot be read ({exc})") from None
+    if pspec.decoder_width != cfg.decoder_width:  # D's weights would not fit
+        raise ConfigError(f"--init-from {pdir}: its decoder has width {pspec.decoder_width:g}, this run trains "
+                          f"width {cfg.decoder_width:g}")
     if family != cfg.arch_name.value or arch.get("unpool") != cfg.unpool.value:
         raise ConfigError(f"--init-from {pdir}: its model is {family}/{arch.get('unpool')}, "
                           f"this run trains {cfg.arch_name.value}/{cfg.unpool.value}")

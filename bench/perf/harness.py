@@ -251,6 +251,8 @@ def run_bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=p
         "subnetworks": sub, "victim_params": n,
         "overhead_without_C": sub["D"]["params"] / n, "overhead_with_C": (sub["D"]["params"] + sub["C"]["params"]) / n,
         "paper_table6": PAPER_TABLE6, "fused_l2": fused_costs(m, "l2"), "fused_autoencoder": fused_costs(m, "autoencoder"),
+        "fused_l2_detect": fused_costs(m, "l2", "detect"),
+        "fused_autoencoder_detect": fused_costs(m, "autoencoder", "detect"),
         "file_bytes": {rel: m["files"][rel]["bytes"] for rel in models},
     }
 
@@ -282,14 +284,14 @@ def run_bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=p
                 e = exports[t.rel]
                 rec = {"model": t.rel, "backend": t.d.backend_kind.value, "format": e["format"],
                        "precision": e.get("precision", "float32"), "graph": e["graph"], "detector": e.get("detector"),
-                       "contract": e["contract"], "threads": threads, "batch": t.batch, "init_ms": t.init_ms,
+                       "mode": e.get("mode", "hybrid") if e["graph"] == "dafar" else None, "contract": e["contract"], "threads": threads, "batch": t.batch, "init_ms": t.init_ms,
                        "first_inference_ms": t.first_ms, "warmup_runs": cfg.warmup, **latency_stats(ms),
                        "per_image_p50_ms": float(np.percentile(ms, 50)) / t.batch, "samples_ms": [round(v, 4) for v in ms],
                        "machine": machine}
                 recs.append(rec)
             if vrel is not None:
                 ratio = recs[0]["p50_ms"] / recs[1]["p50_ms"]
-                mac = fused_costs(m, exports[rel].get("detector"))["mac_ratio"]
+                mac = fused_costs(m, exports[rel].get("detector"), exports[rel].get("mode"))["mac_ratio"]
                 recs[0]["victim_model"] = vrel
                 recs[0]["fused_to_victim_ratio"] = ratio
                 recs[0]["mac_ratio"] = mac
@@ -361,12 +363,15 @@ def _torch_rows(run_dir: Path, m: dict, cfg: BenchConfig, chw, log) -> list[dict
     norm = m["input"]["normalization"]
     rows = []
     old = torch.get_num_threads()
-    dets = sorted({e.get("detector") for e in m.get("exports", {}).values() if e.get("detector")}) or ["l2"]
+    # every (detector, mode) exported, so torch eager is compared with the same graphs
+    dets = sorted({(e.get("detector"), e.get("mode") or "hybrid") for e in m.get("exports", {}).values()
+                   if e.get("detector")}) or [("l2", "hybrid")]
     for threads in cfg.threads:
         torch.set_num_threads(threads)
         for batch in cfg.batches:
             x = torch.from_numpy(np.random.default_rng(0).random((batch, *chw), dtype=np.float32))
-            mods = [(f"torch:dafar-{d}", graph_module(net, Graph.DAFAR, d, InputContract.FLOAT_NCHW, 1.0, norm)) for d in dets]
+            mods = [(f"torch:dafar-{d}" + ("-detect" if mode == "detect" else ""),
+                     graph_module(net, Graph.DAFAR, d, InputContract.FLOAT_NCHW, 1.0, norm, mode)) for d, mode in dets]
             mods.append(("torch:victim", graph_module(net, Graph.VICTIM, None, InputContract.FLOAT_NCHW, None, norm)))
 
             class _T:

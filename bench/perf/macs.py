@@ -10,7 +10,7 @@ ignored: they are under 1% of the total here.
 """
 from __future__ import annotations
 
-from dafar.schema import Detector
+from dafar.schema import Detector, Mode
 
 __all__ = ["layers", "subnet_costs", "fused_costs"]
 
@@ -62,11 +62,13 @@ def subnet_costs(source: "str | dict") -> dict[str, dict[str, int]]:
     return {k: {"macs": sum(l[1] for l in v), "params": sum(l[2] for l in v)} for k, v in layers(source).items()}
 
 
-def fused_costs(source: "str | dict", detector: str | None) -> dict:
+def fused_costs(source: "str | dict", detector: str | None, mode: str | None = None) -> dict:
     """MACs of the fused defence graph (E, F, D, then E and F again on the reconstruction, plus C
-    for the autoencoder detector) and of the victim F(E(x)), and their ratio."""
+    for the autoencoder detector; ``mode="detect"``: E, F and D once, no second pass) and of the
+    victim F(E(x)), and their ratio."""
     s = subnet_costs(source)
     victim = s["E"]["macs"] + s["F"]["macs"]
     with_c = detector is not None and Detector(detector) is Detector.AUTOENCODER
-    fused = 2 * victim + s["D"]["macs"] + (s["C"]["macs"] if with_c else 0)
+    passes = 1 if mode is not None and Mode(mode) is Mode.DETECT else 2
+    fused = passes * victim + s["D"]["macs"] + (s["C"]["macs"] if with_c else 0)
     return {"victim_macs": victim, "fused_macs": fused, "mac_ratio": fused / victim}

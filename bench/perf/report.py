@@ -55,7 +55,7 @@ def _plots(run_dir: Path, s: dict) -> list[str]:
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
         x = np.arange(len(pairs))
         labels = [_short(f).replace("dafar-", "") for f, _ in pairs]
-        for ax, key, title in ((axes[0], "purified_acc", "purified accuracy (%)"), (axes[1], "fpr", "false-positive rate (%)")):
+        for ax, key, title in ((axes[0], "purified_acc", "defence label accuracy (%)"), (axes[1], "fpr", "false-positive rate (%)")):
             ax.bar(x - 0.2, [100 * acc[f][key] for f, _ in pairs], 0.4, label="float32")
             ax.bar(x + 0.2, [100 * acc[q][key] for _, q in pairs], 0.4, label="int8")
             ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
@@ -104,7 +104,11 @@ def write_bench_report(run_dir) -> Path:
           f"MACs per image: victim {c['fused_l2']['victim_macs']:,}; fused defence (E, F, D, then E and F on the "
           f"reconstruction) {c['fused_l2']['fused_macs']:,} with the L2 detector "
           f"({c['fused_l2']['mac_ratio']:.2f}x the victim), {c['fused_autoencoder']['fused_macs']:,} with C "
-          f"({c['fused_autoencoder']['mac_ratio']:.2f}x).", ""]
+          f"({c['fused_autoencoder']['mac_ratio']:.2f}x)."
+          + (f" Detect mode (`--mode detect`: E, F and D once, the victim's label): "
+             f"{c['fused_l2_detect']['fused_macs']:,} ({c['fused_l2_detect']['mac_ratio']:.2f}x) with L2, "
+             f"{c['fused_autoencoder_detect']['fused_macs']:,} ({c['fused_autoencoder_detect']['mac_ratio']:.2f}x) with C."
+             if "fused_l2_detect" in c else ""), ""]
     L += ["## Latency", "", "| model | backend | precision | threads | batch | init ms | first ms | mean ms | std | p50 | p90 | p99 | "
           "fused / victim (p50) | MAC ratio |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(s["records"], key=lambda r: (r["format"], r["graph"], r["precision"], r["model"], r["threads"], r["batch"])):
@@ -120,8 +124,8 @@ def write_bench_report(run_dir) -> Path:
                  f"{_f(r['std_ms'])} | {_f(r['p50_ms'])} | {_f(r['p90_ms'])} | {_f(r['p99_ms'])} | "
                  f"{_f(r.get('fused_to_victim_ratio'), 2)} | - |")
     if s.get("ratios"):
-        L += ["", "Fused-to-victim latency ratio against the MAC ratio (the arithmetic floor: the defence does about 3x "
-              "the victim's multiply-accumulates):", "", "| defence | threads | batch | latency ratio | MAC ratio | latency / MAC |",
+        L += ["", "Fused-to-victim latency ratio against the MAC ratio (the arithmetic floor: a hybrid defence does "
+              "about 3x the victim's multiply-accumulates, a `-detect-` graph about 2x):", "", "| defence | threads | batch | latency ratio | MAC ratio | latency / MAC |",
               "|---|---|---|---|---|---|"]
         for r in s["ratios"]:
             L.append(f"| `{_short(r['model'])}` | {r['threads']} | {r['batch']} | {r['latency_ratio']:.2f} | "
@@ -150,7 +154,8 @@ def write_bench_report(run_dir) -> Path:
     if acc:
         n = next(iter(acc.values()))["images"]
         L += ["", f"## Accuracy (test set, {n} images)", "",
-              "| model | precision | victim acc | purified acc | FPR at alpha | clean images accepted and correct | alpha |",
+              "Defence label: the purified label for hybrid graphs, the victim's own for `-detect-` graphs.", "",
+              "| model | precision | victim acc | defence label acc | FPR at alpha | clean images accepted and correct | alpha |",
               "|---|---|---|---|---|---|---|"]
         for rel, a in acc.items():
             prec = "int8" if "-int8" in rel else "float32"

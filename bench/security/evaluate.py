@@ -444,7 +444,7 @@ def _deployed(run_dir: Path, m: dict, sets, log) -> list[dict]:
             x = InputContract(e["contract"]).from_unit(s.x_adv)
             p = d.predict(x)
             out.append({"model": rel, "format": e["format"], "precision": e.get("precision", "float32"),
-                        "detector": e.get("detector"), "contract": e["contract"], "attack": s.spec.key, "eps": s.spec.eps,
+                        "detector": e.get("detector"), "mode": d.mode, "contract": e["contract"], "attack": s.spec.key, "eps": s.spec.eps,
                         "setting": "gray-box", "images": len(s.labels), "alpha": d.alpha,
                         "detection_rate": float(np.mean(p.rejected)), "purified_accuracy": float(np.mean(p.labels == s.labels)),
                         "defence_success": M.defence_success(p.rejected, p.labels, s.labels),

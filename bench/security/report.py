@@ -280,7 +280,8 @@ def write_eval_report(run_dir) -> Path:
         cols += [a for a in attacks if a.startswith(("cw-l2", "jsma"))][:2]
         L += ["", "## The deployed files (through the runtime)", "",
               "Detection rate / purified accuracy of each exported file on the same gray-box images (uint8 models get "
-              "the images rounded to pixels); every attack and file is in `eval/records/`.", "",
+              "the images rounded to pixels); every attack and file is in `eval/records/`. For a `detect` graph "
+              "(`--mode detect`) the second number is the victim's own accuracy: its label never passes through D.", "",
               "| file | " + " | ".join(attack_label(a) for a in cols) + " |", "|---|" + "---|" * len(cols)]
         for f in files:
             cells = [_cell(dep, f, a, lambda r: f"{_p(r['detection_rate'])} / {_p(r['purified_accuracy'])}") for a in cols]
