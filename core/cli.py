@@ -244,6 +244,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_pareto(args) -> int:
+    from dafar.bench import ParetoConfig, pareto
+
+    res = pareto(args.run_dirs, args.out, ParetoConfig(**config_kwargs(ParetoConfig, args)), log=_log(args))
+    for key, v in res.summary["verdicts"].items():
+        print(f"{Path(key.split('|')[0]).name} {key.split('|')[1]}: "
+              + ("meets the target" if v["meets"] else "misses: " + "; ".join(v["why_not"])))
+    print(f"report: {res.report}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from dafar.bench import EvalConfig, evaluate
 
@@ -332,6 +343,7 @@ def _run_arg(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from dafar.bench.perf.harness import BenchConfig
+    from dafar.bench.perf.pareto import ParetoConfig
     from dafar.bench.reliability.checks import ReliabilityConfig
     from dafar.bench.security.evaluate import EvalConfig
     from dafar.export.api import ExportConfig
@@ -415,6 +427,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("pareto", help="cost against detection across run folders (configurations): table and plot",
+                       description="Time every fixed-batch TFLite defence graph of each run folder against its own "
+                                   "victim (LiteRT, interleaved), and tabulate MACs, parameters, file size, test FPR "
+                                   "and the gray-box ROC AUC of each run's `dafar eval`: pareto.md, pareto.json, "
+                                   "pareto.png in --out.")
+    p.add_argument("run_dirs", metavar="RUN_DIR", nargs="+", help="run folders, one per configuration")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for pareto.md, pareto.json and pareto.png")
+    add_options(p, ParetoConfig)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_pareto)
 
     p = sub.add_parser("eval", help="adversarial evaluation: gray-box attacks, peers, adaptive attacks (eval_report.md)",
                        description="Adversarial evaluation. Attack sets, trained peers and adaptive results are "

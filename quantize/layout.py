@@ -96,10 +96,39 @@ def float_ops(ops: Sequence[Op], outputs: dict[str, str], layout: Layout | str) 
             return p is not None and ops[p].type in COMPUTE_OPS
         return False
 
-    # what only the detector uses: the residual, C, the sum of squares, sqrt, the comparison
+    # what only the detector uses: the residual, C, the sum of squares, sqrt, the comparison (and,
+    # in a detect-mode graph, D too: no label reads D(E(x)) there)
     only_detect = detect - classify
     if layout is Layout.MIXED:
         keep |= {i for i in only_detect if not int8_work(i)}
     else:  # PRECISE: everything the score reads stays float except C's linear layers
-        keep |= detect - {i for i in only_detect if int8_work(i)}
+        after = _after_residual(ops, first) if first is not None else set()
+        keep |= detect - {i for i in only_detect if int8_work(i) and i in after}
     return sorted(keep)
+
+
+def _after_residual(ops: Sequence[Op], first: int) -> set[int]:
+    """The ops downstream of the residual ``x - D(E(x))``: the anomaly autoencoder C and the norm.
+
+    The residual is found structurally: the op, other than the first convolution, that reads the
+    preprocessed input the first convolution reads.  C is what depends on it; D does not (D reads
+    E(x) only), so a detect-mode graph, where D feeds no label, still keeps D in float under
+    ``precise``.  Nothing found (no residual in the graph): an empty set, so everything the score
+    reads stays float, the conservative reading of the rule.
+    """
+    x = ops[first].inputs[0] if ops[first].inputs else None
+    seeds = [i for i, op in enumerate(ops) if i != first and x in op.inputs and op.type not in COMPUTE_OPS]
+    consumers: dict[str, list[int]] = {}
+    for i, op in enumerate(ops):
+        for t in op.inputs:
+            consumers.setdefault(t, []).append(i)
+    seen: set[int] = set()
+    stack = list(seeds)
+    while stack:
+        i = stack.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        for t in ops[i].outputs:
+            stack.extend(consumers.get(t, ()))
+    return seen

@@ -46,6 +46,16 @@ def test_layout_rule_on_a_toy_graph():
     assert victim_only == {"pre"}
     with pytest.raises(ValueError):
         float_ops(ops, outs, "everything")
+    # a detect-mode graph: the label is the victim's, so D feeds no label; precise still keeps D float
+    det = [op for op in ops if op.name not in ("e2", "f2", "am")] + [Op("am", "ArgMax", ("logits",), ("label",))]
+    douts = {k: k for k in ("label", "score", "rejected", "logits")}
+    assert name_in(det, float_ops(det, douts, "precise")) == {"pre", "e1", "r1", "d1", "t1", "res", "res2", "sq", "sum",
+                                                              "sqrt", "le"}  # only F and C int8
+    assert name_in(det, float_ops(det, douts, "mixed")) == {"pre", "res", "res2", "sq", "sum", "sqrt", "le"}
+
+
+def name_in(ops, idx):
+    return {ops[i].name for i in idx}
 
 
 def test_config_errors():

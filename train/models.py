@@ -580,7 +580,7 @@ def resplit_victim(e_state: dict, f_state: dict, src: ArchSpec, dst: ArchSpec) -
     """The state dicts of E and F for feedback position ``dst.feedback_at`` from a classifier
     split at ``src.feedback_at``: the same tensors (the classifier F(E(x)) is unchanged, bit for
     bit), only the boundary between E and F moves."""
-    if replace(src, feedback="") != replace(dst, feedback=""):
+    if replace(src, feedback="", decoder_width=1.0) != replace(dst, feedback="", decoder_width=1.0):  # D is not moved
         raise ConfigError(f"cannot move the feedback position between different networks ({src} vs {dst})")
     pool = {_canonical(src, "E", k): v for k, v in e_state.items()}
     pool.update({_canonical(src, "F", k): v for k, v in f_state.items()})
