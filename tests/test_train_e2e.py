@@ -451,6 +451,33 @@ def test_attach_at_an_earlier_feedback_position_resplits_the_victim_and_exports(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("feedback", ["pool1", "pool2"])
+def test_a_narrower_decoder_attaches_and_exports_in_both_modes(exported_run, tmp_path, feedback):
+    """--decoder-width 0.5 at either feedback position: the victim stays bit-identical, D's
+    parameters and MACs fall, the manifest records the width, and both graph modes export to ONNX
+    and TFLite (builtin ops only) with the export's parity checks passing."""
+    from dafar.export import ExportConfig, export
+    from dafar.train import attach
+
+    cfg = TrainConfig.for_profile("mnist", "quick", train_limit=512, test_limit=200, val_size=200, batch_size=64,
+                                  epochs=1, detector=False, threads=2, feedback_at=feedback, decoder_width=0.5)
+    res = attach(exported_run, tmp_path / "w", cfg, quiet=True)
+    m, src = res.manifest, load_manifest(exported_run, verify=False)
+    assert m["architecture"]["decoder_width"] == 0.5 and m["training"]["config"]["decoder_width"] == 0.5
+    assert np.array_equal(_victim_logits(tmp_path / "w"), _victim_logits(exported_run))
+    full_d = src["architecture"]["costs"]["D"] if feedback == "pool2" else None
+    if full_d is not None:  # same position as the source: D itself is narrower
+        assert m["architecture"]["costs"]["D"]["params"] < 0.5 * full_d["params"]
+        assert m["architecture"]["costs"]["D"]["macs"] < 0.6 * full_d["macs"]
+    out = export(tmp_path / "w", ExportConfig(validate_images=64, victim=False, modes=("hybrid", "detect")),
+                 log=lambda *a: None)
+    kinds = {(e["format"], e.get("mode")) for e in out.entries.values()}
+    assert kinds == {(f, md) for f in ("onnx", "tflite") for md in ("hybrid", "detect")}
+    for e in out.entries.values():  # export raises on a parity failure; what it recorded says so too
+        assert e["validation"] and not any(op.startswith(("FLEX", "CUSTOM", "Flex")) for op in e["ops"])
+
+
+@pytest.mark.slow
 def test_attach_to_a_classifier_of_ones_own(tmp_path, capsys, monkeypatch):
     """dafar attach --victim package.module:callable --weights W: the user's module is traced into a
     stored graph of torch.nn layers, split at --feedback-at; the run loads without the user's code,

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Every point of the MNIST cost/detection comparison, from the published model, in one command:
+#
+#   bash bench/scripts/pareto_mnist.sh OUT_DIR        (about 45 minutes on a 2-core VM)
+#
+# Configurations: the published joint model (the paper-sized defence, the reference) and decoders
+# attached to its frozen victim at the first / second pooling block, full and half width.  Each is
+# exported as hybrid and detect graphs (l2, float NCHW, ONNX + TFLite, parity-checked), quantized
+# to int8 TFLite (precise layout, checked), evaluated gray-box (FGSM/PGD at 0.05, 0.1, 0.3, CW-L2),
+# and then every file is timed against its own run's victim by `dafar pareto`.
+# Results: OUT_DIR/pareto/pareto.md, pareto.json, pareto.png; the run folders stay in OUT_DIR.
+set -euo pipefail
+OUT=$(realpath -m "${1:?usage: pareto_mnist.sh OUT_DIR}")
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+DAFAR=${DAFAR:-$REPO/.venv/bin/dafar}
+mkdir -p "$OUT"
+EXPORT=(--detector l2 --input float-nchw --mode hybrid,detect --quiet)
+
+[ -f "$OUT/joint/manifest.json" ] || "$DAFAR" export "$OUT/joint" --pretrained mnist "${EXPORT[@]}"
+runs=("$OUT/joint")
+for cfg in "pool1 1.0" "pool1 0.5" "pool2 1.0" "pool2 0.5"; do
+  set -- $cfg
+  run="$OUT/plugin-$1-w$2"
+  if [ ! -f "$run/manifest.json" ]; then
+    "$DAFAR" attach --victim mnist --feedback-at "$1" --decoder-width "$2" --no-detector --quiet --out "$run"
+    "$DAFAR" export "$run" "${EXPORT[@]}"
+  fi
+  runs+=("$run")
+done
+for run in "${runs[@]}"; do
+  grep -q -- '-int8-b1.tflite' "$run/manifest.json" || "$DAFAR" quantize "$run" --format tflite --no-naive --attack-images 0 --quiet
+  [ -f "$run/eval/summary.json" ] || "$DAFAR" eval "$run" --no-peers --no-adaptive --no-deployed --images 300 \
+    --slow-images 20 --eps 0.05,0.1,0.3 --detector l2 --quiet
+done
+"$DAFAR" pareto "${runs[@]}" --out "$OUT/pareto" --threads 1,2 --runs 300
