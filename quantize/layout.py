@@ -99,11 +99,11 @@ def float_ops(ops: Sequence[Op], outputs: dict[str, str], layout: Layout | str) 
     # what only the detector uses: the residual, C, the sum of squares, sqrt, the comparison (and,
     # in a detect-mode graph, D too: no label reads D(E(x)) there)
     only_detect = detect - classify
-    if layout is Layout.MIXED:
-        keep |= {i for i in only_detect if not int8_work(i)}
+    after = _after_residual(ops, first) if first is not None else None
+    if layout is Layout.MIXED:  # the residual and what follows it, minus C's linear layers
+        keep |= {i for i in only_detect if not int8_work(i) and (after is None or i in after)}
     else:  # PRECISE: everything the score reads stays float except C's linear layers
-        after = _after_residual(ops, first) if first is not None else set()
-        keep |= detect - {i for i in only_detect if int8_work(i) and i in after}
+        keep |= detect - {i for i in only_detect if int8_work(i) and i in (after or set())}
     return sorted(keep)
 
 

@@ -125,7 +125,7 @@ def _float_op_counts(buf: bytes) -> dict[str, int]:
 
 def quantize_tflite(src_onnx: str | os.PathLike, dst: str | os.PathLike, *, contract: str, batch: int,
                     input_chw: tuple[int, int, int], output_names: tuple[str, ...], calib: np.ndarray,
-                    layout: Layout | str, work_dir: str | os.PathLike) -> dict:
+                    layout: Layout | str, work_dir: str | os.PathLike, activations: str = "int8") -> dict:
     """Convert the static-batch float ONNX graph ``src_onnx`` to an int8 ``.tflite`` at ``dst``."""
     from dafar.export.tflite_export import check_builtin_only, convert_to_tflite, min_runtime_version
 
@@ -142,7 +142,8 @@ def quantize_tflite(src_onnx: str | os.PathLike, dst: str | os.PathLike, *, cont
     try:
         convert_to_tflite(src_onnx, dst, contract=contract, batch=batch, input_chw=input_chw, output_names=output_names,
                           worker=_WORKER, extra={"quantize": {"calib": str(calib_path.resolve()), "layout": layout.value,
-                                                              "info": str(info_path.resolve())}})
+                                                              "info": str(info_path.resolve()),
+                                                              "activations": activations}})
         info = json.loads(info_path.read_text())
     finally:
         calib_path.unlink(missing_ok=True)
@@ -173,7 +174,7 @@ def quantize_tflite(src_onnx: str | os.PathLike, dst: str | os.PathLike, *, cont
         info["ops"] = check_builtin_only(dst)
     except Exception as exc:
         raise QuantizationError(f"{Path(dst).name}: {exc}") from exc
-    info.update({"activation_type": "int8", "weight_type": "int8 per-channel", "calibration": "TFLite converter (MinMax)"})
+    info.update({"activation_type": activations, "weight_type": "int8 per-channel", "calibration": "TFLite converter (MinMax)"})
     return info
 
 

@@ -23,7 +23,7 @@ def test_config_is_validated():
 
     assert ParetoConfig().threads == (1, 2) and ParetoConfig().max_ratio == 1.5
     for bad in ({"threads": (0,)}, {"runs": 3}, {"warmup": -1}, {"max_ratio": 0}, {"auc_tolerance": 1.5},
-                {"fpr_tolerance": -0.1}):
+                {"fpr_tolerance": -0.1}, {"min_decision_agreement": 1.5}):
         with pytest.raises(ConfigError):
             ParetoConfig(**bad)
     with pytest.raises(ValueError):
@@ -54,6 +54,14 @@ def test_judge_and_front_on_made_up_points():
     assert {pts[i]["run"] for i in front} == {"ref", "cheap", "blind"}
     dominated = pts + [pt("worse", "detect", "float32", 1.35, {"fgsm-eps0.3": 0.99}, 0.005)]
     assert "worse" not in {dominated[i]["run"] for i in _front(dominated, "float32")}
+    # an int8 file that lost its decisions or its detection misses, whatever its speed
+    for check, msg in (({"decision_agreement": 0.99, "worst_detection_change": 0.0}, "agree with float on 99.00%"),
+                       ({"decision_agreement": 0.999, "worst_detection_change": -0.03}, "int8 detection -3.0 points")):
+        pts[3]["int8_check"] = {"layout": "mixed", **check}
+        v = _judge(pts, "ref", ParetoConfig())
+        assert not v["cheap|detect"]["meets"] and msg in " ".join(v["cheap|detect"]["why_not"])
+    pts[3]["int8_check"] = {"layout": "mixed", "decision_agreement": 0.997, "worst_detection_change": -0.005}
+    assert _judge(pts, "ref", ParetoConfig())["cheap|detect"]["meets"]
 
 
 def test_pareto_times_each_file_against_its_victim(run_clone, tmp_path):

@@ -47,10 +47,15 @@ def test_layout_rule_on_a_toy_graph():
     with pytest.raises(ValueError):
         float_ops(ops, outs, "everything")
     # a detect-mode graph: the label is the victim's, so D feeds no label; precise still keeps D float
-    det = [op for op in ops if op.name not in ("e2", "f2", "am")] + [Op("am", "ArgMax", ("logits",), ("label",))]
+    # (and D holds an op that is not conv/linear work, like the unpooling masks' slices: under
+    # mixed it is int8 like the rest of D, only the residual onwards stays float)
+    det = [op for op in ops if op.name not in ("e2", "f2", "am", "d1")] + [Op("am", "ArgMax", ("logits",), ("label",))]
+    d_ops = [Op("d1", "ConvTranspose", ("hr", "wd"), ("dh0",)), Op("us", "Slice", ("dh0",), ("dhs",)),
+             Op("d2", "ConvTranspose", ("dhs", "wd2"), ("dh",))]
+    det = det[:4] + d_ops + det[4:]
     douts = {k: k for k in ("label", "score", "rejected", "logits")}
-    assert name_in(det, float_ops(det, douts, "precise")) == {"pre", "e1", "r1", "d1", "t1", "res", "res2", "sq", "sum",
-                                                              "sqrt", "le"}  # only F and C int8
+    assert name_in(det, float_ops(det, douts, "precise")) == {"pre", "e1", "r1", "d1", "us", "d2", "t1", "res", "res2",
+                                                              "sq", "sum", "sqrt", "le"}  # only F and C int8
     assert name_in(det, float_ops(det, douts, "mixed")) == {"pre", "res", "res2", "sq", "sum", "sqrt", "le"}
 
 

@@ -55,6 +55,9 @@ class ParetoConfig:
     max_ratio: float = option(1.5, help="the latency target: p50 at 1 thread over the victim's, float and int8")
     auc_tolerance: float = option(0.005, help="how far under the reference's ROC AUC a point may fall")
     fpr_tolerance: float = option(0.001, help="how far over the reference's test FPR a point may go (0.001 = 0.1 points)")
+    min_decision_agreement: float = option(0.995, help="int8 clean reject decisions in agreement with float, at least")
+    max_detection_drop: float = option(0.01, help="how far int8 detection may fall under float on an attack (0.01 = 1 "
+                                                  "point; from dafar quantize's adversarial comparison)")
 
     def __post_init__(self):
         object.__setattr__(self, "detector", Detector(self.detector))
@@ -71,7 +74,7 @@ class ParetoConfig:
             raise ConfigError(f"warmup must be an integer >= 0, got {self.warmup!r}")
         if not self.max_ratio > 0:
             raise ConfigError(f"max_ratio must be > 0, got {self.max_ratio!r}")
-        for name in ("auc_tolerance", "fpr_tolerance"):
+        for name in ("auc_tolerance", "fpr_tolerance", "min_decision_agreement", "max_detection_drop"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)!r}")
 
@@ -115,6 +118,21 @@ def _fpr(run: RunFolder, rel: str, det: Detector) -> float | None:
     t = (m.get("thresholds") or {}).get(det.value) or {}
     rule = (t.get("rules") or {}).get(e.get("threshold_rule") or t.get("default")) or {}
     return rule.get("test_fpr")
+
+
+def _int8_check(run: RunFolder, rel: str) -> dict | None:
+    """What ``dafar quantize`` measured for an int8 file against its float source: clean reject
+    decisions in agreement, and the detection rate on each adversarial set, float and int8."""
+    e = run.manifest["exports"][rel]
+    if e.get("precision", "float32") != Precision.INT8.value:
+        return None
+    v = e.get("validation") or {}
+    adv = v.get("adversarial") or {}
+    deltas = {k: float(r["detection_int8"] - r["detection_float"]) for k, r in adv.items()
+              if r.get("detection_int8") is not None and r.get("detection_float") is not None}
+    return {"layout": e.get("layout"), "decision_agreement": v.get("decision_agreement"),
+            "detection_change": deltas or None,
+            "worst_detection_change": min(deltas.values()) if deltas else None}
 
 
 def _files(run: RunFolder, cfg: ParetoConfig) -> list[tuple[str, str]]:
@@ -163,7 +181,7 @@ def _point(run: RunFolder, rel: str, vrel: str, cfg: ParetoConfig, log) -> dict:
             "mac_ratio": fused_costs(m, cfg.detector.value, mode)["mac_ratio"], "params": params,
             "d_params": sub["D"]["params"], "file_bytes": m["files"][rel]["bytes"],
             "victim_file_bytes": m["files"][vrel]["bytes"], "test_fpr": _fpr(run, rel, cfg.detector),
-            "auc": _aucs(run, cfg.detector), "latency": lat}
+            "auc": _aucs(run, cfg.detector), "int8_check": _int8_check(run, rel), "latency": lat}
 
 
 @dataclass(frozen=True)
@@ -197,6 +215,14 @@ def _judge(points: list[dict], ref_run: str, cfg: ParetoConfig) -> dict:
                 why.append("no attack evaluated on both")
             why += [f"AUC {a} {auc[a]:.4f} < {ref_auc[a]:.4f} - {cfg.auc_tolerance:g}" for a in common
                     if auc[a] < ref_auc[a] - cfg.auc_tolerance]
+        q = next((p["int8_check"] for p in pts if p["precision"] == "int8" and p.get("int8_check")), None)
+        if q is not None:  # the int8 file must keep the float decisions (the quantize stage measured it)
+            if q["decision_agreement"] is not None and q["decision_agreement"] < cfg.min_decision_agreement:
+                why.append(f"int8 reject decisions agree with float on {100 * q['decision_agreement']:.2f}% < "
+                           f"{100 * cfg.min_decision_agreement:g}%")
+            if q["worst_detection_change"] is not None and q["worst_detection_change"] < -cfg.max_detection_drop:
+                why.append(f"int8 detection {100 * q['worst_detection_change']:+.1f} points against float "
+                           f"(more than {100 * cfg.max_detection_drop:g})")
         if fl is None or fl["test_fpr"] is None or ref_fpr is None:
             why.append("test FPR unknown")
         elif fl["test_fpr"] > ref_fpr + cfg.fpr_tolerance:
@@ -262,16 +288,20 @@ def _md(summary: dict, cfg: ParetoConfig, plot: Path | None) -> str:
          f"{summary['seconds']:.0f} s). LiteRT, batch 1, input {cfg.contract.value}, detector {cfg.detector.value}; "
          f"each file timed interleaved with its own run's victim file of the same precision ({cfg.runs} runs after "
          f"{cfg.warmup} warm-up, in blocks of 10). Ratios are p50 (and p99) over the victim's. AUC: gray-box ROC AUC "
-         f"from each run's `dafar eval` (the score is the same in both modes). FPR: clean test images at the run's "
+         f"from each run's `dafar eval` of the float defence (the score is the same in both modes; for int8 rows the last "
+         f"column gives what `dafar quantize` measured on the int8 file itself: clean decisions in agreement with float "
+         f"and the largest fall in detection rate on its adversarial sets). FPR: clean test images at the run's "
          f"alpha (int8: recalibrated alpha, quantize validation). Reference: `{summary['reference']}`.", ""]
     if plot is not None:
         L += [f"![cost against detection]({plot.name})", ""]
     head = ["configuration", "run", "mode", "prec", "MACs (x victim)", "params", "file KiB"]
     head += [f"t{t} p50 ms (ratio)" for t in threads] + [f"t{t} p99 ratio" for t in threads]
-    head += ["test FPR"] + [f"AUC {a}" for a in attacks]
+    head += ["test FPR"] + [f"AUC {a}" for a in attacks] + ["int8: decisions agree, worst detection change"]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in pts:
-        row = [p["config"], p["run_name"], p["mode"], "int8" if p["precision"] == "int8" else "float",
+        q = p.get("int8_check")
+        prec = f"int8 ({q['layout']})" if q and q.get("layout") else ("int8" if p["precision"] == "int8" else "float")
+        row = [p["config"], p["run_name"], p["mode"], prec,
                f"{p['macs'] / 1e6:.1f} M ({p['mac_ratio']:.2f})", f"{p['params']:,}", f"{p['file_bytes'] / 1024:.0f}"]
         for t in threads:
             q = p["latency"].get(t)
@@ -281,10 +311,18 @@ def _md(summary: dict, cfg: ParetoConfig, plot: Path | None) -> str:
             row.append(f"{q['ratio_p99']:.2f}" if q else "-")
         row.append(f"{100 * p['test_fpr']:.2f}%" if p["test_fpr"] is not None else "-")
         row += [f"{p['auc'][a]:.4f}" if p["auc"] and a in p["auc"] else "not evaluated" for a in attacks]
+        if not q:
+            row.append("")
+        else:
+            agree = f"{100 * q['decision_agreement']:.2f}%" if q["decision_agreement"] is not None else "-"
+            wdc = q["worst_detection_change"]
+            row.append(f"{agree}, " + (f"{100 * wdc:+.1f} points" if wdc is not None
+                                       else "not compared (quantize --attack-images 0)"))
         L.append("| " + " | ".join(row) + " |")
     L += ["", f"## Against the target (<= {cfg.max_ratio:g}x the victim at 1 thread in float and int8, AUC within "
           f"{cfg.auc_tolerance:g} of the reference on every attack, test FPR at most {100 * cfg.fpr_tolerance:g} "
-          f"points over it)", ""]
+          f"points over it; int8 clean decisions >= {100 * cfg.min_decision_agreement:g}% in agreement with float and "
+          f"int8 detection at most {100 * cfg.max_detection_drop:g} point(s) under it where quantize compared them)", ""]
     for key, v in summary["verdicts"].items():
         run, mode = key.split("|")
         L.append(f"* `{Path(run).name}` {mode}: " + ("**meets it**" if v["meets"] else "misses: " + "; ".join(v["why_not"])))

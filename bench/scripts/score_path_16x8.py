@@ -1,0 +1,117 @@
+"""The int8 score path, measured: can the detector's score leave float and keep its decisions?
+
+    .venv/bin/python bench/scripts/score_path_16x8.py RUN_DIR [--mode detect] [--images 2000] [--out result.json]
+
+RUN_DIR is an exported run (``dafar export RUN --detector l2 --input float-nchw --mode hybrid,detect``).
+From the same static-batch float graph (the one ``dafar quantize`` converts) this builds, in a
+temporary folder, the fixed-batch TFLite file of each candidate score path:
+
+* ``precise`` int8: what ``dafar quantize`` ships by default (E on the input and D in float with
+  int8-stored weights; the residual onwards float);
+* ``mixed`` int8: E and D in int8 too, only the residual, the norm and the comparison in float;
+* ``naive`` 16x8: LiteRT's 16-bit-activation / 8-bit-weight mode on the whole graph, the score
+  included.  (The converter's selective quantization, which keeps ops in float, ignores the 16x8
+  op set: a "mixed 16x8" file comes out bit-identical to mixed int8, so this is the only 16x8
+  layout the converter can make.)
+
+For each: alpha recalibrated on validation scores with the run's own rule (as ``dafar quantize``
+does), then on test images the agreement of reject decisions with the float file, the FPR, the
+score's relative error and correlation; and LiteRT latency at 1 thread, interleaved with the float
+defence and the float victim (median of 200 runs).  Printed as JSON (and written to ``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from dafar.export.api import source_onnx
+from dafar.quantize.tflite_quant import quantize_tflite
+from dafar.run import RunFolder
+from dafar.runtime.backends import LiteRTRunner
+from dafar.schema import Detector, Graph, InputContract, Mode
+from dafar.threshold import calibrate, rejects
+from dafar.train.loading import load_dafar
+
+CANDIDATES = (("precise", "int8"), ("mixed", "int8"), ("naive", "int16"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run_dir")
+    ap.add_argument("--mode", default="detect", choices=[m.value for m in Mode])
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--runs", type=int, default=200)
+    ap.add_argument("--out")
+    a = ap.parse_args(argv)
+    run = RunFolder.open(a.run_dir)
+    mode, c = Mode(a.mode), InputContract.FLOAT_NCHW
+    found = [e for e in run.exports().values() if e.graph is Graph.DAFAR and (e.mode or Mode.HYBRID) is mode
+             and e.format.value == "tflite" and e.detector is Detector.L2 and e.contract is c and e.batch == 1
+             and e.precision.value == "float32"]
+    if not found:
+        sys.exit(f"{run.path}: no float l2 float-nchw b1 TFLite file in mode {mode.value}; export it first")
+    e = found[0]
+    victim = next(v for v in run.exports().values() if v.graph is Graph.VICTIM and v.pair_key == e.pair_key)
+    sp = run.splits()
+    calib = sp.train.images[np.random.default_rng(0).choice(len(sp.train.images), 256, replace=False)]
+    xv, xt = c.from_pixels(sp.val.images[:a.images]), c.from_pixels(sp.test.images[:a.images])
+    ref = LiteRTRunner(run.path / e.rel)
+    ft = ref.run(xt)  # float reference decisions at the float alpha
+    rule = run.manifest["thresholds"]["l2"]["rules"][e.threshold_rule]
+    params = {"z": rule["z"]} if rule["rule"] == "mean+zstd" else {"target_fpr": rule["target_fpr"]}
+    net, _ = load_dafar(run.path, run.manifest)
+    results = {"run": str(run.path), "mode": mode.value, "images": int(len(xt)), "candidates": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        src = source_onnx(net, e.graph, e.detector, e.alpha, run.normalization, run.chw, 1, work / "src.onnx", mode)
+        files = {}
+        for layout, acts in CANDIDATES:
+            out = work / f"{layout}-{acts}.tflite"
+            quantize_tflite(src, out, contract=c.value, batch=1, input_chw=run.chw, output_names=e.output_names,
+                            calib=c.from_pixels(calib), layout=layout, work_dir=work, activations=acts)
+            q = LiteRTRunner(out)
+            qv, qt = q.run(xv), q.run(xt)
+            alpha_q = calibrate(qv["score"], rule["rule"], **params).alpha
+            sf, sq = ft["score"].astype(np.float64), qt["score"].astype(np.float64)
+            rf, rq = rejects(sf, e.alpha), rejects(sq, alpha_q)
+            rel = np.abs(sq - sf) / np.maximum(sf, 1e-9)
+            results["candidates"][f"{layout}-{acts}"] = {
+                "decision_agreement": float(np.mean(rf == rq)), "fpr_float": float(rf.mean()),
+                "fpr_quantized": float(rq.mean()), "score_rel_err_median": float(np.median(rel)),
+                "score_rel_err_p99": float(np.quantile(rel, 0.99)), "score_correlation": float(np.corrcoef(sf, sq)[0, 1]),
+                "label_agreement": float(np.mean(ft["label"] == qt["label"])), "file_bytes": out.stat().st_size}
+            files[f"{layout}-{acts}"] = out
+        # latency: every file and the float victim, interleaved, 1 thread, batch 1
+        runners = {"float": LiteRTRunner(run.path / e.rel, threads=1),
+                   "victim-float": LiteRTRunner(run.path / victim.rel, threads=1),
+                   **{k: LiteRTRunner(p, threads=1) for k, p in files.items()}}
+        x1 = xt[:1]
+        times = {k: [] for k in runners}
+        for r in runners.values():
+            for _ in range(20):
+                r.invoke(x1)
+        for _ in range(a.runs):
+            for k, r in runners.items():
+                t0 = time.perf_counter()
+                r.invoke(x1)
+                times[k].append(time.perf_counter() - t0)
+    med = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+    results["p50_ms"] = med
+    for k in results["candidates"]:
+        results["candidates"][k]["p50_over_float_defence"] = med[k] / med["float"]
+        results["candidates"][k]["p50_over_float_victim"] = med[k] / med["victim-float"]
+    text = json.dumps(results, indent=1)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
