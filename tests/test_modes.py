@@ -144,3 +144,27 @@ def test_detect_mode_exports_quantizes_runs_and_benches(run_clone):
     got = {(r["detector"], r["mode"], r["contract"]) for r in lat if r["backend"] == "litert"}
     assert {("l2", "hybrid", "float-nchw"), ("l2", "detect", "float-nchw")} <= got
     assert "| l2 | detect |" in render_markdown(summarize(run_clone))
+
+
+@pytest.mark.slow
+def test_mixed_layout_quantizes_d_in_a_detect_graph(run_clone):
+    """--layout mixed on a detect graph: E and D go int8 (D's unpooling slices included), only the
+    residual onwards stays float, and the file passes dafar quantize's checks like the default
+    layout.  (Before, the layout asked for D's slices in float, the converter quantized them, and
+    quantize failed with "the mixed layout was not honoured".)"""
+    from dafar.export import ExportConfig, export
+    from dafar.quantize.api import Checks, QuantizeConfig, quantize_run
+
+    export(run_clone, ExportConfig(formats=("tflite",), modes=("detect",), victim=False, validate_images=400),
+           log=lambda *a: None)
+    cfg = QuantizeConfig(formats=("tflite",), contracts=("float-nchw",), detectors=("l2",), layout="mixed",
+                         validate_images=400, calib_images=64, compare_naive=False, attack_images=0,
+                         checks=Checks(min_label_agreement=0.97, max_accuracy_drop=0.015))
+    q = quantize_run(run_clone, cfg, log=lambda *a: None)
+    e = q["export/dafar-l2-detect-float-nchw-int8-b1.tflite"]
+    assert e["layout"] == "mixed" and e["mode"] == "detect"
+    kept = e["quantization"]["float_node_types"]
+    assert "TRANSPOSE_CONV" not in kept and "CONV_2D" not in kept and "STRIDED_SLICE" not in kept  # E and D int8
+    assert {"SUB", "SQRT"} <= set(kept)  # the residual and the norm float
+    v = e["validation"]
+    assert v["decision_agreement"] >= 0.99 and v["decision_follows_alpha"] and v["nan_input_rejected"]

@@ -459,7 +459,7 @@ def test_a_narrower_decoder_attaches_and_exports_in_both_modes(exported_run, tmp
     from dafar.export import ExportConfig, export
     from dafar.train import attach
 
-    cfg = TrainConfig.for_profile("mnist", "quick", train_limit=512, test_limit=200, val_size=200, batch_size=64,
+    cfg = TrainConfig.for_profile("mnist", "quick", train_limit=512, test_limit=400, val_size=200, batch_size=64,
                                   epochs=1, detector=False, threads=2, feedback_at=feedback, decoder_width=0.5)
     res = attach(exported_run, tmp_path / "w", cfg, quiet=True)
     m, src = res.manifest, load_manifest(exported_run, verify=False)
@@ -467,9 +467,9 @@ def test_a_narrower_decoder_attaches_and_exports_in_both_modes(exported_run, tmp
     assert np.array_equal(_victim_logits(tmp_path / "w"), _victim_logits(exported_run))
     full_d = src["architecture"]["costs"]["D"] if feedback == "pool2" else None
     if full_d is not None:  # same position as the source: D itself is narrower
-        assert m["architecture"]["costs"]["D"]["params"] < 0.5 * full_d["params"]
+        assert m["architecture"]["costs"]["D"]["params"] < 0.55 * full_d["params"]  # (its last layer keeps C channels)
         assert m["architecture"]["costs"]["D"]["macs"] < 0.6 * full_d["macs"]
-    out = export(tmp_path / "w", ExportConfig(validate_images=64, victim=False, modes=("hybrid", "detect")),
+    out = export(tmp_path / "w", ExportConfig(validate_images=400, victim=False, modes=("hybrid", "detect")),
                  log=lambda *a: None)
     kinds = {(e["format"], e.get("mode")) for e in out.entries.values()}
     assert kinds == {(f, md) for f in ("onnx", "tflite") for md in ("hybrid", "detect")}
