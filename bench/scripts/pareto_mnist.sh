@@ -29,6 +29,9 @@ for cfg in "pool1 1.0" "pool1 0.5" "pool2 1.0" "pool2 0.5"; do
   runs+=("$run")
 done
 for run in "${runs[@]}"; do
+  # EVAL_SKIP="plugin-pool2-w1.0 ..." leaves runs unevaluated (the table then says so): CW-L2 and
+  # JSMA take 10-20 minutes per run on these 2 cores
+  case " ${EVAL_SKIP:-} " in *" $(basename "$run") "*) continue ;; esac
   [ -f "$run/eval/summary.json" ] || "$DAFAR" eval "$run" --no-peers --no-adaptive --no-deployed --images 300 \
     --slow-images 20 --eps 0.05,0.1,0.3 --detector l2 --quiet
 done
