@@ -93,6 +93,13 @@ def test_pareto_times_each_file_against_its_victim(run_clone, tmp_path):
     assert json.loads((out / "pareto.json").read_text())["reference"] == run_clone.name
     if res.plot is not None:
         assert res.plot.stat().st_size > 1000
+    # an int8 row shows its layout and what quantize measured on it
+    from dafar.bench.perf.pareto import _md
+
+    q = {**pts[1], "precision": "int8", "int8_check": {"layout": "mixed", "decision_agreement": 0.997,
+                                                       "detection_change": {"fgsm": -0.02}, "worst_detection_change": -0.02}}
+    text = _md({**res.summary, "points": [pts[0], q]}, cfg, None)
+    assert "| int8 (mixed) |" in text and "99.70%, -2.0 points" in text
 
     # errors: named, before anything is timed
     with pytest.raises(ConfigError, match="inside a run folder"):

@@ -299,8 +299,8 @@ def _md(summary: dict, cfg: ParetoConfig, plot: Path | None) -> str:
     head += ["test FPR"] + [f"AUC {a}" for a in attacks] + ["int8: decisions agree, worst detection change"]
     L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in pts:
-        q = p.get("int8_check")
-        prec = f"int8 ({q['layout']})" if q and q.get("layout") else ("int8" if p["precision"] == "int8" else "float")
+        chk = p.get("int8_check")
+        prec = f"int8 ({chk['layout']})" if chk and chk.get("layout") else ("int8" if p["precision"] == "int8" else "float")
         row = [p["config"], p["run_name"], p["mode"], prec,
                f"{p['macs'] / 1e6:.1f} M ({p['mac_ratio']:.2f})", f"{p['params']:,}", f"{p['file_bytes'] / 1024:.0f}"]
         for t in threads:
@@ -311,11 +311,11 @@ def _md(summary: dict, cfg: ParetoConfig, plot: Path | None) -> str:
             row.append(f"{q['ratio_p99']:.2f}" if q else "-")
         row.append(f"{100 * p['test_fpr']:.2f}%" if p["test_fpr"] is not None else "-")
         row += [f"{p['auc'][a]:.4f}" if p["auc"] and a in p["auc"] else "not evaluated" for a in attacks]
-        if not q:
+        if not chk:
             row.append("")
         else:
-            agree = f"{100 * q['decision_agreement']:.2f}%" if q["decision_agreement"] is not None else "-"
-            wdc = q["worst_detection_change"]
+            agree = f"{100 * chk['decision_agreement']:.2f}%" if chk["decision_agreement"] is not None else "-"
+            wdc = chk["worst_detection_change"]
             row.append(f"{agree}, " + (f"{100 * wdc:+.1f} points" if wdc is not None
                                        else "not compared (quantize --attack-images 0)"))
         L.append("| " + " | ".join(row) + " |")
