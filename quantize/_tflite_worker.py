@@ -45,7 +45,7 @@ def _quantized(spec: dict, saved: Path) -> bytes:
     if q.get("activations", "int8") == "int16":
         # LiteRT's 16x8 mode: 16-bit activations, 8-bit weights; ops without a 16x8 kernel stay float.
         # Measurement only (bench/scripts/score_path_16x8.py): the debugger's selective quantization
-        # silently drops the 16x8 op set (its files come out bit-identical to int8), so 16x8 is
+        # silently drops the 16x8 op set (its files come out identical to int8 in size and outputs), so 16x8 is
         # offered for the whole graph alone, where LiteRT runs it with slow reference kernels.
         if keep:
             raise SystemExit("16x8 activations are supported only for the whole graph (the naive layout): the "

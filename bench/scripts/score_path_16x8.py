@@ -11,7 +11,7 @@ temporary folder, the fixed-batch TFLite file of each candidate score path:
 * ``mixed`` int8: E and D in int8 too, only the residual, the norm and the comparison in float;
 * ``naive`` 16x8: LiteRT's 16-bit-activation / 8-bit-weight mode on the whole graph, the score
   included.  (The converter's selective quantization, which keeps ops in float, ignores the 16x8
-  op set: a "mixed 16x8" file comes out bit-identical to mixed int8, so this is the only 16x8
+  op set: a "mixed 16x8" file comes out identical to mixed int8 in size and outputs, so this is the only 16x8
   layout the converter can make.)
 
 For each: alpha recalibrated on validation scores with the run's own rule (as ``dafar quantize``
