@@ -11,9 +11,11 @@ the input path is such a perturbation, which D faithfully turns into reconstruct
 Layouts (op sets computed from the graph structure, not from names, so one rule serves both
 formats):
 
-* ``mixed`` (default): int8 for the convolutional and linear work of E, F, D and C; float32 for
-  the input preprocessing, the residual ``x - D(E(x))``, ``d - C(d)``, the sum of squares, the
-  square root and the comparison with alpha (dequantized before them).  Smallest file.
+* ``mixed``: int8 for the convolutional and linear work of E, F, D and C (in a detect-mode graph
+  all of D, its unpooling slices included); float32 for the input preprocessing, the residual
+  ``x - D(E(x))``, ``d - C(d)``, the sum of squares, the square root and the comparison with alpha
+  (dequantized before them).  Smallest file and fastest; keeps the decisions on MNIST, not on
+  CIFAR-10 (bench/results/pareto-mnist/README.md).
 * ``precise``: additionally keeps the input path of the score in float (E on the input, the
   decoder D and their unpooling masks): the score then barely moves, at the price of float
   compute for E(x) and D.  The victim head F, E on the reconstruction (purification) and C stay int8.
