@@ -135,6 +135,8 @@ def quantize_tflite(src_onnx: str | os.PathLike, dst: str | os.PathLike, *, cont
     from .layout import float_ops
 
     layout = Layout(layout)
+    if activations not in ("int8", "int16"):
+        raise QuantizationError(f"activations must be 'int8' or 'int16' (LiteRT's 16x8 mode), got {activations!r}")
     work = Path(work_dir)
     calib_path = work / f"{Path(dst).stem}.calib.npy"
     info_path = work / f"{Path(dst).stem}.info.json"

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dafar.errors import DafarError
 from dafar.export.api import source_onnx
 from dafar.quantize.tflite_quant import quantize_tflite
 from dafar.run import RunFolder
@@ -114,4 +115,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except DafarError as exc:  # a missing or damaged run folder, data, a failed conversion: one line
+        sys.exit(f"score_path_16x8: error: {exc}")
