@@ -92,7 +92,14 @@ def test_eval_end_to_end_writes_records_and_report(eval_run):
         for k in ("detection_rate", "auc", "hybrid_accuracy", "defence_success", "robust_accuracy", "detection_at_fpr_0.01"):
             assert 0 <= r[k] <= 1, (k, r)
     assert {"noise", "fgsm", "pgd"} <= set(s["table4"])
-    assert set(s["adaptive"]["methods"]) == {"DAFAR (l2)", "DAFAR (autoencoder)", "MagNet", "Feature Squeezing"}
+    assert set(s["adaptive"]["methods"]) == {"DAFAR (l2)", "DAFAR (autoencoder)", "DAFAR detect (l2)", "Victim alone",
+                                             "MagNet", "Feature Squeezing"}
+    # APGD ran after PGD on DAFAR and the victim alone, not on the peers; the victim alone never rejects
+    for name, rows in s["adaptive"]["methods"].items():
+        assert ("broken_only_by_apgd_ce" in rows[0]) == (name not in ("MagNet", "Feature Squeezing")), name
+    for r in s["adaptive"]["methods"]["Victim alone"]:
+        assert r["defence_success"] == pytest.approx(r["robust_accuracy"])
+    assert s["adaptive"]["sanity"]["DAFAR (l2)"]["eps"] == 0.1  # the largest given budget below 1
     for rows in s["adaptive"]["methods"].values():
         assert rows[-1]["attack_success"] >= rows[0]["attack_success"] - 1e-9 or rows[-1]["eps"] == 1.0
     assert s["deployed"] and {d["precision"] for d in s["deployed"]} == {"float32"}

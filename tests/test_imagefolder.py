@@ -206,3 +206,34 @@ def test_image_folder_end_to_end(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["model"].endswith("-int8-b1.tflite") and out["predictions"][0]["class"] in CLASSES
     load_manifest(run)  # every file still verifies
+
+
+def test_adversarial_training_on_the_mobile_network(tmp_path, capsys):
+    """--adversarial on the batch-normalised mobile network: the attack runs in training mode
+    beside batch norm, the monitor's PGD accuracy is logged, the manifest and report say how the
+    victim was trained and what a plain PGD does to it, and a changed attack setting refuses to
+    resume the checkpoint."""
+    from dafar.cli import main
+    from dafar.manifest import load_manifest
+
+    root = make_folder(tmp_path / "data", per_class=(24, 8), bad=False)
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "imagefolder", "--data-dir", str(root), "--out", str(run), "--width", "0.25",
+            "--epochs", "2", "--detector-epochs", "1", "--batch-size", "16", "--threads", "2", "--quiet",
+            "--adversarial", "pgd", "--adv-eps", "4/255", "--adv-steps", "2"]
+    assert main(argv) == 0
+    m = load_manifest(run)
+    assert m["training"]["adversarial"] == {"mode": "pgd", "eps": pytest.approx(4 / 255), "steps": 2,
+                                            "step_size": pytest.approx(2.5 * 4 / 255 / 2), "guard": 0.2}
+    rob = m["metrics"]["robust"]
+    assert rob["eps"] == pytest.approx(4 / 255) and 0 <= rob["victim_pgd_acc"] <= m["metrics"]["victim_test_acc"] + 1e-9
+    kept = m["training"]["kept_weights"]["joint"]
+    assert kept["best_by"] == "val_robust_acc" and 1 <= kept["best_epoch"] <= 2
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert all(0 <= r["val_robust_acc"] <= 1 for r in log if r.get("phase") == "joint")
+    assert "## Adversarial training" in (run / "report.md").read_text()
+    # the same run folder with another budget is another schedule: not resumable
+    (run / "manifest.json").unlink()
+    capsys.readouterr()
+    assert main(argv[:-4] + ["--adv-eps", "8/255", "--adv-steps", "2", "--resume"]) == 5  # a configuration error
+    assert "differ from the run's saved configuration" in capsys.readouterr().err  # naming adv_eps

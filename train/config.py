@@ -20,7 +20,9 @@ from dafar.limits import check_threads
 from dafar.options import option
 from dafar.schema import Unpool
 
-__all__ = ["Profile", "Augment", "Arch", "Device", "TrainConfig", "PROFILES", "DEFAULT_ARCH"]
+from .attacks import eps_label, parse_budget
+
+__all__ = ["Profile", "Augment", "Arch", "Device", "AdvMode", "TrainConfig", "PROFILES", "DEFAULT_ARCH"]
 
 
 class Profile(str, Enum):
@@ -53,6 +55,18 @@ FEEDBACK_POSITIONS: dict[str, tuple[str, ...]] = {
     Arch.PAPER_CIFAR10.value: ("pool1", "pool2"),
     Arch.MOBILE.value: ("stage1", "stage2"),
 }
+
+
+class AdvMode(str, Enum):
+    """Adversarial training of the victim (dafar.train.adversarial)."""
+
+    NONE = "none"
+    PGD = "pgd"  # Madry et al.: --adv-steps projected sign-gradient steps from a random start
+    FAST = "fast"  # Wong, Rice and Kolter: one FGSM step of 1.25 eps from a uniform random start
+
+
+# The data sets' usual L-inf budgets (pixels in [0, 1]): what adversarial training defends by default.
+ADV_EPS = {DatasetName.MNIST: 0.3, DatasetName.CIFAR10: 8 / 255, DatasetName.IMAGEFOLDER: 8 / 255}
 
 
 class Device(str, Enum):
@@ -140,6 +154,25 @@ class TrainConfig:
     feedback_at: str | None = option(None, none="default", metavar="LAYER",
                                      help="feedback position, where E ends and D takes its input: pool1 or pool2 "
                                           "(paper networks), stage1 or stage2 (mobile); default: the last")
+    # Adversarial training (issue "a defence that survives an attacker who knows it"): the victim's
+    # cross-entropy is taken on adversarial images (the joint phase's reconstruction term stays on
+    # clean ones: D learns what clean images look like, so attacked ones stand out).
+    adversarial: AdvMode = option(AdvMode.NONE, help="train the victim on adversarial examples: pgd (Madry) or fast "
+                                                     "(FGSM from a random start, Wong et al. 2020)")
+    adv_eps: float | None = option(None, parse=parse_budget, fmt=eps_label, metavar="EPS", none="default",
+                                   help="L-inf budget of adversarial training on pixels in [0, 1], e.g. 0.3 or 8/255 "
+                                        "(default: MNIST 0.3, others 8/255)")
+    adv_steps: int | None = option(None, none="default", help="PGD steps per training batch (pgd only; default: 10 "
+                                                              "for MNIST, 7 otherwise)")
+    adv_step_size: float | None = option(None, parse=parse_budget, fmt=eps_label, metavar="SIZE", none="default",
+                                         help="attack step on pixels in [0, 1] (default: fast 1.25 eps, pgd 2.5 eps / "
+                                              "steps)")
+    # Wong et al.'s guard against catastrophic overfitting: FGSM training can, within an epoch,
+    # keep its FGSM accuracy while its PGD accuracy falls to ~0.  Each epoch the monitor measures
+    # PGD-10 accuracy on 500 validation images; a fall of more than this since the previous epoch
+    # stops the phase.  Either way the phase keeps its best-PGD-accuracy epoch (Rice et al. 2020).
+    adv_guard: float = option(0.2, help="stop adversarial training when the monitor's PGD accuracy falls by more than "
+                                        "this since the previous epoch (0 = off); the best epoch is kept either way")
     unpool: Unpool = option(Unpool.MASK, help="decoder unpooling: index-free mask (exportable to TFLite) or the "
                                               "paper's MaxUnpool (torch and ONNX Runtime only)")
     z: float = option(3.0, help="threshold rule mean + z*std (paper: 3 for MNIST, 2 for CIFAR-10)")
@@ -169,6 +202,7 @@ class TrainConfig:
         coerce("profile", Profile)
         coerce("unpool", Unpool)
         coerce("device", Device)
+        coerce("adversarial", AdvMode)
         if self.arch is not None:
             coerce("arch", Arch)
         if self.val_size is None and self.dataset is not DatasetName.IMAGEFOLDER:
@@ -260,6 +294,49 @@ class TrainConfig:
         if self.augment is Augment.CROP_FLIP and self.dataset is DatasetName.MNIST:
             raise ConfigError("augment=crop-flip is for CIFAR-10: flipping digits changes their meaning (use shift)")
 
+        self._check_adversarial()
+
+    def _check_adversarial(self) -> None:
+        adv = self.adversarial is not AdvMode.NONE
+        if not adv:
+            if (self.adv_eps, self.adv_steps, self.adv_step_size) != (None, None, None):
+                raise ConfigError("adv_eps, adv_steps and adv_step_size apply to adversarial training (--adversarial "
+                                  "pgd|fast)")
+            return
+        if self.attach_to is not None:
+            raise ConfigError("a plug-in run trains only D on a frozen classifier: train the victim adversarially "
+                              "first (dafar train --adversarial ...), then attach to that run")
+        for name in ("adv_eps", "adv_step_size"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1):
+                raise ConfigError(f"{name} must lie in (0, 1] (pixels in [0, 1]; write 8/255 on the command line), "
+                                  f"got {v!r}")
+        if self.adv_steps is not None:
+            if self.adversarial is AdvMode.FAST:
+                raise ConfigError("adv_steps applies to --adversarial pgd (fast takes one step)")
+            if isinstance(self.adv_steps, bool) or not isinstance(self.adv_steps, int) or not 1 <= self.adv_steps <= 1000:
+                raise ConfigError(f"adv_steps must be an integer in [1, 1000], got {self.adv_steps!r}")
+        if isinstance(self.adv_guard, bool) or not isinstance(self.adv_guard, (int, float)) \
+                or not 0 <= self.adv_guard < 1:
+            raise ConfigError(f"adv_guard must lie in [0, 1), got {self.adv_guard!r}")
+        if self.keep_best:
+            raise ConfigError("keep_best chooses by clean validation accuracy; adversarial training already keeps the "
+                              "epoch with the best PGD accuracy")
+
+    def adv_settings(self):
+        """The resolved adversarial-training settings (defaults filled in), or None."""
+        if self.adversarial is AdvMode.NONE:
+            return None
+        from .adversarial import AdvSettings
+
+        eps = float(self.adv_eps if self.adv_eps is not None else ADV_EPS[self.dataset])
+        if self.adversarial is AdvMode.FAST:
+            steps, size = 1, float(self.adv_step_size if self.adv_step_size is not None else 1.25 * eps)
+        else:
+            steps = self.adv_steps or (10 if self.dataset is DatasetName.MNIST else 7)
+            size = float(self.adv_step_size if self.adv_step_size is not None else 2.5 * eps / steps)
+        return AdvSettings(self.adversarial, eps, steps, size, float(self.adv_guard))
+
     @classmethod
     def for_profile(cls, dataset: DatasetName | str, profile: Profile | str = Profile.QUICK, **overrides) -> "TrainConfig":
         try:
@@ -297,7 +374,8 @@ class TrainConfig:
     def schedule_key(self) -> dict:
         """The fields a checkpoint must agree on to be resumed (not evaluation-only fields)."""
         d = self.to_dict()
-        for k in ("device", "threads", "eval_batch_size", "test_limit", "target_fprs", "z", "profile"):
+        # adv_guard only decides when to stop (a checkpoint it stopped says so itself)
+        for k in ("device", "threads", "eval_batch_size", "test_limit", "target_fprs", "z", "profile", "adv_guard"):
             d.pop(k)
         return d
 

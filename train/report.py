@@ -198,7 +198,25 @@ def training_sections(run_dir: str | Path, m: dict) -> list[str]:
         if k.get("weights") != "last epoch":
             L += [f"{phase} phase: the saved weights are the {k['weights']}"
                   + (f" (epoch {k['best_epoch']} of {k['epochs_done']}, monitor validation accuracy "
-                     f"{_pct(k['best_monitor_val_acc'])})" if k.get("best_epoch") else "")
+                     f"{_pct(k['best_monitor_val_acc'])})" if k.get("best_epoch") and "best_monitor_val_acc" in k else "")
+                  + (f" (epoch {k['best_epoch']} of {k['epochs_done']}: the best PGD-10 accuracy on 500 validation "
+                     f"images, {_pct(k['best_monitor_val_robust_acc'])})" if "best_monitor_val_robust_acc" in k else "")
+                  + (f"; the overfitting guard stopped the phase after epoch {k['stopped_by_guard_after_epoch']}"
+                     if k.get("stopped_by_guard_after_epoch") else "")
                   + (f"; weights averaged with per-step decay {k['ema_decay']}" if k.get("ema_decay") else "") + ".", ""]
+    adv = m["training"].get("adversarial")
+    if adv:
+        rob = met.get("robust") or {}
+        how = (f"{adv['steps']}-step PGD (Madry et al.)" if adv["mode"] == "pgd"
+               else "FGSM from a uniform random start (Wong, Rice and Kolter 2020)")
+        L += ["## Adversarial training", "",
+              f"The victim's cross-entropy was taken on L-inf adversarial images: {how}, eps {adv['eps']:.4g} and step "
+              f"{adv['step_size']:.4g} on pixels in [0, 1]" + (", D's reconstruction on the clean images" if not attached
+                                                               else "") + f"; overfitting guard {adv['guard']:g}.", ""]
+        if rob:
+            L += [f"Under {rob['attack']} at eps {rob['eps']:.4g} on the first {rob['images']} test images the victim "
+                  f"classifies {_pct(rob['victim_pgd_acc'])} correctly"
+                  + (f" (victim-only model: {_pct(rob['victim_only_pgd_acc'])})" if "victim_only_pgd_acc" in rob else "")
+                  + ". That is a first look, not the evaluation: `dafar eval` attacks the whole defence adaptively.", ""]
     L += ["![training curves](plots/training.png)", ""]
     return L

@@ -34,6 +34,7 @@ from dafar.schema import Detector
 from dafar.threshold import ThresholdRule, calibrate, false_positive_rate
 from dafar.version import __version__
 
+from .adversarial import perturb, robust_accuracy
 from .config import Augment, Device, TrainConfig
 from .cost import subnet_costs
 from .models import (ArchSpec, DafarNet, Normalize, Victim, build_dafar, build_victim, decoder_output_for, l2_per_sample,
@@ -154,7 +155,8 @@ class _Logger:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec, sort_keys=True) + "\n")
         if not self.quiet:
-            keys = [k for k in ("loss", "ce", "recon", "train_acc", "val_acc", "val_recon", "val_loss") if k in rec]
+            keys = [k for k in ("loss", "ce", "recon", "train_acc", "val_acc", "val_robust_acc", "val_recon",
+                                      "val_loss") if k in rec]
             body = " ".join(f"{k}={rec[k]:.4f}" for k in keys)
             print(f"[{rec['phase']}] epoch {rec['epoch'] + 1}/{rec['epochs']} {body} ({rec['seconds']:.0f}s)",
                   file=sys.stderr, flush=True)
@@ -211,12 +213,15 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
          step: Callable[[np.ndarray, torch.Generator], tuple[torch.Tensor, dict]],
          validate: Callable[[], dict], ckpt: Path, logger: _Logger, resume: bool, quiet: bool,
          weight_decay: float = 0.0, earlier: dict | None = None, ema: float = 0.0,
-         keep_best: bool = False) -> list[float]:
+         keep_best: bool = False, best_key: str = "val_acc", guard: float = 0.0) -> list[float]:
     """The shared epoch loop: Adam + one-cycle, per-epoch checkpoint, NaN guard, resume.
     Returns every epoch's seconds, those of earlier (resumed-from) calls included; ``earlier[phase]``
     gets the part earlier calls spent.  With ``ema`` the weights are averaged (:class:`_Ema`); with
     ``keep_best`` the checkpoint also keeps the weights of the best ``val_acc`` epoch.  The
-    checkpoint's ``info["final"]`` names the weights the phase ends with (see :func:`_load_model_only`)."""
+    checkpoint's ``info["final"]`` names the weights the phase ends with (see :func:`_load_model_only`).
+    ``best_key`` names the monitor value the best epoch is chosen by (adversarial training: the PGD
+    accuracy); with ``guard`` > 0 a fall of more than ``guard`` below the best stops the phase (the
+    best epoch's weights are kept, and a resumed run does not train on past it)."""
     from tqdm.auto import tqdm
 
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -233,6 +238,7 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
     epoch_seconds: list[float] = []
     averager = _Ema(model, params, ema) if ema else None
     best: dict = {"val_acc": -1.0, "epoch": None, "state": None}
+    prev = None  # the previous epoch's monitored value (the guard's reference)
     final = "best" if keep_best else "ema" if averager else "model"
     if ckpt.with_suffix(".json").exists():
         if not resume:
@@ -247,6 +253,9 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
         if keep_best and info.get("best_epoch") is not None:
             best = {"val_acc": float(info["best_val_acc"]), "epoch": int(info["best_epoch"]),
                     "state": {k[5:]: v for k, v in extra.items() if k.startswith("best.")}}
+        if info.get("stopped_after") is not None:  # the guard stopped this phase: it is finished
+            start = epochs
+        prev = info.get("guard_prev")
         # the seconds of the epochs earlier calls trained (a run resumed over days reports them all)
         epoch_seconds = list(info.get("epoch_seconds") or _logged_seconds(logger.path, phase, start))
     if earlier is not None:
@@ -285,9 +294,15 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
         rec.update({name: v / count for name, v in sums.items()})
         with averager.applied() if averager is not None else contextlib.nullcontext():
             rec.update(validate())  # the monitor judges the weights the phase would end with
-            if keep_best and rec["val_acc"] > best["val_acc"]:
-                best = {"val_acc": rec["val_acc"], "epoch": epoch,
+            if keep_best and rec[best_key] > best["val_acc"]:
+                best = {"val_acc": rec[best_key], "epoch": epoch,
                         "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+        # Wong et al.'s rule: a fall of more than `guard` since the previous epoch (catastrophic
+        # overfitting takes PGD accuracy to ~0 within an epoch; slower swings while the learning
+        # rate is high are noise the best-epoch choice already absorbs)
+        prev_rec = prev
+        stop = guard > 0 and prev is not None and rec[best_key] < prev - guard
+        prev = rec[best_key] if guard > 0 else None
         if averager is not None:
             rec["val_of"] = "ema"
         if keep_best:
@@ -301,10 +316,20 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
             info["ema_steps"] = averager.steps
             extra.update(averager.tensors())
         if keep_best:
-            info.update(best_epoch=best["epoch"], best_val_acc=best["val_acc"])
+            info.update(best_epoch=best["epoch"], best_val_acc=best["val_acc"], best_key=best_key)
             extra.update({f"best.{k}": v for k, v in best["state"].items()})
+        if guard > 0:
+            info["guard_prev"] = prev
+        if stop:
+            info["stopped_after"] = epoch + 1
+            rec["stopped"] = (f"{best_key} fell from {prev_rec:.4f} (epoch {epoch}) to {rec[best_key]:.4f} (epoch "
+                              f"{epoch + 1}): more than the guard {guard}; keeping epoch {best['epoch'] + 1}")
         save_checkpoint(ckpt, model, opt, sched, info, extra)
         logger.log(rec)
+        if stop:
+            if not quiet:
+                print(f"{phase}: {rec['stopped']}", flush=True)
+            break
     return epoch_seconds
 
 
@@ -315,7 +340,11 @@ def _kept(info: dict, cfg: TrainConfig) -> dict:
     if cfg.ema:
         out["ema_decay"] = cfg.ema
     if info.get("best_epoch") is not None:
-        out.update(best_epoch=int(info["best_epoch"]) + 1, best_monitor_val_acc=info.get("best_val_acc"))
+        key = info.get("best_key", "val_acc")
+        out.update(best_epoch=int(info["best_epoch"]) + 1, best_by=key)
+        out["best_monitor_val_acc" if key == "val_acc" else f"best_monitor_{key}"] = info.get("best_val_acc")
+    if info.get("stopped_after") is not None:
+        out["stopped_by_guard_after_epoch"] = int(info["stopped_after"])
     return out
 
 
@@ -547,6 +576,35 @@ class _Session:
         x = _augment(x, gen, self.cfg.augment, self.cfg.cutout)
         return x.to(self.device, memory_format=self.memfmt), torch.from_numpy(self.data.train_y[idx]).to(self.device)
 
+    def best_rule(self) -> dict:
+        """How a phase that trains the victim chooses its final epoch: adversarial training keeps the
+        epoch with the best PGD monitor accuracy and stops on the overfitting guard (Wong et al.;
+        Rice et al. 2020: the best robust epoch beats the last); otherwise --keep-best decides."""
+        adv = self.cfg.adv_settings()
+        if adv is None:
+            return {"keep_best": self.cfg.keep_best}
+        return {"keep_best": True, "best_key": "val_robust_acc", "guard": adv.guard}
+
+    def robust_monitor(self, model, classify) -> dict:
+        """PGD-10 accuracy on the first 500 monitor images at the training budget (adversarial
+        training only): what the guard watches."""
+        adv = self.cfg.adv_settings()
+        if adv is None:
+            return {}
+        was = model.training
+        model.eval()
+        try:
+            with torch.enable_grad():  # the monitors run under no_grad; the attack needs gradients
+                return {"val_robust_acc": self._robust_acc(classify, adv)}
+        finally:
+            model.train(was)
+
+    def _robust_acc(self, classify, adv) -> float:
+        x = to_model_scale(self.mon_x[:500], self.norm).to(self.device, memory_format=self.memfmt)
+        y = torch.from_numpy(self.mon_y[:500].astype(np.int64)).to(self.device)
+        return robust_accuracy(classify, x, y, self.norm, adv.eps, steps=10,
+                               gen=torch.Generator().manual_seed(self.cfg.seed + 17))
+
     def fit(self, phase: str, model, params, n: int, epochs: int, lr: float, step, validate, **kw) -> list[float]:
         return _fit(phase, model, params, n, epochs, lr, self.cfg, step, validate, self.ckdir / phase, self.logger,
                     self.resume, self.quiet, earlier=self.earlier, **kw)
@@ -562,9 +620,19 @@ def _joint_phase(s: _Session) -> tuple[DafarNet, list[float], dict]:
             load_into(getattr(net, name), s.parent["dir"] / f"weights/{name}.safetensors")
     net = net.to(s.device, memory_format=s.memfmt)
 
+    adv = cfg.adv_settings()
+
+    def classify(xm):
+        return net.F(net.E(xm).z)
+
     def joint_step(idx, gen):
         x, y = s.batch(idx, gen)
-        logits, recon = net(x)
+        if adv is None:
+            logits, recon = net(x)
+        else:  # CE on the attacked batch, the reconstruction on the clean one (D learns clean images)
+            x_adv = perturb(classify, x, y, s.norm, adv.eps, adv.steps, adv.step_size, gen)
+            recon = net.D(net.E(x))
+            logits = classify(x_adv)
         recon_l2 = l2_per_sample(x - recon).mean()
         ce = Fn.cross_entropy(logits, y)
         loss = cfg.recon_weight * recon_l2 + ce
@@ -573,10 +641,11 @@ def _joint_phase(s: _Session) -> tuple[DafarNet, list[float], dict]:
 
     def joint_val():
         ev = evaluate_arrays(net, s.mon_x, s.device, cfg.eval_batch_size, purify=False, with_ae=False)
-        return {"val_acc": _accuracy(ev["logits"], s.mon_y), "val_recon": float(ev["l2"].mean())}
+        return {"val_acc": _accuracy(ev["logits"], s.mon_y), "val_recon": float(ev["l2"].mean()),
+                **s.robust_monitor(net, classify)}
 
     seconds = s.fit("joint", net, _joint_params(net), s.n_train, cfg.epochs, cfg.lr, joint_step, joint_val,
-                    weight_decay=cfg.weight_decay, ema=cfg.ema, keep_best=cfg.keep_best)
+                    weight_decay=cfg.weight_decay, ema=cfg.ema, **s.best_rule())
     # the checkpoint holds the final joint weights whether or not this call trained any epoch
     kept = _kept(_load_model_only(s.ckdir / "joint", net), cfg)
     return net, seconds, kept
@@ -678,8 +747,12 @@ def _victim_phase(s: _Session) -> tuple[Victim, list[float], dict]:
         load_into(victim, s.parent["dir"] / "weights/victim_only.safetensors")
     victim = victim.to(device, memory_format=s.memfmt)
 
+    adv = cfg.adv_settings()
+
     def victim_step(idx, gen):
         x, y = s.batch(idx, gen)
+        if adv is not None:
+            x = perturb(victim, x, y, s.norm, adv.eps, adv.steps, adv.step_size, gen)
         logits = victim(x)
         ce = Fn.cross_entropy(logits, y)
         return ce, {"loss": ce.detach(), "train_acc": (logits.argmax(1) == y).float().mean()}
@@ -690,10 +763,10 @@ def _victim_phase(s: _Session) -> tuple[Victim, list[float], dict]:
         n_mon = len(s.mon_y)
         hits = sum(int((victim(to_model_scale(s.mon_x[i: i + 1000], s.norm).to(device)).argmax(1).cpu().numpy()
                         == s.mon_y[i: i + 1000]).sum()) for i in range(0, n_mon, 1000))
-        return {"val_acc": hits / n_mon}
+        return {"val_acc": hits / n_mon, **s.robust_monitor(victim, victim)}
 
     seconds = s.fit("victim", victim, list(victim.parameters()), s.n_train, cfg.epochs, cfg.lr, victim_step,
-                    victim_val, weight_decay=cfg.weight_decay, ema=cfg.ema, keep_best=cfg.keep_best)
+                    victim_val, weight_decay=cfg.weight_decay, ema=cfg.ema, **s.best_rule())
     kept = _kept(_load_model_only(s.ckdir / "victim", victim), cfg)
     return victim, seconds, kept
 
@@ -767,7 +840,8 @@ def _manifest_body(cfg: TrainConfig, splits: Splits, data: _Data, net: DafarNet,
         "score": {Detector.L2.value: "||x - D(E(x))||_2 on the model scale [-1, 1]",
                   Detector.AUTOENCODER.value: "||d - C(d)||_2 with d = x - D(E(x)), model scale"},
         "thresholds": thresholds,
-        "training": {"config": cfg.to_dict(), **timing},
+        "training": {"config": cfg.to_dict(), **timing,
+                     **({"adversarial": cfg.adv_settings().to_dict()} if cfg.adv_settings() is not None else {})},
         "metrics": {k: v for k, v in metrics.items() if k != "timing"},
         "versions": _versions(),
     }
@@ -841,6 +915,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         ev_test = evaluate_arrays(net, data.test_x, device, cfg.eval_batch_size, victim)
         thresholds = _thresholds(cfg, ev_val, ev_test, splits.name.value)
         metrics = _metrics(cfg, ev_val, ev_test, data, thresholds)
+        if cfg.adv_settings() is not None:
+            metrics["robust"] = _robust_metrics(s, net, victim)
         eval_seconds = time.perf_counter() - t_eval
 
         # ---- write weights, scores, metrics and the manifest (manifest last: it marks the run complete)
@@ -1118,3 +1194,20 @@ def _metrics(cfg: TrainConfig, ev_val: dict, ev_test: dict, data: _Data, thresho
         # accuracy of the whole defence on clean data: accepted and correctly classified from the reconstruction
         m[f"{name}_clean_defended_acc"] = float(np.mean(accepted & (ev_test["purified_logits"].argmax(1) == y)))
     return m
+
+
+def _robust_metrics(s: _Session, net: DafarNet, victim: Victim | None, n: int = 1000, steps: int = 20) -> dict:
+    """A first look at what adversarial training bought: the classifier's accuracy under a plain
+    PGD (``steps`` steps, one random start) at the training budget on the first ``n`` test images.
+    Not the evaluation: ``dafar eval`` attacks the whole defence with restarts and BPDA."""
+    adv = s.cfg.adv_settings()
+    x = to_model_scale(s.data.test_x[:n], s.norm).to(s.device, memory_format=s.memfmt)
+    y = torch.from_numpy(s.data.test_y[:n].astype(np.int64)).to(s.device)
+    gen = torch.Generator().manual_seed(s.cfg.seed + 23)
+    net.eval()
+    out = {"eps": adv.eps, "attack": f"PGD-{steps}, 1 random start, step 2.5 eps/{steps}", "images": int(len(y)),
+           "victim_pgd_acc": robust_accuracy(lambda xm: net.F(net.E(xm).z), x, y, s.norm, adv.eps, steps, gen)}
+    if victim is not None:
+        victim.eval()
+        out["victim_only_pgd_acc"] = robust_accuracy(victim, x, y, s.norm, adv.eps, steps, gen)
+    return out

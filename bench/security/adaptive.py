@@ -10,7 +10,11 @@ Tramer et al. (2020):
 * the index-free unpool's mask is piecewise constant, so its gradient is zero: a BPDA variant
   (straight-through: the backward pass treats the mask as all ones) runs beside the exact
   gradient, and an image counts as broken when either finds an example;
+* Auto-PGD (Croce and Hein 2020) with the cross-entropy or the DLR loss in place of the margin,
+  on the same combined objective (:func:`apgd_attack`; ART's APGD sees a classifier's loss only);
 * a CW-style L2 variant (Adam on a tanh-reparameterised image, distortion + hinge terms);
+* DAFAR in ``detect`` mode (the label from the victim's own logits) and the victim alone (never
+  rejecting: for an adversarially trained run, the robust victim the defence is compared with);
 * the same treatment against MagNet (reformer + two detectors) and Feature Squeezing (BPDA for
   the bit-depth rounding; the median filter is differentiable almost everywhere).
 
@@ -25,7 +29,8 @@ import numpy as np
 
 from dafar.schema import Detector
 
-__all__ = ["DafarTarget", "MagNetTarget", "SqueezeTarget", "pgd_attack", "cw_attack", "AttackResult"]
+__all__ = ["DafarTarget", "VictimTarget", "MagNetTarget", "SqueezeTarget", "pgd_attack", "apgd_attack", "cw_attack",
+           "AttackResult"]
 
 
 def _torch():
@@ -43,18 +48,78 @@ def _margin(logits, y):
     return other.max(1).values - z_y
 
 
+def _dlr(logits, y):
+    """Croce and Hein's difference-of-logits ratio, sign flipped so that larger is more adversarial:
+    (max_{j != y} z_j - z_y) / (z_pi1 - z_pi3); invariant to the logits' scale and shift (with
+    fewer than three classes the denominator is the top two's gap)."""
+    srt = logits.sort(1, descending=True).values
+    low = srt[:, min(2, logits.shape[1] - 1)]
+    return _margin(logits, y) / (srt[:, 0] - low + 1e-12)
+
+
+def _classifier_term(logits, y, kind: str):
+    """The part of an attack objective that pushes the label off ``y`` (larger: more adversarial),
+    bounded so that a detector penalty beside it dominates once the label is wrong."""
+    torch = _torch()
+    if kind == "margin":
+        return torch.clamp(_margin(logits, y), max=10.0)
+    if kind == "ce":
+        return torch.clamp(torch.nn.functional.cross_entropy(logits, y, reduction="none"), max=10.0)
+    if kind == "dlr":
+        return torch.clamp(_dlr(logits, y), max=1.0)
+    raise ValueError(f"unknown attack loss {kind!r}")
+
+
+class VictimTarget:
+    """The classifier ``F(E(x))`` with no detector: an image is broken when its label is wrong.
+    For an adversarially trained run this is the robust victim alone; for any run, the row the
+    defence is compared with."""
+
+    name = "Victim alone"
+
+    def __init__(self, net):
+        self.net = net.eval()
+
+    def identity(self) -> tuple:
+        return (self.net.E, self.net.F, "victim-alone")
+
+    def logits(self, x01):
+        return self.net.F(self.net.E(self.net.from_unit(x01)).z)
+
+    def loss(self, x01, y, c: float = 0.0, kind: str = "margin"):
+        return _classifier_term(self.logits(x01), y, kind)
+
+    def loss_and_success(self, x01, y, c: float = 0.0, kind: str = "margin"):
+        logits = self.logits(x01)
+        return _classifier_term(logits, y, kind), (logits.detach().argmax(1) != y).numpy()
+
+    def decide(self, x01):
+        torch = _torch()
+        with torch.no_grad():
+            label = self.logits(x01).argmax(1).numpy()
+        return np.zeros(len(label), bool), label
+
+    def success(self, x01, y):
+        return self.decide(x01)[1] != y.numpy()
+
+
 class DafarTarget:
-    """The fused DAFAR decision as a differentiable function of the image."""
+    """The fused DAFAR decision as a differentiable function of the image.  ``mode`` is the
+    deployed graph's: ``hybrid`` labels from the purified logits ``F(E(D(E(x))))``, ``detect``
+    from the victim's own ``F(E(x))`` (D runs for the score only)."""
 
     name = "DAFAR"
 
-    def __init__(self, net, alpha: float, detector: str = "l2", straight_through: bool = False):
+    def __init__(self, net, alpha: float, detector: str = "l2", straight_through: bool = False, mode: str = "hybrid"):
         self.net, self.alpha, self.detector = net.eval(), float(alpha), Detector(detector)
         self.straight_through = straight_through
+        if mode not in ("hybrid", "detect"):
+            raise ValueError(f"mode must be hybrid or detect, got {mode!r}")
+        self.mode = mode
 
     def identity(self) -> tuple:
         """What decides this target's outcome (its cache key in ``dafar eval``)."""
-        return (self.net, self.alpha, self.detector, self.straight_through)
+        return (self.net, self.alpha, self.detector, self.straight_through) + (("detect",) if self.mode == "detect" else ())
 
     def _set_bpda(self, on: bool):
         self.net.D.unpool.straight_through = on
@@ -71,15 +136,21 @@ class DafarTarget:
             if self.detector is Detector.AUTOENCODER:
                 d = d - self.net.C(d)
             score = torch.sqrt(torch.sum(d * d, dim=(1, 2, 3)) + 1e-12)
-            purified = self.net.F(self.net.E(recon).z)
-            return purified, score
+            label_logits = self.net.F(feats.z) if self.mode == "detect" else self.net.F(self.net.E(recon).z)
+            return label_logits, score
         finally:
             self._set_bpda(False)
 
-    def loss(self, x01, y, c: float):
+    def loss(self, x01, y, c: float, kind: str = "margin"):
+        return self.loss_and_success(x01, y, c, kind)[0]
+
+    def loss_and_success(self, x01, y, c: float, kind: str = "margin"):
+        """The objective and, from the same forward pass, which images it already breaks (one
+        forward per attack step instead of two)."""
         purified, score = self.outputs(x01)
         torch = _torch()
-        return torch.clamp(_margin(purified, y), max=10.0) - c * torch.relu(score - 0.98 * self.alpha)
+        ok = ((score.detach() <= self.alpha) & (purified.detach().argmax(1) != y)).numpy()
+        return _classifier_term(purified, y, kind) - c * torch.relu(score - 0.98 * self.alpha), ok
 
     def success(self, x01, y):
         torch = _torch()
@@ -171,6 +242,16 @@ class SqueezeTarget:
         return ~rej & (lab != y.numpy())
 
 
+def _loss_success(target, x, y, c: float, kind: str = "margin"):
+    """(objective, success flags) at ``x``: one forward pass where the target offers it."""
+    if hasattr(target, "loss_and_success"):
+        return target.loss_and_success(x, y, c, kind)
+    f = target.loss(x, y, c, kind) if kind != "margin" else target.loss(x, y, c)
+    torch = _torch()
+    with torch.no_grad():
+        return f, target.success(x.detach(), y)
+
+
 @dataclass
 class AttackResult:
     x_adv: np.ndarray  # per image: the first successful example, else the last iterate
@@ -207,27 +288,116 @@ def pgd_attack(target, x: np.ndarray, y: np.ndarray, eps: float, steps: int = 10
             elif r > 0:
                 xa = (xa + eps * (2 * torch.rand(xa.shape, generator=g) - 1)).clamp(0, 1)
             for k in range(steps + 1):
-                if k > 0:
-                    xa.requires_grad_(True)
-                    loss = target.loss(xa, yy, c).sum()
-                    (grad,) = torch.autograd.grad(loss, xa)
+                # one forward pass gives both the success check of this iterate and the gradient
+                # of the next step (the last iterate is only checked)
+                xa.requires_grad_(k < steps)
+                if k < steps:
+                    f, ok = _loss_success(target, xa, yy, c)
+                else:
                     with torch.no_grad():
-                        xa = xa + step * grad.sign()
-                        xa = torch.min(torch.max(xa, x0 - eps), x0 + eps).clamp(0, 1)
-                with torch.no_grad():
-                    ok = target.success(xa, yy)
-                    if ok.any():  # keep the first success per image
-                        hit = idx[ok]
-                        fresh = ~done[hit]
-                        out_x[hit[fresh]] = xa[ok][torch.from_numpy(fresh)].numpy()
-                        first[hit[fresh]] = r
-                        done[hit] = True
-                if done[idx].all():
+                        ok = target.success(xa, yy)
+                xd = xa.detach()
+                if ok.any():  # keep the first success per image
+                    hit = idx[ok]
+                    fresh = ~done[hit]
+                    out_x[hit[fresh]] = xd[ok][torch.from_numpy(fresh)].numpy()
+                    first[hit[fresh]] = r
+                    done[hit] = True
+                if done[idx].all() or k == steps:
+                    xa = xd
                     break
+                (grad,) = torch.autograd.grad(f.sum(), xa)
+                with torch.no_grad():
+                    xa = xd + step * grad.sign()
+                    xa = torch.min(torch.max(xa, x0 - eps), x0 + eps).clamp(0, 1)
             with torch.no_grad():
                 left = ~done[idx]
                 out_x[idx[left]] = xa[torch.from_numpy(left)].detach().numpy()
     return AttackResult(out_x, done, steps, restarts + len(inits), first)
+
+
+def _apgd_checkpoints(steps: int) -> list[int]:
+    """Croce and Hein's checkpoints: p0 = 0, p1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)."""
+    p = [0.0, 0.22]
+    while p[-1] < 1:
+        p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+    return sorted({int(round(q * steps)) for q in p if 0 < q < 1})
+
+
+def apgd_attack(target, x: np.ndarray, y: np.ndarray, eps: float, steps: int = 100, loss: str = "ce",
+                c: float = 10.0, seed: int = 0, batch: int = 100) -> AttackResult:
+    """Auto-PGD (Croce and Hein 2020, the core of AutoAttack) on ``target``'s combined objective:
+    the classifier term (``ce``: cross-entropy, APGD-CE; ``dlr``: difference-of-logits ratio,
+    APGD-DLR) minus the detector penalty, so "misclassified and accepted" is what it maximizes.
+    Step size 2 eps halved per image at the checkpoints where fewer than 75% of the steps since
+    the last one improved the objective or nothing improved at an unchanged step, restarting from
+    the best point; momentum 0.75; a random start in the ball.  ART's APGD takes a classifier's
+    loss only (it cannot see a detector), hence this implementation.  Keeps per image the first
+    example that succeeds."""
+    torch = _torch()
+    g = torch.Generator().manual_seed(seed)
+    out_x = x.copy()
+    done = np.zeros(len(x), bool)
+    checks = _apgd_checkpoints(steps)
+    for i in range(0, len(x), batch):
+        idx = np.arange(i, min(i + batch, len(x)))
+        x0 = torch.from_numpy(x[idx])
+        yy = torch.from_numpy(y[idx].astype(np.int64))
+        n = len(idx)
+
+        def proj(v):
+            return torch.min(torch.max(v, x0 - eps), x0 + eps).clamp(0, 1)
+
+        def value_grad(v):
+            """The objective and its gradient at v, recording the images v already breaks."""
+            v = v.clone().requires_grad_(True)
+            f, ok = _loss_success(target, v, yy, c, loss)
+            fresh = ok & ~done[idx]
+            if fresh.any():
+                out_x[idx[fresh]] = v.detach()[torch.from_numpy(fresh)].numpy()
+                done[idx[fresh]] = True
+            (gr,) = torch.autograd.grad(f.sum(), v)
+            return f.detach(), gr.detach()
+
+        shape = (n,) + (1,) * (x0.dim() - 1)
+        xk = proj(x0 + eps * (2 * torch.rand(x0.shape, generator=g) - 1))
+        eta = torch.full(shape, 2.0 * eps)
+        fk, gk = value_grad(xk)
+        x_best, f_best, g_best = xk.clone(), fk.clone(), gk.clone()
+        x_prev = xk.clone()
+        improved = torch.zeros(n)  # steps since the last checkpoint that raised the objective
+        f_best_at_check = f_best.clone()
+        eta_reduced_at_check = torch.zeros(n, dtype=torch.bool)
+        last = 0
+        for k in range(steps):
+            with torch.no_grad():
+                z = proj(xk + eta * gk.sign())
+                a = 1.0 if k == 0 else 0.75
+                x_new = proj(xk + a * (z - xk) + (1 - a) * (xk - x_prev))
+            f_new, g_new = value_grad(x_new)
+            if done[idx].all():
+                break
+            up = f_new > fk
+            improved += up.float()
+            better = f_new > f_best
+            x_best[better], f_best[better], g_best[better] = x_new[better], f_new[better], g_new[better]
+            x_prev, xk, fk, gk = xk, x_new, f_new, g_new
+            if k + 1 in checks:
+                span = k + 1 - last
+                cond1 = improved < 0.75 * span
+                cond2 = (~eta_reduced_at_check) & (f_best_at_check >= f_best)
+                halve = cond1 | cond2
+                eta_reduced_at_check = halve.clone()
+                if halve.any():
+                    eta[halve] /= 2
+                    xk[halve], fk[halve], gk[halve] = x_best[halve], f_best[halve], g_best[halve]
+                    x_prev[halve] = xk[halve]
+                improved.zero_()
+                f_best_at_check = f_best.clone()
+                last = k + 1
+        left = ~done[idx]
+        out_x[idx[left]] = x_best[torch.from_numpy(left)].numpy()
+    return AttackResult(out_x, done, steps, 1)
 
 
 def cw_attack(target, x: np.ndarray, y: np.ndarray, steps: int = 200, cs=(0.1, 1.0, 10.0), lr: float = 0.01,

@@ -64,6 +64,9 @@ def default_attacks(dataset: str, eps=None) -> list[AttackSpec]:
     return specs
 
 
+GRAYBOX_FAMILIES = ("fgsm", "pgd", "cw-l2", "jsma", "noise")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     images: int = option(300, help="images per FGSM/PGD/noise set")
@@ -83,6 +86,11 @@ class EvalConfig:
                                                          "0.05-1, CIFAR-10 2/255-1)")
     adaptive_steps: int = option(100, help="PGD steps of the adaptive attack")
     adaptive_restarts: int = option(2, help="restarts of the adaptive attack")
+    adaptive_apgd: bool = option(True, help="skip APGD-CE and APGD-DLR (Auto-PGD on the same combined objective) after "
+                                            "PGD in the adaptive attack")
+    graybox: tuple[str, ...] = option(("fgsm", "pgd", "cw-l2", "jsma", "noise"), metavar="ATTACKS",
+                                      help="gray-box attack families to run, a comma list of fgsm, pgd, cw-l2, jsma, "
+                                           "noise (pgd is needed: the adaptive attack starts from its examples)")
     deployed: bool = option(True, help="skip evaluating the exported files")
     seed: int = option(0, help="seed of the image selection and the attacks")
     detectors: tuple[Detector, ...] = option((Detector.L2, Detector.AUTOENCODER), flag="--detector",
@@ -95,6 +103,17 @@ class EvalConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{k} must be a positive integer, got {v!r}")
+        if self.adaptive_images > self.images:
+            raise ConfigError(f"adaptive_images ({self.adaptive_images}) cannot exceed images ({self.images}): the "
+                              "adaptive attack runs on the gray-box PGD set's images (raise --images)")
+        fams = tuple(str(a).strip() for a in (self.graybox.split(",") if isinstance(self.graybox, str) else self.graybox))
+        bad = [a for a in fams if a not in GRAYBOX_FAMILIES]
+        if bad or not fams:
+            raise ConfigError(f"graybox: unknown attack family {', '.join(bad) or '(none given)'}; choose from "
+                              f"{', '.join(GRAYBOX_FAMILIES)}")
+        if "pgd" not in fams:
+            raise ConfigError("graybox must include pgd: the adaptive attack and the image selection start from its sets")
+        object.__setattr__(self, "graybox", fams)
         if any(not 0 < f < 1 for f in self.fprs):
             raise ConfigError(f"fprs must lie in (0, 1), got {self.fprs!r}")
 
@@ -228,7 +247,7 @@ def _data(run: RunFolder, cfg: EvalConfig, data_dir) -> _Data:
 
 
 def _graybox_sets(run: RunFolder, cfg: EvalConfig, data_dir, log) -> list:
-    specs = default_attacks(run.dataset, cfg.eps)
+    specs = [s for s in default_attacks(run.dataset, cfg.eps) if s.attack.value in cfg.graybox]
     fast = [s for s in specs if s.attack.value in ("fgsm", "pgd", "noise")]
     slow = [s for s in specs if s not in fast]
     sets = attack_sets(run.path, fast, n=cfg.images, seed=cfg.seed, data_dir=data_dir, log=log)
@@ -471,15 +490,25 @@ def _adaptive(run_dir, net, alphas, peers, sets, cfg, ds, log, DafarTarget, MagN
     for s in sets:
         if s.spec.attack.value == "pgd":
             grey_by_eps[round(s.spec.eps, 6)] = s
+    from .adaptive import VictimTarget, apgd_attack
+
     targets = [("DAFAR (l2)", DafarTarget(net, alphas["l2"], "l2"), DafarTarget(net, alphas["l2"], "l2", straight_through=True))]
     if "autoencoder" in alphas:
         targets.append(("DAFAR (autoencoder)", DafarTarget(net, alphas["autoencoder"], "autoencoder"),
                         DafarTarget(net, alphas["autoencoder"], "autoencoder", straight_through=True)))
+    # the label from the victim's own logits (a --mode detect graph): for a robust victim the
+    # purification pass may cost robustness, so both modes are attacked
+    targets.append(("DAFAR detect (l2)", DafarTarget(net, alphas["l2"], "l2", mode="detect"),
+                    DafarTarget(net, alphas["l2"], "l2", straight_through=True, mode="detect")))
+    # the classifier alone, never rejecting: the row the defence is compared with (an adversarially
+    # trained run's robust victim)
+    targets.append(("Victim alone", VictimTarget(net), None))
+    apgd_ok = {"DAFAR (l2)", "DAFAR (autoencoder)", "DAFAR detect (l2)", "Victim alone"}  # targets with a loss kind
     if peers is not None:
         targets.append(("MagNet", MagNetTarget(peers.magnet), None))
         targets.append(("Feature Squeezing", SqueezeTarget(peers.squeeze, squeeze_bits(ds), peers.squeeze.threshold), None))
-    results: dict = {"images": n, "steps": cfg.adaptive_steps, "restarts": cfg.adaptive_restarts, "eps": list(eps_list),
-                     "methods": {}, "sanity": {}, "reused_from_cache": 0}
+    results: dict = {"images": len(x), "steps": cfg.adaptive_steps, "restarts": cfg.adaptive_restarts, "eps": list(eps_list),
+                     "apgd": cfg.adaptive_apgd, "methods": {}, "sanity": {}, "reused_from_cache": 0}
     cache_dir = Path(run_dir) / "eval" / "adaptive"
     ids = {name: _digest(*tgt.identity()) for name, tgt, _ in targets}
 
@@ -500,7 +529,7 @@ def _adaptive(run_dir, net, alphas, peers, sets, cfg, ds, log, DafarTarget, MagN
         atomic_write_json(path, {"key": key, "value": value})
         return value
 
-    def one_eps(tgt, tgt_bpda, eps, g):
+    def one_eps(tgt, tgt_bpda, eps, g, apgd: bool):
         t0 = time.perf_counter()
         # restarts: the clean image, then the gray-box PGD example (so the adaptive attack is never
         # weaker than the gray-box one), then random starts
@@ -515,12 +544,27 @@ def _adaptive(run_dir, net, alphas, peers, sets, cfg, ds, log, DafarTarget, MagN
             success[rest[ok]] = True
             x_best = x_best.copy()
             x_best[rest[ok]] = rb.x_adv[ok]
+        by_apgd = {}
+        for kind in (("ce", "dlr") if apgd else ()):
+            # Auto-PGD on the images PGD (and BPDA) left standing, on the same combined objective
+            rest = np.flatnonzero(~success)
+            by_apgd[kind] = 0
+            if rest.size == 0:
+                continue
+            ra = apgd_attack(tgt, x[rest], y[rest], eps, steps=cfg.adaptive_steps, loss=kind, seed=cfg.seed + 3)
+            ok = ra.success
+            by_apgd[kind] = int(ok.sum())
+            success[rest[ok]] = True
+            x_best = x_best.copy()
+            x_best[rest[ok]] = ra.x_adv[ok]
         rej, lab = tgt.decide(torch.from_numpy(x_best))
         row = {"eps": eps, "attack_success": float(success.mean()),
                "defence_success": float(np.mean(rej | (lab == y))), "robust_accuracy": float(np.mean(~rej & (lab == y))),
                "broken_from_clean_start": int(np.sum(r.first_restart == 0)),
                "broken_only_from_graybox_start": int(np.sum(r.first_restart == 1)) if g is not None else 0,
                "seconds": time.perf_counter() - t0}
+        if apgd:
+            row["broken_only_by_apgd_ce"], row["broken_only_by_apgd_dlr"] = by_apgd["ce"], by_apgd["dlr"]
         if g is not None:
             grej, glab = tgt.decide(torch.from_numpy(g.x_adv[:n]))
             grey_ok = ~grej & (glab != y)
@@ -533,18 +577,22 @@ def _adaptive(run_dir, net, alphas, peers, sets, cfg, ds, log, DafarTarget, MagN
         rows = []
         for eps in eps_list:
             g = grey_by_eps.get(round(eps, 6))
+            apgd = cfg.adaptive_apgd and name in apgd_ok
             key = {"target": ids[name], "bpda": tgt_bpda is not None, "images": images, "eps": float(eps),
                    "steps": cfg.adaptive_steps, "restarts": cfg.adaptive_restarts, "seed": cfg.seed,
-                   "graybox_start": _digest(g.x_adv[:n]) if g is not None else None}
-            row = cached(f"{name} eps {eps:.6g}", key, lambda: one_eps(tgt, tgt_bpda, eps, g))
+                   "graybox_start": _digest(g.x_adv[:n]) if g is not None else None,
+                   **({"apgd": ["ce", "dlr"]} if apgd else {})}
+            row = cached(f"{name} eps {eps:.6g}", key, lambda: one_eps(tgt, tgt_bpda, eps, g, apgd))
             rows.append(row)
             log(f"adaptive {name} eps {eps:.3g}: attack success {100 * row['attack_success']:.1f}% "
                 f"({row['seconds']:.0f} s)")
         results["methods"][name] = rows
     # sanity: more steps and restarts at one eps, on a subset
     k = min(50, n)
-    e_mid = 0.1 if ds == "mnist" else 4 / 255
-    for name, tgt, _ in targets[:1] + targets[2:]:
+    # at a middle budget by default; with budgets given, at the largest one below 1 (the one asked about)
+    given = [e for e in (cfg.adaptive_eps or ()) if e < 1]
+    e_mid = max(given) if given else 0.1 if ds == "mnist" else 4 / 255
+    for name, tgt, _ in [t for t in targets if t[0] not in ("DAFAR (autoencoder)", "DAFAR detect (l2)")]:
         def sanity(tgt=tgt):
             row = {}
             for steps, restarts in ((cfg.adaptive_steps, cfg.adaptive_restarts), (4 * cfg.adaptive_steps, 2 * cfg.adaptive_restarts)):

@@ -215,9 +215,15 @@ def write_eval_report(run_dir) -> Path:
     cfg = s["config"]
     f0, f1 = cfg["fprs"][0], cfg["fprs"][-1]
     ds = s["dataset"]
-    label = dataset_label(read_manifest(run_dir))
+    man = read_manifest(run_dir)
+    label = dataset_label(man)
+    adv = man.get("training", {}).get("adversarial")
     L = [f"# Adversarial evaluation: {label}", "",
-         f"Reproduce: `{reproduce_command(cfg)}` ({s['timing']['total_s'] / 60:.0f} minutes on this machine).", "",
+         f"Reproduce: `{reproduce_command(cfg)}` ({s['timing']['total_s'] / 60:.0f} minutes on this machine).", ""]
+    if adv:
+        L += [f"The victim of this run was adversarially trained ({adv['mode']}, eps {adv['eps']:.4g} on pixels in "
+              "[0, 1]): `Victim alone` in the adaptive section is the robust victim without the defence.", ""]
+    L += [
          "Gray-box (the paper's setting): adversarial images are made with ART against the float victim F(E(x)); "
          "the attacker does not know the defence. Images: test images the victim classifies correctly "
          f"({cfg['images']} per FGSM/PGD/noise set, {cfg['slow_images']} per CW-L2/JSMA set). DAFAR is judged at its "
@@ -291,7 +297,13 @@ def write_eval_report(run_dir) -> Path:
         L += ["", "## White-box adaptive attacks (the attacker knows the defence)", "",
               f"PGD on `margin(label) - c * relu(score - 0.98 * threshold)` with {ad['steps']} steps and {ad['restarts']} "
               f"starts (the clean image, the gray-box PGD example, random points) on {ad['images']} images; for DAFAR a BPDA pass (straight-through unpool mask) runs on the images "
-              "the exact gradient did not break. Cells: attack success / defence success / robust accuracy.", "",
+              "the exact gradient did not break"
+              + ("; then APGD-CE and APGD-DLR (Auto-PGD, Croce and Hein 2020) on the same objective, each "
+                 f"{ad['steps']} steps from a random start, on the images still standing (DAFAR and the victim alone)"
+                 if ad.get("apgd") else "")
+              + ". An image is defended when it is rejected or classified correctly. `DAFAR detect` labels from the "
+              "victim's own logits (a `--mode detect` graph); `Victim alone` never rejects. "
+              "Cells: attack success / defence success / robust accuracy.", "",
               "| eps | " + " | ".join(ad["methods"]) + " |", "|---|" + "---|" * len(ad["methods"])]
         for i, eps in enumerate(ad["eps"]):
             cells = []
@@ -305,12 +317,15 @@ def write_eval_report(run_dir) -> Path:
             mono = all(b >= a - 0.03 for a, b in zip(succ, succ[1:]))
             grey_only = sum(r.get("graybox_only_images", 0) for r in rows)
             from_grey = sum(r.get("broken_only_from_graybox_start", 0) for r in rows)
+            by_apgd = sum(r.get("broken_only_by_apgd_ce", 0) + r.get("broken_only_by_apgd_dlr", 0) for r in rows)
             L.append(f"- {mname}: success {'rises' if mono else 'does NOT rise'} with eps "
                      f"({', '.join(_p(v, 0) for v in succ)}), reaching {_p(succ[-1], 0)} at eps {eps_label(ad['eps'][-1])}; "
                      f"images broken by gray-box PGD but not by the adaptive attack: {grey_only}; images the "
                      f"adaptive gradient broke only when started from the gray-box example: {from_grey}"
                      + (" (the adaptive loss is a poor guide for this defence: read its numbers as a lower bound)"
-                        if from_grey > 0.02 * ad["images"] * len(rows) else "") + ".")
+                        if from_grey > 0.02 * ad["images"] * len(rows) else "")
+                     + (f"; images only APGD broke (after PGD and BPDA): {by_apgd}"
+                        if any("broken_only_by_apgd_ce" in r for r in rows) else "") + ".")
         for mname, r in ad.get("sanity", {}).items():
             vals = {k: v for k, v in r.items() if k.startswith("steps")}
             L.append(f"- {mname}, eps {eps_label(r['eps'])}, {r['images']} images: " + ", ".join(f"{k}: {_p(v)}" for k, v in vals.items())
