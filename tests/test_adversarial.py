@@ -209,3 +209,4 @@ def test_eval_config_graybox_and_image_counts():
         EvalConfig(graybox="pgd,deepfool")
     with pytest.raises(ConfigError, match="adaptive_images"):
         EvalConfig(images=300, adaptive_images=500)  # silently fewer images before
+    EvalConfig(images=50, adaptive=False)  # without the adaptive attack its image count does not matter

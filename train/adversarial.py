@@ -68,8 +68,10 @@ def perturb(classify, x: torch.Tensor, y: torch.Tensor, norm, eps: float, steps:
         with torch.no_grad():
             delta = torch.max(torch.min(delta + a * g.sign(), e), -e)
             delta = torch.max(torch.min(delta, hi - x), lo - x)
-    return (x + delta).detach().contiguous(memory_format=torch.channels_last if x.is_contiguous(
-        memory_format=torch.channels_last) and x.dim() == 4 else torch.contiguous_format)
+    # the batch comes back in the caller's memory format (training runs channels-last)
+    fmt = torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+    return (x + delta).detach().contiguous(memory_format=fmt)
 
 
 def robust_accuracy(classify, x: torch.Tensor, y: torch.Tensor, norm, eps: float, steps: int = 10,

@@ -220,8 +220,8 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
     ``keep_best`` the checkpoint also keeps the weights of the best ``val_acc`` epoch.  The
     checkpoint's ``info["final"]`` names the weights the phase ends with (see :func:`_load_model_only`).
     ``best_key`` names the monitor value the best epoch is chosen by (adversarial training: the PGD
-    accuracy); with ``guard`` > 0 a fall of more than ``guard`` below the best stops the phase (the
-    best epoch's weights are kept, and a resumed run does not train on past it)."""
+    accuracy); with ``guard`` > 0 a fall of more than ``guard`` since the previous epoch stops the
+    phase (the best epoch's weights are kept, and a resumed run does not train on past it)."""
     from tqdm.auto import tqdm
 
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -300,8 +300,10 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
         # Wong et al.'s rule: a fall of more than `guard` since the previous epoch (catastrophic
         # overfitting takes PGD accuracy to ~0 within an epoch; slower swings while the learning
         # rate is high are noise the best-epoch choice already absorbs)
-        prev_rec = prev
         stop = guard > 0 and prev is not None and rec[best_key] < prev - guard
+        if stop:
+            rec["stopped"] = (f"{best_key} fell from {prev:.4f} (epoch {epoch}) to {rec[best_key]:.4f} (epoch "
+                              f"{epoch + 1}): more than the guard {guard}; keeping epoch {best['epoch'] + 1}")
         prev = rec[best_key] if guard > 0 else None
         if averager is not None:
             rec["val_of"] = "ema"
@@ -322,8 +324,6 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
             info["guard_prev"] = prev
         if stop:
             info["stopped_after"] = epoch + 1
-            rec["stopped"] = (f"{best_key} fell from {prev_rec:.4f} (epoch {epoch}) to {rec[best_key]:.4f} (epoch "
-                              f"{epoch + 1}): more than the guard {guard}; keeping epoch {best['epoch'] + 1}")
         save_checkpoint(ckpt, model, opt, sched, info, extra)
         logger.log(rec)
         if stop:
@@ -796,6 +796,7 @@ def _manifest_body(cfg: TrainConfig, splits: Splits, data: _Data, net: DafarNet,
     """Everything the manifest says about a freshly trained run, but its file table."""
     spec = net.spec
     ds = splits.name.value
+    adv = cfg.adv_settings()
     return {
         "kind": "dafar-run",
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -841,7 +842,7 @@ def _manifest_body(cfg: TrainConfig, splits: Splits, data: _Data, net: DafarNet,
                   Detector.AUTOENCODER.value: "||d - C(d)||_2 with d = x - D(E(x)), model scale"},
         "thresholds": thresholds,
         "training": {"config": cfg.to_dict(), **timing,
-                     **({"adversarial": cfg.adv_settings().to_dict()} if cfg.adv_settings() is not None else {})},
+                     **({"adversarial": adv.to_dict()} if adv is not None else {})},
         "metrics": {k: v for k, v in metrics.items() if k != "timing"},
         "versions": _versions(),
     }

@@ -103,7 +103,7 @@ class EvalConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{k} must be a positive integer, got {v!r}")
-        if self.adaptive_images > self.images:
+        if self.adaptive and self.adaptive_images > self.images:
             raise ConfigError(f"adaptive_images ({self.adaptive_images}) cannot exceed images ({self.images}): the "
                               "adaptive attack runs on the gray-box PGD set's images (raise --images)")
         fams = tuple(str(a).strip() for a in (self.graybox.split(",") if isinstance(self.graybox, str) else self.graybox))
@@ -503,7 +503,6 @@ def _adaptive(run_dir, net, alphas, peers, sets, cfg, ds, log, DafarTarget, MagN
     # the classifier alone, never rejecting: the row the defence is compared with (an adversarially
     # trained run's robust victim)
     targets.append(("Victim alone", VictimTarget(net), None))
-    apgd_ok = {"DAFAR (l2)", "DAFAR (autoencoder)", "DAFAR detect (l2)", "Victim alone"}  # targets with a loss kind
     if peers is not None:
         targets.append(("MagNet", MagNetTarget(peers.magnet), None))
         targets.append(("Feature Squeezing", SqueezeTarget(peers.squeeze, squeeze_bits(ds), peers.squeeze.threshold), None))
@@ -577,7 +576,7 @@ def _adaptive(run_dir, net, alphas, peers, sets, cfg, ds, log, DafarTarget, MagN
         rows = []
         for eps in eps_list:
             g = grey_by_eps.get(round(eps, 6))
-            apgd = cfg.adaptive_apgd and name in apgd_ok
+            apgd = cfg.adaptive_apgd and hasattr(tgt, "loss_and_success")  # targets whose loss takes a kind
             key = {"target": ids[name], "bpda": tgt_bpda is not None, "images": images, "eps": float(eps),
                    "steps": cfg.adaptive_steps, "restarts": cfg.adaptive_restarts, "seed": cfg.seed,
                    "graybox_start": _digest(g.x_adv[:n]) if g is not None else None,
