@@ -111,7 +111,10 @@ def version_tuple(v: str) -> tuple[int, ...]:
 class OnnxRuntimeRunner(ModelRunner):
     backend = Backend.ONNXRUNTIME
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, provider: Provider | str = Provider.AUTO):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, provider: Provider | str = Provider.AUTO,
+                 profile_prefix: str | None = None):
+        """``profile_prefix``: record ONNX Runtime's per-node profile (a JSON trace that
+        :meth:`end_profiling` closes and returns), for the benchmark's per-stage cost table."""
         try:
             import onnxruntime as ort
         except ImportError:
@@ -126,6 +129,9 @@ class OnnxRuntimeRunner(ModelRunner):
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
+        if profile_prefix:
+            so.enable_profiling = True
+            so.profile_file_prefix = str(profile_prefix)
         try:
             self.session = ort.InferenceSession(str(self.path), so, providers=_ort_providers(ort, Provider(provider)))
         except MissingExtraError:
@@ -141,6 +147,10 @@ class OnnxRuntimeRunner(ModelRunner):
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
+
+    def end_profiling(self) -> Path:
+        """Close the profile started with ``profile_prefix`` and return its JSON trace."""
+        return Path(self.session.end_profiling())
 
     def invoke(self, x: np.ndarray) -> dict[str, np.ndarray]:
         try:

@@ -210,3 +210,23 @@ def test_eval_config_graybox_and_image_counts():
     with pytest.raises(ConfigError, match="adaptive_images"):
         EvalConfig(images=300, adaptive_images=500)  # silently fewer images before
     EvalConfig(images=50, adaptive=False)  # without the adaptive attack its image count does not matter
+
+
+def test_a_decoder_without_unpool_mask_is_attacked_without_bpda():
+    """The mobile decoder upsamples without a mask: a straight-through target computes exactly what
+    the plain one does (nothing to bypass) instead of failing, and gradients reach the image."""
+    from dafar.bench.security.adaptive import DafarTarget
+    from dafar.train.models import build_dafar, paper_spec
+
+    torch.manual_seed(0)
+    net = build_dafar(paper_spec("mobile", (3, 32, 32), 10, "linear", 0.5)).eval()
+    assert not hasattr(net.D, "unpool")
+    x = torch.rand(4, 3, 32, 32, requires_grad=True)
+    y = torch.zeros(4, dtype=torch.long)
+    plain, st = DafarTarget(net, 5.0, "l2"), DafarTarget(net, 5.0, "l2", straight_through=True)
+    with torch.no_grad():
+        (a, sa), (b, sb) = plain.outputs(x), st.outputs(x)
+    assert torch.equal(a, b) and torch.equal(sa, sb)
+    loss, _ = plain.loss_and_success(x, y, 10.0)
+    loss.sum().backward()
+    assert x.grad is not None and float(x.grad.abs().sum()) > 0

@@ -35,6 +35,25 @@ def test_latency_stats_and_config_errors():
     with pytest.raises(ConfigError):
         BenchConfig(runs=2)
     assert BenchConfig(device_only=True).torch is False
+    assert BenchConfig(device_only=True).gpu_readiness is False  # the analyzer and fp16 need TensorFlow and torch
+
+
+def test_gpu_analyzer_verdict_is_parsed_strictly():
+    from dafar.bench.perf.gpu_ready import parse_analyzer
+
+    ok = ("=== model.tflite ===\nSubgraph#0 main(T#0) -> [T#5]\n  Op#0 CONV_2D(T#0, T#1, T#2) -> [T#3]\n\n"
+          "Your model looks compatible with GPU delegate on TFLite runtime version 2.21.0.\n")
+    assert parse_analyzer(ok) == {"compatible": True, "problems": []}
+    # the analyzer's report for an op the delegate cannot run (as in TensorFlow's own guide)
+    bad = ("Subgraph#0 main(T#0) -> [T#4]\n  Op#0 CUSTOM(T#0) -> [T#1]\n"
+           "GPU COMPATIBILITY WARNING: Not supported custom op FlexCosh\n"
+           "GPU COMPATIBILITY WARNING: Subgraph#0 has GPU delegate compatibility issues at nodes 0 on TFLite runtime "
+           "version 2.21.0\n")
+    v = parse_analyzer(bad)
+    assert v["compatible"] is False and any("FlexCosh" in p for p in v["problems"]) and len(v["problems"]) == 2
+    # neither a warning nor the closing sentence (a truncated or unexpected report): not confirmed
+    v = parse_analyzer("Subgraph#0 main(T#0) -> [T#4]\n")
+    assert v["compatible"] is False and v["problems"]
 
 
 @pytest.mark.slow
@@ -63,8 +82,31 @@ def test_bench_small_run_writes_records_and_report(run_clone):
     assert acc["images"] == 50 and 0 <= acc["fpr"] <= 1 and acc["victim_acc"] >= 0.3  # chance is 0.1; 128 training images
     assert s["cost"]["overhead_without_C"] < s["cost"]["overhead_with_C"]
     assert any(r.get("backend") == "torch-eager" for r in s["torch"])
+    g = s["gpu_readiness"]
+    assert set(g["analyzer"]) == {m for m in models if m.endswith(".tflite")}
+    assert all(v["compatible"] for v in g["analyzer"].values()), g["analyzer"]
+    fp = {(r["graph"], r["detector"], r["mode"]): r for r in g["fp16"]["rows"]}
+    assert ("victim", None, None) in fp and ("dafar", "l2", "hybrid") in fp
+    d = fp[("dafar", "l2", "hybrid")]
+    # fp16 moves the score (that is why it is measured) but keeps labels and nearly every decision
+    assert d["images"] == 1000 and d["label_agreement"] >= 0.99 and d["decision_agreement"] >= 0.98
+    assert 0 < d["score_rel_diff_median"] < 0.05 and d["score_rel_diff_max"] >= d["score_rel_diff_p99"]
     text = write_bench_report(run_clone).read_text()
     assert "Fused-to-victim latency ratio" in text and "Table 6" in text and "## Memory" in text
+    assert "## GPU readiness" in text and "**not measured**" in text and "compatible" in text
+    st = s["stages"]
+    ort = {r["model"]: r for r in st["onnxruntime"]}
+    assert set(ort) == {"export/dafar-l2-float-nchw.onnx"}
+    r = ort["export/dafar-l2-float-nchw.onnx"]
+    # every stage of a hybrid graph appears, nearly all kernel time is attributed, kernels fit in the call
+    for k in ("E", "F", "D", "score and decision", "purification (E, F again)"):
+        assert r["stage_us"][k] > 0, r
+    assert r["stage_us"].get("unattributed", 0) < 0.05 * r["kernels_us"] and r["kernels_us"] <= r["run_us"]
+    (lit,) = st["litert"]  # float-nchw TFLite: victim and hybrid, no detect graph in this run
+    assert lit["stage_ms"]["E + F (the victim)"] > 0 and "D + score + purification" in lit["stage_ms"]
+    (off,) = st["official"]
+    assert off["model"] == "export/dafar-l2-float-nchw-b1.tflite" and off["official_ratio"] > 1 and "agreement" in off
+    assert "## Where the time goes" in text and (run_clone / "plots" / "bench_stages.png").is_file()
     assert (run_clone / "plots" / "bench_latency.png").is_file()
 
 
@@ -87,7 +129,7 @@ def test_bench_device_only_has_no_torch(exported_run, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "rc 0" in out.stdout, out.stderr[-2000:]
     s = json.loads((run / "bench" / "summary.json").read_text())
-    assert s["config"]["device_only"] and "torch" not in s and s["ratios"]
+    assert s["config"]["device_only"] and "torch" not in s and "gpu_readiness" not in s and s["ratios"]
     assert (run / "bench_report.md").is_file()
 
 
@@ -150,3 +192,73 @@ def test_summary_gathers_what_the_stages_wrote(run_clone, capsys):
     (run_clone / "quantize_report.json").write_text("{not json")
     with pytest.raises(RunFolderError, match="quantize_report.json"):
         summarize(run_clone)
+
+
+def test_onnx_nodes_are_attributed_to_the_stage_that_made_them():
+    """The exporter's module scopes decide the stage; E and F after D are the purification pass;
+    names ONNX Runtime gives fused or inserted nodes map back."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from dafar.bench.perf.stages import _stage_of, onnx_node_stages
+
+    def node(op, name, inp, out, scopes):
+        n = helper.make_node(op, inp, [out], name=name)
+        if scopes is not None:
+            p = n.metadata_props.add()
+            p.key, p.value = "pkg.torch.onnx.name_scopes", repr(scopes)
+        return n
+
+    nodes = [node("Relu", "node_mul", ["x"], "mul", ["", "pre", "mul"]),
+             node("Relu", "node_conv2d", ["mul"], "relu", ["", "E", "E.blocks.0", "conv2d"]),
+             node("Relu", "node_linear", ["relu"], "linear", ["", "F", "F.fc.1", "linear"]),
+             node("Relu", "node_convolution", ["relu"], "rec", ["", "D", "D.inner.0", "convolution"]),
+             node("Relu", "node_sub", ["rec"], "sub", ["", "sub"]),
+             node("Relu", "node_conv2d_4", ["rec"], "relu_9", ["", "E", "E.blocks.0", "conv2d_4"]),
+             node("Relu", "node_linear_3", ["relu_9"], "linear_3", ["", "F", "F.fc.1", "linear_3"]),
+             node("ArgMax", "node_argmax", ["linear_3"], "label", ["", "argmax"]),
+             node("Relu", "node_q", ["label"], "q", None)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+                          [helper.make_tensor_value_info("q", TensorProto.FLOAT, None)])
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.onnx"
+        onnx.save(helper.make_model(g), str(path))
+        st = onnx_node_stages(path)
+    assert st["node_mul"] == "preprocess" and st["node_conv2d"] == "E" and st["node_linear"] == "F"
+    assert st["node_convolution"] == "D" and st["node_sub"] == "score and decision"
+    assert st["node_conv2d_4"] == "purification (E, F again)" and st["node_linear_3"] == "purification (E, F again)"
+    assert st["node_argmax"] == "label" and st["node_q"] == "unattributed"
+    # ONNX Runtime's names: a Conv fused with its Relu is named after the Relu's output with _nchwc,
+    # a fused Gemm "fused <node>", layout reorders are its own
+    assert _stage_of("relu_nchwc", st) == "E" and _stage_of("relu_9_nchwc", st) == "purification (E, F again)"
+    assert _stage_of("fused node_linear", st) == "F" and _stage_of("ReorderOutput_token_3", st) == "layout (ORT-inserted)"
+    assert _stage_of("something_new", st) == "unattributed"
+
+
+@pytest.mark.slow
+def test_arm64_icounts_are_summarised_into_ratios_and_the_report(run_clone, tmp_path):
+    """arm64_icount.sh's raw counts (one line per marked inference) become per-file medians, the
+    defence over its victim and int8 over float, and a bench-report section; a file whose run
+    failed is reported with its error, not dropped."""
+    from dafar.bench.perf.icount import report_section, summarize
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    counts = {"dafar-l2-float-nchw-b1.tflite": [3_000_000, 3_000_000, 3_000_300],
+              "victim-float-nchw-b1.tflite": [1_000_000] * 3, "dafar-l2-float-nchw.onnx": []}
+    for name, c in counts.items():
+        (raw / f"cortex-a72--{name}.txt").write_text("".join(f"{v}\n" for v in c))
+    (raw / "cortex-a72--dafar-l2-float-nchw.onnx.txt.log").write_text("Traceback ...\nSegmentation fault\n")
+    (raw / "cortex-a72--not-in-this-run.tflite.txt").write_text("5\n")
+    s = summarize(run_clone, raw, runs=3, qemu="qemu-aarch64 7.2")
+    by = {r["model"]: r for r in s["rows"]}
+    assert set(by) == {f"export/{n}" for n in counts}
+    d = by["export/dafar-l2-float-nchw-b1.tflite"]
+    assert d["median"] == 3_000_000 and d["over_victim"] == pytest.approx(3.0) and d["spread"] == pytest.approx(1e-4)
+    assert by["export/dafar-l2-float-nchw.onnx"]["error"] == "Segmentation fault"
+    assert (run_clone / "bench" / "arm64_icount.json").is_file()
+    text = "\n".join(report_section(s))
+    assert "not Pi milliseconds" in text and "| `dafar-l2-float-nchw-b1.tflite` | 3.00 | 3.00 |" in text

@@ -62,6 +62,10 @@ class BenchConfig:
     memory: bool = option(True, help="skip the peak-memory measurement")
     torch: bool = option(True, help="skip the torch eager reference rows")
     gpu: bool = option(True, help="skip the CUDA rows")
+    stage_profile: bool = option(True, help="skip the per-stage cost profile (ONNX Runtime's profiler; LiteRT sub-graph "
+                                            "timings) and LiteRT's official benchmark tool beside ours")
+    gpu_readiness: bool = option(True, help="skip the GPU-readiness checks (the GPU delegate analyzer on each .tflite "
+                                            "file; float16 against float32 on the float graphs)")
     device_only: bool = option(False, help="only the runtime (numpy + backend): for a Pi or phone with the run folder "
                                            "copied over")
 
@@ -81,6 +85,7 @@ class BenchConfig:
             raise ConfigError("min_seconds must be >= 0")
         if self.device_only:
             object.__setattr__(self, "torch", False)
+            object.__setattr__(self, "gpu_readiness", False)  # needs torch and TensorFlow
 
 
 def latency_stats(ms: list[float] | np.ndarray) -> dict:
@@ -242,7 +247,8 @@ def run_bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=p
     machine = _machine()
     summary: dict = {"run": run_dir.name, "machine": machine, "config": {
         "threads": list(cfg.threads), "batches": list(cfg.batches), "runs": cfg.runs, "warmup": cfg.warmup,
-        "min_seconds": cfg.min_seconds, "device_only": cfg.device_only}, "records": [], "ratios": []}
+        "min_seconds": cfg.min_seconds, "device_only": cfg.device_only,
+        "stage_profile": cfg.stage_profile, "gpu_readiness": cfg.gpu_readiness}, "records": [], "ratios": []}
 
     # ---- cost
     sub = subnet_costs(m)
@@ -315,6 +321,10 @@ def run_bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=p
         summary["torch"] = _torch_rows(run_dir, m, cfg, chw, log)
     if cfg.gpu:
         summary["gpu"] = _gpu_rows(run_dir, models, exports, cfg, chw, log)
+    if cfg.gpu_readiness:
+        summary["gpu_readiness"] = _gpu_readiness(run_dir, m, models, data_dir, log)
+    if cfg.stage_profile:
+        summary["stages"] = _stage_rows(run_dir, m, models, exports, summary["ratios"], cfg, log)
 
     # ---- memory, in fresh processes
     if cfg.memory:
@@ -453,6 +463,67 @@ def _gpu_rows(run_dir: Path, models, exports, cfg: BenchConfig, chw, log) -> lis
         except ImportError:
             pass
     return rows
+
+
+def _stage_rows(run_dir: Path, m: dict, models, exports, ratios, cfg: BenchConfig, log) -> dict:
+    """Where the time goes (:mod:`dafar.bench.perf.stages`): ONNX Runtime's per-node profile of each
+    float ONNX defence graph, LiteRT stage costs from cumulative graphs, and LiteRT's official
+    benchmark tool on each TFLite defence graph and its victim, beside our ratio."""
+    from .stages import litert_stage_profile, official_tool, onnx_stage_profile
+
+    threads = min(cfg.threads)
+    out: dict = {"threads": threads, "onnxruntime": [], "litert": [], "official": []}
+    onnx_files = [r for r in models if exports[r]["format"] == "onnx" and exports[r]["graph"] == "dafar"
+                  and exports[r].get("precision", "float32") == "float32"]
+    for rel in onnx_files:
+        try:
+            out["onnxruntime"].append(onnx_stage_profile(run_dir, rel, threads, runs=cfg.runs, warmup=cfg.warmup))
+        except ImportError as exc:  # the onnx package (to read the graph's scopes) is not on a device install
+            out["onnxruntime"] = [{"skipped": f"{exc} (pip install 'dafar[export]')"}]
+            break
+    kinds = sorted({(exports[r].get("precision", "float32"), exports[r]["contract"]) for r in models
+                    if exports[r]["format"] == "tflite"})
+    chosen = [dict(exports[r], rel=r) for r in models]
+    for precision, contract in kinds:
+        sub = {"exports": {e["rel"]: e for e in chosen if e.get("precision", "float32") == precision
+                           and e["contract"] == contract}, "input": m["input"]}
+        row = litert_stage_profile(run_dir, sub, precision, contract, threads, cfg, log)
+        if row is not None:
+            out["litert"].append(row)
+    pairs = [(r["model"], r["victim"]) for r in ratios
+             if r["threads"] == threads and r["batch"] == 1 and r["model"].endswith(".tflite")]
+    ours = {r["model"]: r["latency_ratio"] for r in ratios if r["threads"] == threads and r["batch"] == 1}
+    for row in official_tool(run_dir, pairs, threads, runs=cfg.runs, warmup=cfg.warmup):
+        if row.get("official_ratio") is not None:
+            row["our_ratio"] = ours[row["model"]]
+            row["agreement"] = row["official_ratio"] / row["our_ratio"] - 1
+            log(f"official tool {row['model']}: ratio {row['official_ratio']:.2f}, ours {row['our_ratio']:.2f}")
+        out["official"].append(row)
+    return out
+
+
+def _gpu_readiness(run_dir: Path, m: dict, models, data_dir, log, images: int = 1000) -> dict:
+    """The GPU delegate analyzer's verdict per .tflite file and fp16 fidelity of the float graphs
+    (:mod:`dafar.bench.perf.gpu_ready`): what can be said about a phone's GPU without one."""
+    from .gpu_ready import delegate_verdicts, fp16_fidelity
+
+    out: dict = {"analyzer": delegate_verdicts(run_dir, models)}
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        out["fp16"] = {"skipped": "torch is not installed (pip install 'dafar[train]')"}
+        return out
+    try:
+        test = RunFolder(run_dir, m).test_set(data_dir, images)
+    except Exception as exc:  # no data here (a copied run folder): say so, keep the rest
+        out["fp16"] = {"skipped": f"no test images ({type(exc).__name__}: {exc})"}
+        return out
+    out["fp16"] = {"rows": fp16_fidelity(run_dir, m, test.images, test.labels.astype(np.int64))}
+    for r in out["fp16"]["rows"]:
+        log(f"fp16 {r['graph']} {r['detector'] or ''} {r['mode'] or ''}: labels agree {100 * r['label_agreement']:.2f}%"
+            + (f", decisions {100 * r['decision_agreement']:.2f}%, score drift median {r['score_rel_diff_median']:.1e}"
+               if "decision_agreement" in r else ""))
+    return out
 
 
 @dataclass(frozen=True)

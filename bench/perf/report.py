@@ -45,6 +45,43 @@ def _plots(run_dir: Path, s: dict) -> list[str]:
         fig.savefig(run_dir / "plots" / "bench_latency.png", dpi=100)
         plt.close(fig)
         made.append("plots/bench_latency.png")
+    st = s.get("stages") or {}
+    # one colour per stage across backends; ONNX Runtime's small rows (preprocessing, label, layout
+    # reorders, unattributed) drawn together as "other"
+    colours = {"E": "#1f77b4", "F": "#9ecae1", "E + F": "#4a90c8", "D": "#ff7f0e", "score and decision": "#ffd92f",
+               "D + score": "#f4a442", "purification (E, F again)": "#7f7f7f", "D + score + purification": "#bc8f5f",
+               "C": "#2ca02c", "other": "#e377c2"}
+    bars = []
+    for r in st.get("onnxruntime", []):
+        if "stage_us" not in r:
+            continue
+        b = {k: 0.0 for k in ("E", "F", "D", "score and decision", "purification (E, F again)", "C", "other")}
+        for k, v in r["stage_us"].items():
+            b[k if k in b else "other"] += v / 1e3
+        bars.append((_short(r["model"]).replace("dafar-", "") + " (ONNX Runtime)", b))
+    for r in st.get("litert", []):
+        g = r["stage_ms"]
+        bars.append((f"LiteRT {r['precision']} {r['contract']}", {
+            "E + F": g.get("E + F (the victim)", 0.0), "D + score": g.get("D + score and decision", 0.0),
+            "purification (E, F again)": g.get("purification (E, F again)", 0.0), "C": g.get("C", 0.0),
+            "D + score + purification": g.get("D + score + purification", 0.0)}))
+    if bars:
+        keys = [k for k in colours if any(b.get(k, 0.0) > 0 for _, b in bars)]
+        fig, ax = plt.subplots(figsize=(9, 0.45 * len(bars) + 2.4))
+        left = np.zeros(len(bars))
+        for k in keys:
+            vals = np.array([max(b.get(k, 0.0), 0.0) for _, b in bars])
+            ax.barh(range(len(bars)), vals, left=left, label=k, color=colours[k])
+            left += vals
+        ax.set_yticks(range(len(bars)), [n for n, _ in bars], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("ms per inference (batch 1)")
+        ax.set_title("Where the time goes: the defence by stage")
+        ax.legend(fontsize=7, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.14 - 0.6 / (len(bars) + 4)))
+        fig.tight_layout()
+        fig.savefig(run_dir / "plots" / "bench_stages.png", dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        made.append("plots/bench_stages.png")
     acc = s.get("accuracy", {})
     pairs = []
     for rel, a in acc.items():
@@ -74,7 +111,8 @@ def reproduce_command(cfg: dict) -> str:
 
     c = BenchConfig(threads=tuple(cfg["threads"]), batches=tuple(cfg["batches"]), runs=cfg["runs"],
                     warmup=cfg.get("warmup", 20), min_seconds=cfg.get("min_seconds", 0.0),
-                    device_only=bool(cfg.get("device_only")))
+                    device_only=bool(cfg.get("device_only")), stage_profile=cfg.get("stage_profile", True),
+                    gpu_readiness=cfg.get("gpu_readiness", True))
     return " ".join(["dafar bench RUN_DIR", *to_argv(c, always=("threads", "batches", "runs"))])
 
 
@@ -138,6 +176,13 @@ def write_bench_report(run_dir) -> Path:
                 L.append(f"- {r['skipped']}")
             else:
                 L.append(f"- `{r['model']}` {r['backend']} batch {r['batch']}: p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms")
+    L += _stages_section(s)
+    L += _gpu_readiness_section(s)
+    icount = run_dir / "bench" / "arm64_icount.json"
+    if icount.is_file():  # bench/scripts/arm64_icount.sh (root, emulated aarch64)
+        from .icount import report_section
+
+        L += report_section(json.loads(icount.read_text()))
     mem = s.get("memory", {})
     if mem:
         L += ["", "## Memory", "", "Peak resident memory (VmHWM) of a fresh process that loads the model and runs it 20 "
@@ -169,6 +214,116 @@ def write_bench_report(run_dir) -> Path:
     path = run_dir / "bench_report.md"
     atomic_write_text(path, "\n".join(L))
     return path
+
+
+def _stages_section(s: dict) -> list[str]:
+    st = s.get("stages")
+    if not st:
+        return []
+    L = ["", f"## Where the time goes ({st['threads']} thread{'s' if st['threads'] > 1 else ''}, batch 1)", ""]
+    ort = [r for r in st.get("onnxruntime", []) if "stage_us" in r]
+    for r in st.get("onnxruntime", []):
+        if "skipped" in r:
+            L.append(f"ONNX Runtime per-node profile: skipped ({r['skipped']}).")
+    if ort:
+        names = [k for k in STAGE_ORDER if any(k in r["stage_us"] for r in ort)]
+        L += ["ONNX Runtime's profiler, each node's kernel time attributed to the module that produced it "
+              "(microseconds per inference; share of the kernel time in brackets; `run` is the whole call, the rest "
+              "being the executor's own overhead):", "",
+              "| graph | " + " | ".join(names) + " | kernels | run |", "|---" * (len(names) + 3) + "|"]
+        for r in ort:
+            k = r["kernels_us"]
+            cells = [f"{r['stage_us'][n]:.0f} ({100 * r['stage_us'][n] / k:.0f}%)" if n in r["stage_us"] else "-"
+                     for n in names]
+            L.append(f"| `{_short(r['model'])}` | " + " | ".join(cells) + f" | {k:.0f} | {r['run_us']:.0f} |")
+        L.append("")
+    lit = st.get("litert", [])
+    if lit:
+        L += ["LiteRT (Interpreter API), stages as differences of the medians of graphs that each add one, timed "
+              "interleaved: victim (E + F), detect (+ D, score and decision), hybrid (+ purification), autoencoder "
+              "(+ C). Milliseconds per inference (the l2 graphs' total in the last column); a stage that costs next "
+              "to nothing can come out slightly negative.", ""]
+        cols = [k for k in ("E + F (the victim)", "D + score and decision", "purification (E, F again)",
+                            "D + score + purification", "C") if any(k in r["stage_ms"] for r in lit)]
+        L += ["| precision | input | " + " | ".join(cols) + " | defence total |", "|---" * (len(cols) + 3) + "|"]
+        for r in lit:
+            g = r["stage_ms"]
+            tot = r["p50_ms"].get("l2 hybrid", r["p50_ms"].get("l2 detect"))
+            L.append(f"| {r['precision']} | {r['contract']} | " + " | ".join(_f(g.get(k)) for k in cols) + f" | {_f(tot)} |")
+        L.append("")
+    off = st.get("official", [])
+    if off:
+        L += ["LiteRT's official `benchmark_litert_model.py` (from the ai-edge-litert wheel; CompiledModel API, CPU) on "
+              "the same files, defence and victim alternating, beside our interleaved Interpreter measurement: the "
+              "defence/victim ratios should agree within 10%.", ""]
+        if "skipped" in off[0]:
+            L.append(f"- skipped: {off[0]['skipped']}")
+        else:
+            L += ["| defence graph | official median ms (defence / victim) | official ratio | our ratio | difference |",
+                  "|---|---|---|---|---|"]
+            for r in off:
+                if "error" in r:
+                    L.append(f"| `{_short(r['model'])}` | error: {r['error']} | - | - | - |")
+                    continue
+                flag = "" if abs(r["agreement"]) <= 0.10 else " **(over 10%)**"
+                L.append(f"| `{_short(r['model'])}` | {r['official_median_ms']:.2f} / {r['official_victim_median_ms']:.2f} | "
+                         f"{r['official_ratio']:.2f} | {r['our_ratio']:.2f} | {100 * r['agreement']:+.1f}%{flag} |")
+            ok = [r for r in off if "agreement" in r]
+            if ok:
+                within = sum(abs(r["agreement"]) <= 0.10 for r in ok)
+                L += ["", f"{within} of {len(ok)} ratios agree within 10%. The official tool reports medians rounded "
+                      "to 0.01 ms, which alone moves a ratio by up to a few percent on sub-millisecond victims."]
+        L.append("")
+    return L
+
+
+STAGE_ORDER = ("preprocess", "E", "F", "D", "C", "score and decision", "purification (E, F again)", "label",
+               "layout (ORT-inserted)", "unattributed")
+
+
+def _gpu_readiness_section(s: dict) -> list[str]:
+    g = s.get("gpu_readiness")
+    if not g:
+        return []
+    L = ["", "## GPU readiness (measured without a GPU)", "",
+         "What a phone's GPU would do with these files, from a CPU: the GPU delegate's static analyzer, and the "
+         "float graphs run in float16 (GPU delegates compute in fp16 by default) against float32. Neither is a "
+         "GPU measurement: GPU latency is " + ("in the GPU section above." if any("p50_ms" in r for r in s.get("gpu", []))
+                                              else "**not measured** (no GPU on this machine)."), ""]
+    an = g.get("analyzer", {})
+    if an:
+        ok = sum(1 for v in an.values() if v.get("compatible"))
+        tool = next((v["tool"] for v in an.values() if "tool" in v), "the analyzer")
+        L += [f"GPU delegate analyzer ({tool}, static: op types and shapes): **{ok} of {len(an)} .tflite files "
+              "compatible**.", "", "| file | GPU delegate analyzer |", "|---|---|"]
+        for rel, v in an.items():
+            verdict = (v["skipped"] if "skipped" in v else "compatible" if v["compatible"]
+                       else "not compatible: " + "; ".join(v["problems"][:3]))
+            L.append(f"| `{_short(rel)}` | {verdict} |")
+        L.append("")
+    fp = g.get("fp16", {})
+    if "skipped" in fp:
+        L.append(f"fp16 fidelity: skipped ({fp['skipped']}).")
+    elif fp.get("rows"):
+        n = fp["rows"][0]["images"]
+        L += [f"fp16 fidelity (torch on CPU, weights and activations in float16, {n} test images; int8 files are "
+              "dequantized to fp16 by a GPU delegate and not simulated here):", "",
+              "| graph | labels agree | accuracy fp32 / fp16 | reject decisions agree | FPR fp32 / fp16 | "
+              "score drift median / p99 / max | scores within 1e-3 | clean images within p99 drift of alpha |",
+              "|---|---|---|---|---|---|---|---|"]
+        for r in fp["rows"]:
+            name = r["graph"] + (f" {r['detector']} {r['mode']}" if r["detector"] else "")
+            head = (f"| {name} | {100 * r['label_agreement']:.2f}% | {100 * r['fp32_label_acc']:.2f}% / "
+                    f"{100 * r['fp16_label_acc']:.2f}% |")
+            if "decision_agreement" in r:
+                L.append(head + f" {100 * r['decision_agreement']:.2f}% ({r['decisions_flipped']} flipped) | "
+                         f"{100 * r['fpr_fp32']:.2f}% / {100 * r['fpr_fp16']:.2f}% | {r['score_rel_diff_median']:.1e} / "
+                         f"{r['score_rel_diff_p99']:.1e} / {r['score_rel_diff_max']:.1e} | "
+                         f"{100 * r['scores_within_1e-3']:.1f}% | {r['near_alpha']} |")
+            else:
+                L.append(head + f" - | - | logits max diff {r['max_logit_diff']:.1e} | - | - |")
+        L.append("")
+    return L
 
 
 def summary_section(run_dir) -> list[str]:

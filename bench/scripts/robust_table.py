@@ -25,6 +25,12 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
+def _eps(e: float) -> str:
+    """8/255 rather than 0.0314 where the budget is a whole number of 8-bit steps."""
+    k = e * 255
+    return f"{round(k)}/255" if 0 < e < 1 and abs(k - round(k)) < 1e-6 else f"{e:.3g}"
+
+
 def _run_row(run: Path) -> dict:
     m = json.loads((run / "manifest.json").read_text())
     s = json.loads((run / "eval" / "summary.json").read_text())
@@ -76,17 +82,17 @@ def _markdown(rows: list[dict]) -> str:
             head = (f"| `{r['run']}` | {r['training']}, {r['epochs']} epochs | "
                     f"{secs / 60:.1f} min | {_pct(r['victim_test_acc'])} | {_pct(r['l2_test_fpr'])} |"
                     if i == 0 else "| | | | | |")
-            L.append(f"{head} {eps:.3g} | " + " | ".join(cells) + " |")
+            L.append(f"{head} {_eps(eps)} | " + " | ".join(cells) + " |")
     L += ["", "Attack settings and sanity checks:", ""]
     for r in rows:
         L.append(f"- `{r['run']}`: {r['adaptive_images']} images, PGD {r['steps']} steps x {r['restarts']} starts + "
                  f"BPDA" + (" + APGD-CE/DLR" if r["apgd"] else "") + f"; adaptive part {r['eval_seconds'] or 0:.0f} s.")
         for name, sa in (r["sanity"] or {}).items():
             vals = ", ".join(f"{k}: {_pct(v)}" for k, v in sa.items() if k.startswith("steps"))
-            L.append(f"  - sanity, {name}, eps {sa['eps']:.3g}, {sa['images']} images: {vals}")
+            L.append(f"  - sanity, {name}, eps {_eps(sa['eps'])}, {sa['images']} images: {vals}")
         for name, rs in r["methods"].items():
             extra = sum(x["broken_only_by_apgd"] for x in rs)
-            L.append(f"  - {name}: attack success " + ", ".join(f"{_pct(x['attack_success'])} at {x['eps']:.3g}"
+            L.append(f"  - {name}: attack success " + ", ".join(f"{_pct(x['attack_success'])} at {_eps(x['eps'])}"
                                                             for x in rs) + f"; images only APGD broke: {extra}")
         for k, g in r["graybox_pgd_dafar_l2"].items():
             L.append(f"  - gray-box {k} against DAFAR (l2): detection {_pct(g['detection_rate'])}, AUC {g['auc']:.4f}")

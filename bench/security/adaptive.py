@@ -122,7 +122,9 @@ class DafarTarget:
         return (self.net, self.alpha, self.detector, self.straight_through) + (("detect",) if self.mode == "detect" else ())
 
     def _set_bpda(self, on: bool):
-        self.net.D.unpool.straight_through = on
+        unpool = getattr(self.net.D, "unpool", None)  # the mobile decoder upsamples without a mask: nothing to bypass
+        if unpool is not None:
+            unpool.straight_through = on
 
     def outputs(self, x01):
         """(purified logits, score) for float NCHW in [0, 1]."""

@@ -492,14 +492,19 @@ def _adaptive(run_dir, net, alphas, peers, sets, cfg, ds, log, DafarTarget, MagN
             grey_by_eps[round(s.spec.eps, 6)] = s
     from .adaptive import VictimTarget, apgd_attack
 
-    targets = [("DAFAR (l2)", DafarTarget(net, alphas["l2"], "l2"), DafarTarget(net, alphas["l2"], "l2", straight_through=True))]
+    # BPDA replaces the unpool mask's zero gradient by a straight-through one; a decoder without a
+    # mask (the mobile network's nearest-neighbour upsampling) is differentiable as it is
+    masked = hasattr(net.D, "unpool")
+
+    def bpda(det, mode="hybrid"):
+        return DafarTarget(net, alphas[det], det, straight_through=True, mode=mode) if masked else None
+
+    targets = [("DAFAR (l2)", DafarTarget(net, alphas["l2"], "l2"), bpda("l2"))]
     if "autoencoder" in alphas:
-        targets.append(("DAFAR (autoencoder)", DafarTarget(net, alphas["autoencoder"], "autoencoder"),
-                        DafarTarget(net, alphas["autoencoder"], "autoencoder", straight_through=True)))
+        targets.append(("DAFAR (autoencoder)", DafarTarget(net, alphas["autoencoder"], "autoencoder"), bpda("autoencoder")))
     # the label from the victim's own logits (a --mode detect graph): for a robust victim the
     # purification pass may cost robustness, so both modes are attacked
-    targets.append(("DAFAR detect (l2)", DafarTarget(net, alphas["l2"], "l2", mode="detect"),
-                    DafarTarget(net, alphas["l2"], "l2", straight_through=True, mode="detect")))
+    targets.append(("DAFAR detect (l2)", DafarTarget(net, alphas["l2"], "l2", mode="detect"), bpda("l2", "detect")))
     # the classifier alone, never rejecting: the row the defence is compared with (an adversarially
     # trained run's robust victim)
     targets.append(("Victim alone", VictimTarget(net), None))
@@ -507,7 +512,7 @@ def _adaptive(run_dir, net, alphas, peers, sets, cfg, ds, log, DafarTarget, MagN
         targets.append(("MagNet", MagNetTarget(peers.magnet), None))
         targets.append(("Feature Squeezing", SqueezeTarget(peers.squeeze, squeeze_bits(ds), peers.squeeze.threshold), None))
     results: dict = {"images": len(x), "steps": cfg.adaptive_steps, "restarts": cfg.adaptive_restarts, "eps": list(eps_list),
-                     "apgd": cfg.adaptive_apgd, "methods": {}, "sanity": {}, "reused_from_cache": 0}
+                     "apgd": cfg.adaptive_apgd, "bpda": masked, "methods": {}, "sanity": {}, "reused_from_cache": 0}
     cache_dir = Path(run_dir) / "eval" / "adaptive"
     ids = {name: _digest(*tgt.identity()) for name, tgt, _ in targets}
 

@@ -296,8 +296,10 @@ def write_eval_report(run_dir) -> Path:
     if ad.get("methods"):
         L += ["", "## White-box adaptive attacks (the attacker knows the defence)", "",
               f"PGD on `margin(label) - c * relu(score - 0.98 * threshold)` with {ad['steps']} steps and {ad['restarts']} "
-              f"starts (the clean image, the gray-box PGD example, random points) on {ad['images']} images; for DAFAR a BPDA pass (straight-through unpool mask) runs on the images "
-              "the exact gradient did not break"
+              f"starts (the clean image, the gray-box PGD example, random points) on {ad['images']} images; "
+              + ("for DAFAR a BPDA pass (straight-through unpool mask) runs on the images the exact gradient did not break"
+                 if ad.get("bpda", True) else "no BPDA pass: this decoder upsamples without an unpool mask, so the exact "
+                 "gradient reaches every pixel")
               + ("; then APGD-CE and APGD-DLR (Auto-PGD, Croce and Hein 2020) on the same objective, each "
                  f"{ad['steps']} steps from a random start, on the images still standing (DAFAR and the victim alone)"
                  if ad.get("apgd") else "")
