@@ -12,8 +12,9 @@
 #    Madry's 7 (2.6 hours here) and not `fast` (FGSM + random start, which overfit catastrophically
 #    on MNIST): 2-step PGD costs about 1.15x `fast` per batch and resists that failure.
 # 2. `dafar eval` with 500 images, gray-box FGSM/PGD at 8/255, the white-box adaptive attack at 8/255
-#    and 1 (PGD 50 steps from the clean image, the gray-box example and one random start; BPDA;
-#    APGD-CE and APGD-DLR, 50 steps each) against the victim alone, DAFAR hybrid and DAFAR detect.
+#    and 1 (PGD 50 steps from the clean image and from the gray-box example; no BPDA pass, the mobile
+#    decoder has no unpool mask; then APGD-CE and APGD-DLR, 50 steps each from random points, on what
+#    stands) against the victim alone, DAFAR hybrid and DAFAR detect.
 #    Half the MNIST steps and starts: the full setting would take about 3 hours on this network.
 # 3. The side-by-side table (bench/scripts/robust_table.py), then export (l2, float NCHW, hybrid and
 #    detect) and `dafar pareto` timing each graph against its own victim.

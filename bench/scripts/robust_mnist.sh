@@ -8,7 +8,7 @@
 #    validation images as today.  (`--adversarial fast` overfit catastrophically on this network:
 #    see bench/results/robust-mnist/README.md.)
 # 2. `dafar eval` on both runs with the same flags: 500 images, gray-box FGSM/PGD at 0.3, the
-#    white-box adaptive attack at eps 0.3 and 1 (PGD 100 steps x 4 starts, BPDA, APGD-CE, APGD-DLR)
+#    white-box adaptive attack at eps 0.3 and 1 (PGD 100 steps x 3 starts, BPDA, APGD-CE, APGD-DLR)
 #    against the victim alone, DAFAR hybrid and DAFAR detect; sanity checks at 0.3.
 # 3. Export (l2, float NCHW, hybrid and detect) and int8 quantization of both, then `dafar pareto`
 #    times every file against its own victim, interleaved: the same architecture costs the same.

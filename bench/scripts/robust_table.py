@@ -38,7 +38,7 @@ def _run_row(run: Path) -> dict:
     adv = tr.get("adversarial")
     met = m["metrics"]
     acc = met["victim_test_acc"]
-    label = (f"{adv['mode']} adversarial training, eps {adv['eps']:.4g}" if adv
+    label = (f"{adv['mode']} adversarial training ({adv.get('steps', 1)} steps), eps {_eps(adv['eps'])}" if adv
              else "standard training (the paper's)")
     if tr.get("mode") == "plug-in":
         label += ", D attached to a frozen victim"
@@ -58,15 +58,16 @@ def _run_row(run: Path) -> dict:
             "victim_test_acc": acc, "purified_test_acc": met.get("purified_test_acc"),
             "l2_test_fpr": met.get("l2_test_fpr"), "robust_first_look": met.get("robust"),
             "adaptive_images": ad["images"], "steps": ad["steps"], "restarts": ad["restarts"], "apgd": ad.get("apgd"),
+            "bpda": ad.get("bpda", True),
             "methods": methods, "sanity": ad.get("sanity"), "graybox_pgd_dafar_l2": grey,
             "eval_seconds": s["timing"].get("adaptive_s")}
 
 
 def _markdown(rows: list[dict]) -> str:
     L = ["# Robust victims with and without DAFAR", "",
-         "Defence success under the white-box adaptive attack (`dafar eval`: PGD with restarts from the clean image, "
-         "the gray-box example and random points, a BPDA pass through the unpool mask, then APGD-CE and APGD-DLR on "
-         "the same `misclassified and accepted` objective). An image is defended when the deployed decision rejects "
+         "Defence success under the white-box adaptive attack (`dafar eval`: PGD from the clean image, the gray-box "
+         "example and random points, a BPDA pass through the unpool mask where the decoder has one, then APGD-CE and "
+         "APGD-DLR on the same `misclassified and accepted` objective). An image is defended when the deployed decision rejects "
          "it or labels it correctly. In each cell: on the attacked images (test images the victim gets right) / on "
          "all test images (times clean accuracy).", ""]
     L += ["| run | training | train time | clean acc | FPR (l2) | eps | victim alone | + DAFAR hybrid (l2) | "
@@ -85,8 +86,9 @@ def _markdown(rows: list[dict]) -> str:
             L.append(f"{head} {_eps(eps)} | " + " | ".join(cells) + " |")
     L += ["", "Attack settings and sanity checks:", ""]
     for r in rows:
-        L.append(f"- `{r['run']}`: {r['adaptive_images']} images, PGD {r['steps']} steps x {r['restarts']} starts + "
-                 f"BPDA" + (" + APGD-CE/DLR" if r["apgd"] else "") + f"; adaptive part {r['eval_seconds'] or 0:.0f} s.")
+        L.append(f"- `{r['run']}`: {r['adaptive_images']} images, PGD {r['steps']} steps from the clean image, the "
+                 f"gray-box example and {r['restarts'] - 1} random point(s)" + (" + BPDA" if r["bpda"] else " (no unpool "
+                 "mask: no BPDA)") + (" + APGD-CE/DLR" if r["apgd"] else "") + f"; adaptive part {r['eval_seconds'] or 0:.0f} s.")
         for name, sa in (r["sanity"] or {}).items():
             vals = ", ".join(f"{k}: {_pct(v)}" for k, v in sa.items() if k.startswith("steps"))
             L.append(f"  - sanity, {name}, eps {_eps(sa['eps'])}, {sa['images']} images: {vals}")

@@ -85,7 +85,8 @@ class EvalConfig:
                                                     help="budgets of the adaptive attack, same form (default MNIST "
                                                          "0.05-1, CIFAR-10 2/255-1)")
     adaptive_steps: int = option(100, help="PGD steps of the adaptive attack")
-    adaptive_restarts: int = option(2, help="restarts of the adaptive attack")
+    adaptive_restarts: int = option(2, help="starts of the adaptive PGD: the clean image, then random points (the gray-box "
+                                                     "example of the same budget is one more start)")
     adaptive_apgd: bool = option(True, help="skip APGD-CE and APGD-DLR (Auto-PGD on the same combined objective) after "
                                             "PGD in the adaptive attack")
     graybox: tuple[str, ...] = option(("fgsm", "pgd", "cw-l2", "jsma", "noise"), metavar="ATTACKS",

@@ -295,8 +295,9 @@ def write_eval_report(run_dir) -> Path:
     ad = s.get("adaptive", {})
     if ad.get("methods"):
         L += ["", "## White-box adaptive attacks (the attacker knows the defence)", "",
-              f"PGD on `margin(label) - c * relu(score - 0.98 * threshold)` with {ad['steps']} steps and {ad['restarts']} "
-              f"starts (the clean image, the gray-box PGD example, random points) on {ad['images']} images; "
+              f"PGD on `margin(label) - c * relu(score - 0.98 * threshold)` with {ad['steps']} steps from the clean image, "
+              f"the gray-box PGD example of the same budget where one was made, and {ad['restarts'] - 1} random "
+              f"point{'s' if ad['restarts'] != 2 else ''}, on {ad['images']} images; "
               + ("for DAFAR a BPDA pass (straight-through unpool mask) runs on the images the exact gradient did not break"
                  if ad.get("bpda", True) else "no BPDA pass: this decoder upsamples without an unpool mask, so the exact "
                  "gradient reaches every pixel")
