@@ -34,7 +34,8 @@ command -v gcc >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -
 mkdir -p "$ROOT/icount"
 gcc -shared -fPIC -O2 -Wall -o "$ROOT/icount/libicount.so" "$HERE/icount_plugin.c"
 cp "$(command -v qemu-aarch64)" "$ROOT/icount/qemu-aarch64"
-for f in $(ldd "$(command -v qemu-aarch64)" "$ROOT/icount/libicount.so" | grep -o '/[^ ]*' | sort -u); do
+libs() { ldd "$1" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}'; }
+for f in $( (libs "$(command -v qemu-aarch64)"; libs "$ROOT/icount/libicount.so") | sort -u); do
   mkdir -p "$ROOT$(dirname "$f")"
   cp -L "$f" "$ROOT$f"
 done

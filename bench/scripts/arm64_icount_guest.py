@@ -21,7 +21,7 @@ def mark(k: int) -> None:
 
 def _input(shape, dtype) -> np.ndarray:
     rng = np.random.default_rng(0)
-    shape = [1 if (not isinstance(s, int) or s < 1) else s for s in shape]
+    shape = [int(s) if isinstance(s, (int, np.integer)) and int(s) > 0 else 1 for s in shape]  # dynamic batch: 1
     if np.dtype(dtype) == np.uint8:
         return rng.integers(0, 256, shape, dtype=np.uint8)
     return rng.random(shape, dtype=np.float32).astype(dtype)
