@@ -483,11 +483,9 @@ def _stage_rows(run_dir: Path, m: dict, models, exports, ratios, cfg: BenchConfi
             break
     kinds = sorted({(exports[r].get("precision", "float32"), exports[r]["contract"]) for r in models
                     if exports[r]["format"] == "tflite"})
-    chosen = [dict(exports[r], rel=r) for r in models]
+    selected = {"exports": {r: exports[r] for r in models}, "input": m["input"]}  # the files asked for only
     for precision, contract in kinds:
-        sub = {"exports": {e["rel"]: e for e in chosen if e.get("precision", "float32") == precision
-                           and e["contract"] == contract}, "input": m["input"]}
-        row = litert_stage_profile(run_dir, sub, precision, contract, threads, cfg, log)
+        row = litert_stage_profile(run_dir, selected, precision, contract, threads, cfg, log)
         if row is not None:
             out["litert"].append(row)
     pairs = [(r["model"], r["victim"]) for r in ratios

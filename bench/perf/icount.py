@@ -16,6 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from dafar.errors import DafarError
 from dafar.manifest import atomic_write_json
 from dafar.run import RunFolder
 from dafar.schema import Graph
@@ -102,7 +103,11 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=None)
     ap.add_argument("--qemu", default=None)
     a = ap.parse_args(argv)
-    s = summarize(a.run_dir, a.raw_dir, a.runs, a.qemu)
+    try:
+        s = summarize(a.run_dir, a.raw_dir, a.runs, a.qemu)
+    except (DafarError, OSError) as exc:
+        print(f"icount: {exc}", file=sys.stderr)
+        return 2
     for line in report_section(s):
         print(line)
     if (a.run_dir / "bench" / "summary.json").is_file():

@@ -42,16 +42,9 @@ log "recording reference outputs on $(uname -m)"
 "$PY" -m dafar.bench.reliability.crosscheck record "$RUN" "$WORK/ref.npz" --images "${IMAGES:-200}" >/dev/null
 
 # ---- emulated aarch64 run, with the three traps avoided
-cleanup() {
-  umount "$ROOT/proc/cpuinfo" 2>/dev/null || true
-  umount "$ROOT/proc" 2>/dev/null || true
-  umount "$ROOT/sys" 2>/dev/null || true
-}
-trap cleanup EXIT
-mkdir -p "$ROOT/proc" "$ROOT/sys"
-mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
-mountpoint -q "$ROOT/sys" || mount --bind /sys "$ROOT/sys"
-mount --bind "$ROOT/.pi4-cpuinfo" "$ROOT/proc/cpuinfo"  # written by arm64_rootfs.sh
+source "$(dirname "$0")/arm64_mounts.sh"
+trap 'arm64_umount "$ROOT"' EXIT
+arm64_mount "$ROOT"
 log "comparing on emulated aarch64 (QEMU_CPU=$QEMU_CPU_MODEL)"
 set +e
 QEMU_CPU=$QEMU_CPU_MODEL chroot "$ROOT" /venv/bin/python -m dafar.bench.reliability.crosscheck compare /work/run /work/ref.npz \

@@ -47,16 +47,9 @@ rm -rf "$ROOT/icount/run" && mkdir -p "$ROOT/icount/run"
 cp "$RUN/manifest.json" "$ROOT/icount/run/"
 cp -r "$RUN/export" "$ROOT/icount/run/"
 
-cleanup() {
-  umount "$ROOT/proc/cpuinfo" 2>/dev/null || true
-  umount "$ROOT/proc" 2>/dev/null || true
-  umount "$ROOT/sys" 2>/dev/null || true
-}
-trap cleanup EXIT
-mkdir -p "$ROOT/proc" "$ROOT/sys"
-mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
-mountpoint -q "$ROOT/sys" || mount --bind /sys "$ROOT/sys"   # XNNPACK reads the CPU's caches here
-mount --bind "$ROOT/.pi4-cpuinfo" "$ROOT/proc/cpuinfo"        # onnxruntime segfaults on the host's x86 one
+source "$(dirname "$0")/arm64_mounts.sh"
+trap 'arm64_umount "$ROOT"' EXIT
+arm64_mount "$ROOT"
 
 RAW="$ROOT/icount/raw"
 rm -rf "$RAW" && mkdir -p "$RAW"
