@@ -20,6 +20,20 @@ from dafar.errors import ConfigError, DafarError, MissingExtraError, RunFolderEr
 from dafar.options import add_options, config_kwargs
 from dafar.schema import Mode
 from dafar.version import __version__
+from dafar.workflow import CHECK_IMAGES
+
+
+def _count_or_all(text: str) -> int | None:
+    """A positive image count, or 'all' (None)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'all', got {text!r}")
+    return n
 
 EXIT_MISSING_EXTRA = 6
 
@@ -99,7 +113,7 @@ def cmd_pipeline(args) -> int:
     res = pipeline(args.out, None if args.pretrained else _train_config(args), pretrained=args.pretrained,
                    data_dir=args.data_dir, resume=args.resume, overwrite=args.overwrite,
                    download=not args.no_download, quantize=not args.skip_quantize, bench=not args.skip_bench,
-                   full=args.full, mode=args.mode, quiet=args.quiet, log=print)
+                   full=args.full, mode=args.mode, quiet=args.quiet, check_images=args.check_images, log=print)
     print(f"report: {res.report}")
     return 0
 
@@ -382,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.HYBRID.value,
                    help="defence graph mode: hybrid (label from the purified logits, the paper's) or detect (the "
                         "victim's label, D only for the score: about 2/3 of hybrid's cost); --full exports both")
+    p.add_argument("--check-images", type=_count_or_all, default=CHECK_IMAGES, metavar="N",
+                   help=f"test images for the int8 and accuracy checks, or 'all' (default {CHECK_IMAGES}; with it the "
+                        "int8 detection check uses 100 images per attack and skips the naive layout)")
     p.set_defaults(func=cmd_pipeline)
 
     p = sub.add_parser("export", help="fuse victim, feedback loop and detector into ONNX/TFLite graphs, validated")

@@ -281,6 +281,12 @@ def load_mnist(data_dir=None, *, download: bool = True, val_size: int = 5000, se
     if root is None:
         folder = VENDORED_MNIST
         source = "vendored (dafar/assets/mnist)"
+        if _missing_mnist(folder):  # an installed package: the data set stays in the repository
+            folder = _cache_dir() / "mnist"
+            source = str(folder)
+            if _missing_mnist(folder) and download and not _offline():
+                folder.mkdir(parents=True, exist_ok=True)
+                _download_mnist(folder)
     else:
         folder = _find_mnist_dir(root)
         source = str(folder)

@@ -44,7 +44,9 @@ def available() -> list[str]:
 def _source(name: str) -> Path:
     names = available()
     if name not in names:
-        have = ", ".join(names) if names else "none in this installation"
+        have = ", ".join(names) if names else (
+            "none in this installation: the published models live in the repository's core/assets/pretrained, "
+            "not in the installed package; install dafar from a clone with pip install -e")
         raise ConfigError(f"no pretrained model {name!r} (available: {have})")
     return PRETRAINED_DIR / name
 

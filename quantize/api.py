@@ -108,8 +108,8 @@ class QuantizeConfig:
     contracts: tuple[InputContract, ...] | None = option(None, flag="--input", none="all",
                                                          help="comma list of input contracts (default: every exported one)")
     layout: Layout = option(Layout.PRECISE, metavar="{precise,mixed}",
-                            help="precise: E on the input path and D compute in float with int8-stored weights (keeps "
-                                 "the score); mixed: every conv/linear layer in int8, only the residual/score/threshold "
+                            help="precise: everything the score reads (E on the input path, D, C) computes in float with "
+                                 "int8-stored weights (keeps the score, the same on every runtime); mixed: every conv/linear layer in int8, only the residual/score/threshold "
                                  "in float")
     calib_images: int = option(256, flag="--calib", metavar="N", help="calibration images from the training split")
     calib_seed: int = option(0, help="seed of the calibration images' draw")

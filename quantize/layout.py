@@ -16,9 +16,12 @@ formats):
   ``x - D(E(x))``, ``d - C(d)``, the sum of squares, the square root and the comparison with alpha
   (dequantized before them).  Smallest file and fastest; keeps the decisions on MNIST, not on
   CIFAR-10 (bench/results/pareto-mnist/README.md).
-* ``precise``: additionally keeps the input path of the score in float (E on the input, the
-  decoder D and their unpooling masks): the score then barely moves, at the price of float
-  compute for E(x) and D.  The victim head F, E on the reconstruction (purification) and C stay int8.
+* ``precise``: keeps everything the score reads in float (E on the input, the decoder D and
+  their unpooling masks, and the anomaly autoencoder C): the score then barely moves and, because
+  no integer kernel computes it, is the same on every runtime (int8 kernels round differently:
+  with C in int8, tflite-runtime 2.14's scores were up to 6.5e-3 away from LiteRT 2.3's, against
+  the 1e-3 we hold runtimes to).  The price is float compute for E(x), D and C; their weights
+  are still stored in int8.  The victim head F and E on the reconstruction (purification) are int8.
 * ``naive``: quantize every op the quantizer can (what a default converter does); kept only to
   show, in the report, what it does to the detector.  ``dafar quantize`` never writes it.
 
@@ -98,14 +101,15 @@ def float_ops(ops: Sequence[Op], outputs: dict[str, str], layout: Layout | str) 
             return p is not None and ops[p].type in COMPUTE_OPS
         return False
 
-    # what only the detector uses: the residual, C, the sum of squares, sqrt, the comparison (and,
-    # in a detect-mode graph, D too: no label reads D(E(x)) there)
+    if layout is Layout.PRECISE:  # everything the score reads stays float
+        keep |= detect
+        return sorted(keep)
+    # MIXED: what only the detector uses (the residual, C, the sum of squares, sqrt, the
+    # comparison; in a detect-mode graph D too, no label reads D(E(x)) there), from the residual
+    # on, minus C's linear layers
     only_detect = detect - classify
     after = _after_residual(ops, first) if first is not None else None
-    if layout is Layout.MIXED:  # the residual and what follows it, minus C's linear layers
-        keep |= {i for i in only_detect if not int8_work(i) and (after is None or i in after)}
-    else:  # PRECISE: everything the score reads stays float except C's linear layers
-        keep |= detect - {i for i in only_detect if int8_work(i) and i in (after or set())}
+    keep |= {i for i in only_detect if not int8_work(i) and (after is None or i in after)}
     return sorted(keep)
 
 
@@ -114,8 +118,8 @@ def _after_residual(ops: Sequence[Op], first: int) -> set[int]:
 
     The residual is found structurally: the op, other than the first convolution, that reads the
     preprocessed input the first convolution reads.  C is what depends on it; D does not (D reads
-    E(x) only), so a detect-mode graph, where D feeds no label, still keeps D in float under
-    ``precise``.  Nothing found (no residual in the graph): an empty set, so everything the score
+    E(x) only), so in a detect-mode graph, where D feeds no label, ``mixed`` still runs D in int8.
+    Nothing found (no residual in the graph): an empty set, so everything the score
     reads stays float, the conservative reading of the rule.
     """
     x = ops[first].inputs[0] if ops[first].inputs else None

@@ -238,8 +238,9 @@ def write_quantize_report(run_dir) -> Path | None:
     L += ["", "Why the layout: the detector's score measures a residual of about 0.04 per pixel on the [-1, 1] scale; "
           "int8 rounding inside E on the input path is a *feature perturbation*, exactly what D is built to amplify, "
           "so quantizing E(x) or D moves clean scores by several percent (compare the naive rows above, or run "
-          "`--layout mixed`), while the `precise` layout (E(x) and D in float with int8-stored weights; F, E on the "
-          "reconstruction and C in int8) keeps the score close to float at about the same file size.", ""]
+          "`--layout mixed`), while the `precise` layout (E(x), D and C in float with int8-stored weights; F and E on "
+          "the reconstruction in int8) keeps the score close to float, and the same on every runtime, at about the "
+          "same file size.", ""]
     for p in plots:
         L.append(f"![{Path(p).stem}]({p})")
     L.append("")

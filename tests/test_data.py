@@ -236,3 +236,19 @@ def test_shared_cifar_jpeg_tarball(shared_cifar):
     assert s.test.images.shape == (10000, 3, 32, 32)
     assert np.bincount(s.test.labels).tolist() == [1000] * 10
     assert np.bincount(np.concatenate([s.train.labels, s.val.labels])).tolist() == [5000] * 10
+
+
+def test_installed_package_without_vendored_mnist(tmp_path, monkeypatch, vendored):
+    """An installed wheel has no vendored MNIST: it reads (or downloads into) the user cache and,
+    offline with an empty cache, names the folder to fill."""
+    import dafar.data as data
+
+    monkeypatch.setattr(data, "VENDORED_MNIST", tmp_path / "not-installed")
+    monkeypatch.setenv("DAFAR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DAFAR_OFFLINE", "1")
+    monkeypatch.delenv("DAFAR_DATA_DIR", raising=False)
+    with pytest.raises(DataNotFoundError, match=str(tmp_path / "cache" / "mnist")):
+        load_mnist()
+    _copy_mnist(tmp_path / "cache" / "mnist")
+    s = load_mnist()
+    assert s.fingerprint == vendored.fingerprint and s.source == str(tmp_path / "cache" / "mnist")

@@ -40,13 +40,14 @@ def test_layout_rule_on_a_toy_graph():
     mixed = name(float_ops(ops, outs, "mixed"))
     assert mixed == {"pre", "res", "res2", "sq", "sum", "sqrt", "le"}  # C's Gemm and its Tanh stay int8
     precise = name(float_ops(ops, outs, "precise"))
-    assert precise == mixed | {"e1", "r1", "d1", "t1"}  # E on the input and D float; F, E(recon), C int8
+    # everything the score reads is float (E on the input, D and C); F and E(recon) int8
+    assert precise == mixed | {"e1", "r1", "d1", "t1", "c1", "ct"}
     assert float_ops(ops, outs, "naive") == []
     victim_only = name(float_ops(ops[:4], {"logits": "logits"}, "mixed"))
     assert victim_only == {"pre"}
     with pytest.raises(ValueError):
         float_ops(ops, outs, "everything")
-    # a detect-mode graph: the label is the victim's, so D feeds no label; precise still keeps D float
+    # a detect-mode graph: the label is the victim's, so D feeds no label; precise still keeps D (and C) float
     # (and D holds an op that is not conv/linear work, like the unpooling masks' slices: under
     # mixed it is int8 like the rest of D, only the residual onwards stays float)
     det = [op for op in ops if op.name not in ("e2", "f2", "am", "d1")] + [Op("am", "ArgMax", ("logits",), ("label",))]
@@ -54,8 +55,8 @@ def test_layout_rule_on_a_toy_graph():
              Op("d2", "ConvTranspose", ("dhs", "wd2"), ("dh",))]
     det = det[:4] + d_ops + det[4:]
     douts = {k: k for k in ("label", "score", "rejected", "logits")}
-    assert name_in(det, float_ops(det, douts, "precise")) == {"pre", "e1", "r1", "d1", "us", "d2", "t1", "res", "res2",
-                                                              "sq", "sum", "sqrt", "le"}  # only F and C int8
+    assert name_in(det, float_ops(det, douts, "precise")) == {"pre", "e1", "r1", "d1", "us", "d2", "t1", "res", "c1",
+                                                              "ct", "res2", "sq", "sum", "sqrt", "le"}  # only F int8
     assert name_in(det, float_ops(det, douts, "mixed")) == {"pre", "res", "res2", "sq", "sum", "sqrt", "le"}
 
 

@@ -185,7 +185,8 @@ class TrainConfig:
     seed: int = option(0, help="seed of the initialisation, the shuffling, the augmentation and the splits")
     device: Device = option(Device.AUTO, help="torch device (auto: CUDA when present)")
     threads: int | None = option(None, help="torch CPU threads (default: torch's own choice)")
-    eval_batch_size: int = option(1000, help="batch size of the evaluation passes")
+    # 100, not 1000: on a 2-core CPU the larger batch spills the caches and was 2x slower per image
+    eval_batch_size: int = option(100, help="batch size of the evaluation passes")
 
     def __post_init__(self):
         def coerce(name, enum):
@@ -382,9 +383,12 @@ class TrainConfig:
 
 PROFILES: dict[tuple[DatasetName, Profile], dict] = {
     # Batch 64: the same seconds per epoch as 128 on this CPU, and more steps per epoch
-    # (one quick epoch: 98.68% vs 98.43% test accuracy).
-    (DatasetName.MNIST, Profile.QUICK): dict(epochs=1, batch_size=64, lr=2e-3, detector_epochs=8,
-                                             train_victim=False, z=3.0),
+    # (one quick epoch: 98.68% vs 98.43% test accuracy).  One epoch over 30,000 of the 55,000
+    # training images at twice the learning rate keeps README's main job inside 5 minutes:
+    # 98.25% test accuracy in 72 s against 98.82% in 108 s for the whole split at lr 2e-3
+    # (2026-12-05, this 2-core VM); the paper profile is where the real numbers come from.
+    (DatasetName.MNIST, Profile.QUICK): dict(epochs=1, batch_size=64, lr=4e-3, detector_epochs=8,
+                                             train_victim=False, z=3.0, train_limit=30000),
     # 8 epochs with +-2 px shifts: 99.50% victim / 99.56% victim-only (3 epochs without shifts: 99.27% /
     # 99.43%, a 0.16-point gap; 8 without: 99.30% / 99.46%).  The false-positive rate at z = 3 stayed
     # at 0.50-0.57% in every variant tried (epochs 3/8, shifts, recon weight 0.25/1).

@@ -66,6 +66,8 @@ class BenchConfig:
                                             "timings) and LiteRT's official benchmark tool beside ours")
     gpu_readiness: bool = option(True, help="skip the GPU-readiness checks (the GPU delegate analyzer on each .tflite "
                                             "file; float16 against float32 on the float graphs)")
+    # torch has no fast float16 convolutions on a CPU: 1,000 images cost about 20 s on MNIST
+    fp16_images: int = option(1000, help="test images for the float16 fidelity check")
     device_only: bool = option(False, help="only the runtime (numpy + backend): for a Pi or phone with the run folder "
                                            "copied over")
 
@@ -81,6 +83,8 @@ class BenchConfig:
             raise ConfigError(f"runs must be an integer >= 5, got {self.runs!r}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ConfigError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        if not isinstance(self.fp16_images, int) or isinstance(self.fp16_images, bool) or self.fp16_images < 1:
+            raise ConfigError(f"fp16_images must be a positive integer, got {self.fp16_images!r}")
         if self.min_seconds < 0:
             raise ConfigError("min_seconds must be >= 0")
         if self.device_only:
@@ -322,7 +326,7 @@ def run_bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=p
     if cfg.gpu:
         summary["gpu"] = _gpu_rows(run_dir, models, exports, cfg, chw, log)
     if cfg.gpu_readiness:
-        summary["gpu_readiness"] = _gpu_readiness(run_dir, m, models, data_dir, log)
+        summary["gpu_readiness"] = _gpu_readiness(run_dir, m, models, data_dir, log, cfg.fp16_images)
     if cfg.stage_profile:
         summary["stages"] = _stage_rows(run_dir, m, models, exports, summary["ratios"], cfg, log)
 
