@@ -498,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help, --version (0) or bad arguments (2), message printed
         return int(exc.code or 0)
     try:
+        _check_extra(args.command)
         return int(args.func(args) or 0)
     except MissingExtraError as exc:
         print(f"dafar: {exc}", file=sys.stderr)
@@ -546,6 +547,21 @@ _EXTRA_OF = {"torch": "train", "safetensors": "train", "tqdm": "train", "matplot
 
 # quantize needs eval: its default detection check attacks the int8 model with ART (--attack-images 0 skips it)
 _COMMAND_EXTRA = {"export": "export", "quantize": "eval", "eval": "eval", "pipeline": "all"}
+
+
+# what each heavy subcommand imports, checked before it starts (so a device install, which has
+# neither, is told which extra to add before any data is looked for or downloaded)
+_COMMAND_MODULES = {"train": ("torch",), "attach": ("torch",), "export": ("torch", "onnx"),
+                    "quantize": ("torch", "onnx"), "eval": ("torch", "art"), "pipeline": ("torch", "onnx", "art")}
+
+
+def _check_extra(command: str) -> None:
+    import importlib.util
+
+    for mod in _COMMAND_MODULES.get(command, ()):
+        if importlib.util.find_spec(mod) is None:
+            extra = _COMMAND_EXTRA.get(command, _EXTRA_OF.get(mod, "all"))
+            raise MissingExtraError(f"{command} needs '{mod}', which is not installed: pip install 'dafar[{extra}]'")
 
 
 def _unexpected(args, exc: BaseException) -> int:

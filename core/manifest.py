@@ -167,6 +167,13 @@ def read_manifest(run_dir: str | os.PathLike) -> dict:
     path = run_dir / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{path} is missing: {run_dir} is not a complete dafar run folder")
+    try:  # like every file of the run: a symbolic link only where it stays inside the folder
+        inside = path.resolve().is_relative_to(run_dir.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        inside = False
+    if not inside:
+        raise ManifestError(f"{path} is a symbolic link to {os.path.realpath(path)}, outside the run folder; "
+                            "refusing to use it")
     limit = _max_manifest_bytes()
     try:
         size = path.stat().st_size

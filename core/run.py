@@ -103,6 +103,9 @@ def replaceable_run_folder(out: str | os.PathLike) -> bool:
     if not any(out.iterdir()):
         return True
     if (out / MANIFEST_NAME).is_file() or (out / "checkpoints").is_dir() or (out / "config.json").is_file():
+        if (out / LOCK_NAME).is_file():  # a stage writing there now would die of the deletion
+            with run_lock(out, "overwrite"):
+                pass
         return True
     raise RunFolderError(f"{out} is not empty and is not a dafar run folder; --overwrite only replaces run folders")
 

@@ -58,12 +58,15 @@ class InputContract(str, Enum):
 
     def chw(self, shape) -> tuple[int, int, int]:
         """(C, H, W) from an input shape of this contract (the inverse of :meth:`shape`)."""
-        if len(shape) != 4:
-            raise ManifestError(f"a {self.value} input shape has 4 dimensions, got {list(shape)}")
+        if not isinstance(shape, (list, tuple)) or len(shape) != 4:
+            raise ManifestError(f"a {self.value} input shape has 4 dimensions, got {shape!r}")
         _, a, b, c = shape
+        # image dimensions are positive integers (a manifest is input: "x", 28.5 or True is refused)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (a, b, c)):
+            raise ManifestError(f"a {self.value} input shape needs positive integer image dimensions, got {list(shape)}")
         if self is InputContract.UINT8_NHWC:
-            return int(c), int(a), int(b)
-        return int(a), int(b), int(c)
+            return c, a, b
+        return a, b, c
 
     def from_pixels(self, u8_nchw: np.ndarray) -> np.ndarray:
         """uint8 NCHW pixels (as the data loaders return them) -> this contract's input array."""

@@ -170,3 +170,19 @@ def test_an_unexpected_failure_is_one_line_and_a_log_with_the_traceback(monkeypa
     assert "Traceback" not in err and "something dafar did not foresee" in err
     log = re.search(r"traceback is in (\S+\.log)", err).group(1)
     assert "Traceback" in open(log).read() and log.startswith(str(tmp_path))
+
+
+@pytest.mark.parametrize("argv,extra", [(["quantize", "RUN"], "eval"), (["export", "RUN"], "export"),
+                                        (["train", "--out", "RUN"], "train"), (["pipeline", "--out", "RUN"], "all")])
+def test_heavy_command_without_its_extra_exits_6_before_touching_data(argv, extra, tmp_path, monkeypatch, capsys):
+    """A device install (numpy + a runtime) names the extra to add before looking for data: no
+    MNIST download attempt, no run folder created."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    argv = [str(tmp_path / a) if a == "RUN" else a for a in argv]
+    assert main(argv) == 6
+    err = capsys.readouterr().err
+    assert "'torch'" in err and f"pip install 'dafar[{extra}]'" in err
+    assert not (tmp_path / "RUN").exists()

@@ -182,3 +182,14 @@ def test_a_second_process_on_a_run_folder_is_refused_clearly(tmp_path):
             RunFolder.open(run).register({})
     with run_lock(run, "a"), run_lock(run, "b"):  # free again once the holder died; re-entrant
         RunFolder.open(run).register({})
+
+
+def test_a_manifest_linked_from_outside_is_refused(tmp_path):
+    import os
+
+    run = _run(tmp_path / "run")
+    outside = tmp_path / "manifest-elsewhere.json"
+    (run / "manifest.json").rename(outside)
+    os.symlink(outside, run / "manifest.json")
+    with pytest.raises(ManifestError, match="manifest.json is a symbolic link .* outside the run folder"):
+        load_manifest(run)

@@ -151,3 +151,16 @@ def test_report_of_a_published_model_shows_its_whole_recorded_training(tmp_path)
     text = write_report(run).read_text()
     assert "Trained with (as published):" in text
     assert load_manifest(run)["provenance"]["command"] in text
+
+
+def test_overwrite_refuses_a_run_folder_in_use(tmp_path):
+    """`dafar pretrained --out RUN --overwrite` while another stage writes into RUN: refused, nothing deleted."""
+    from conftest import lock_held_elsewhere
+
+    run = pretrained.materialize("mnist", tmp_path / "run")
+    keep = sorted(p.relative_to(run) for p in run.rglob("*") if p.name != ".dafar.lock")
+    with lock_held_elsewhere(run, "export"):
+        with pytest.raises(RunFolderError, match="in use by dafar export"):
+            pretrained.materialize("mnist", run, overwrite=True)
+    assert sorted(p.relative_to(run) for p in run.rglob("*") if p.name != ".dafar.lock") == keep
+    assert pretrained.materialize("mnist", run, overwrite=True) == run  # free again: replaced

@@ -399,13 +399,14 @@ def test_compat_matrix_old_runtimes_and_node_client(quantized, tmp_path_factory)
             # int8 kernels round differently across runtimes, and this 2-epoch model has near-tied
             # logits (the pretrained MNIST model agrees on 100%: bench/results/compat)
             assert c["label_agreement"] >= (0.95 if "int8" in rel else 1.0), (rel, key, c)
-            if "decision_agreement" in c and "int8" not in rel:
-                # the exact-equality unpool mask: a tie in one runtime is one float step apart in
-                # another (0.99 measured on this toy model with tflite-runtime 2.14; 1.0 on the
-                # pretrained model's 1,000 images)
-                assert c["decision_agreement"] == 1.0 and c["score_within_1e-3"] >= 0.97, (rel, key, c)
-            elif "decision_agreement" in c:
-                assert c["decision_agreement"] >= 0.95, (rel, key, c)
+            if "decision_agreement" in c:
+                # the score path computes in float in int8 files too (no integer kernel whose
+                # rounding differs between runtimes), so the same bar holds for both; what is left
+                # is the exact-equality unpool mask: a tie in one runtime is one float step apart
+                # in another (0.99 measured on this toy model with tflite-runtime 2.14; >= 0.999
+                # on the pretrained model's 1,000 images, bench/results/compat)
+                assert c["decision_agreement"] >= (0.99 if "int8" in rel else 1.0), (rel, key, c)
+                assert c["score_within_1e-3"] >= 0.97, (rel, key, c)
     text = write_matrix_report(res, tmp_path_factory.mktemp("matrix"), "cmd").read_text()
     assert "tflite-runtime-2.14" in text and "FAILS" not in text
 

@@ -384,10 +384,10 @@ class TrainConfig:
 PROFILES: dict[tuple[DatasetName, Profile], dict] = {
     # Batch 64: the same seconds per epoch as 128 on this CPU, and more steps per epoch
     # (one quick epoch: 98.68% vs 98.43% test accuracy).  One epoch over 30,000 of the 55,000
-    # training images at twice the learning rate keeps README's main job inside 5 minutes:
-    # 98.25% test accuracy in 72 s against 98.82% in 108 s for the whole split at lr 2e-3
-    # (2026-12-05, this 2-core VM); the paper profile is where the real numbers come from.
-    (DatasetName.MNIST, Profile.QUICK): dict(epochs=1, batch_size=64, lr=4e-3, detector_epochs=8,
+    # training images keeps README's main job inside 5 minutes: 98.09% test accuracy against 98.82%
+    # in 106 s for the whole split (2026-12-05, this 2-core VM; lr 4e-3 gave 98.25% on 30,000 but
+    # hurt the test suite's tiny models); the paper profile is where the real numbers come from.
+    (DatasetName.MNIST, Profile.QUICK): dict(epochs=1, batch_size=64, lr=2e-3, detector_epochs=8,
                                              train_victim=False, z=3.0, train_limit=30000),
     # 8 epochs with +-2 px shifts: 99.50% victim / 99.56% victim-only (3 epochs without shifts: 99.27% /
     # 99.43%, a 0.16-point gap; 8 without: 99.30% / 99.46%).  The false-positive rate at z = 3 stayed
