@@ -269,6 +269,10 @@ def fault_checks(run_dir, model: str, tmp, *, with_concurrency: bool = True, log
         holder.stdout.readline()
         cli(cls, "a stage while another holds the run folder", ["export", str(locked), "--format", "onnx", "--detector",
                                                                  "l2", "--validate", "50", "--quiet"], 4, ("in use by",))
+        before = _tree_digest(locked)
+        cli(cls, "--overwrite of a run folder another stage holds", ["pretrained", "mnist", "--out", str(locked),
+                                                                      "--overwrite"], 4, ("in use by",))
+        add(cls, "... the held run folder is unchanged", "same files", _tree_digest(locked) == before, locked)
     finally:
         holder.kill()  # SIGKILL: the kernel drops its lock, so a crash never leaves a folder locked
         holder.wait()
@@ -326,6 +330,16 @@ def fault_checks(run_dir, model: str, tmp, *, with_concurrency: bool = True, log
     wrong = edited("rank-run", edit_json=bad_rank)
     cli(cls, "a recorded input shape of the wrong rank", ["predict", str(wrong), str(good_png), "--model", model], 4,
         ("manifest.json",))
+
+    def odd_dims(mm):
+        mm["input"]["shape"] = [mm["input"]["shape"][0], "x", *mm["input"]["shape"][2:]]
+
+    cli(cls, "a recorded input shape with a non-integer dimension", ["predict", str(edited("dims-run", edit_json=odd_dims)),
+                                                                     str(good_png), "--model", model], 4, ("manifest.json",))
+    away = _copy_run(run_dir, tmp / "manifest-link-run")
+    (away / "manifest.json").rename(tmp / "manifest-away.json")
+    (away / "manifest.json").symlink_to(tmp / "manifest-away.json")
+    cli(cls, "manifest.json is a symbolic link out of the run folder", ["info", str(away)], 4, ("symbolic link",))
 
     cli(cls, "a manifest that is valid JSON but not a manifest", ["info", str(edited("empty-run", edit_text="[1, 2, 3]"))],
         4, ("manifest.json",))
