@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from dafar.errors import DataError, ManifestError, RunFolderError
+from dafar.errors import DafarError, DataError, ManifestError, RunFolderError
 from dafar.manifest import (
     MANIFEST_NAME,
     clean_stale_staging,
@@ -87,6 +87,27 @@ def run_lock(path: str | os.PathLike, stage: str) -> Iterator[None]:
         f.close()
 
 
+# What dafar's stages write at the top of a run folder (besides the manifest's own files)
+_RUN_ENTRIES = frozenset({
+    MANIFEST_NAME, LOCK_NAME, "config.json", "checkpoints", "weights", "metrics.json", "scores.npz", "train_log.jsonl",
+    "report.md", "plots", "export", "attacks", "quantize_report.md", "quantize_report.json", "quantize_scores.npz",
+    "bench", "bench_report.md", "eval", "eval_report.md", "reliability", "reliability_report.md", "compat",
+    "robust.json", "robust.md", "pareto.json", "pareto.md", "pareto.png"})
+
+
+def _foreign_entries(out: Path) -> list[str]:
+    """Top-level entries of the run folder ``out`` that no dafar stage wrote (a user's notes, say)."""
+    listed: set[str] = set()
+    try:  # read_manifest bounds size and depth; an edited or broken manifest: judge by the names alone
+        files = read_manifest(out).get("files", {})
+        listed = {Path(rel).parts[0] for rel in files if isinstance(rel, str) and Path(rel).parts}
+    except (DafarError, OSError, AttributeError):
+        pass
+    return sorted(p.name for p in out.iterdir()
+                  if p.name not in _RUN_ENTRIES and p.name not in listed
+                  and not p.name.startswith(".staging-") and not p.name.endswith(".tmp"))
+
+
 def replaceable_run_folder(out: str | os.PathLike) -> bool:
     """May ``--overwrite`` delete ``out``?  Only a run folder (finished, or an interrupted run's
     checkpoints and config) or an empty folder; anything else (a user's file, a folder of other
@@ -103,6 +124,12 @@ def replaceable_run_folder(out: str | os.PathLike) -> bool:
     if not any(out.iterdir()):
         return True
     if (out / MANIFEST_NAME).is_file() or (out / "checkpoints").is_dir() or (out / "config.json").is_file():
+        foreign = _foreign_entries(out)
+        if foreign:  # a user's file kept inside a run folder would go with it
+            raise RunFolderError(
+                f"{out} is a run folder but also holds {', '.join(foreign[:5])}"
+                f"{f' and {len(foreign) - 5} more' if len(foreign) > 5 else ''}, which dafar did not write; "
+                "--overwrite would delete it: move it out of the folder first")
         if (out / LOCK_NAME).is_file():  # a stage writing there now would die of the deletion
             with run_lock(out, "overwrite"):
                 pass

@@ -164,3 +164,14 @@ def test_overwrite_refuses_a_run_folder_in_use(tmp_path):
             pretrained.materialize("mnist", run, overwrite=True)
     assert sorted(p.relative_to(run) for p in run.rglob("*") if p.name != ".dafar.lock") == keep
     assert pretrained.materialize("mnist", run, overwrite=True) == run  # free again: replaced
+
+
+def test_overwrite_keeps_a_user_file_inside_a_run_folder(tmp_path):
+    """--overwrite replaces a run folder, but not a file its user put there: refused, naming it."""
+    run = pretrained.materialize("mnist", tmp_path / "run")
+    (run / "notes.txt").write_text("my notes")
+    with pytest.raises(RunFolderError, match="notes.txt, which dafar did not write"):
+        pretrained.materialize("mnist", run, overwrite=True)
+    assert (run / "notes.txt").read_text() == "my notes"
+    (run / "notes.txt").unlink()
+    assert pretrained.materialize("mnist", run, overwrite=True) == run

@@ -209,6 +209,12 @@ def fault_checks(run_dir, model: str, tmp, *, with_concurrency: bool = True, log
     cli(cls, "--overwrite given a folder of other things", ["pretrained", "mnist", "--out", str(user_dir), "--overwrite"], 4,
         ("only replaces run folders",))
     add(cls, "... the folder is untouched", "same files", _tree_digest(user_dir) == before, user_dir)
+    noted = _copy_run(run_dir, tmp / "noted-run")
+    (noted / "notes.txt").write_text("a user's notes kept beside the run\n")
+    before = _tree_digest(noted)
+    cli(cls, "--overwrite of a run folder that also holds a user's file", ["pretrained", "mnist", "--out", str(noted),
+                                                                           "--overwrite"], 4, ("notes.txt",))
+    add(cls, "... the run folder and the file are untouched", "same files", _tree_digest(noted) == before, noted)
 
     full = tmp / "full-disk-run"
 
