@@ -36,6 +36,7 @@ def _count_or_all(text: str) -> int | None:
     return n
 
 EXIT_MISSING_EXTRA = 6
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a pipeline's writer whose reader left
 
 
 def _log(args):
@@ -499,7 +500,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         _check_extra(args.command)
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is seen below
+        return rc
+    except BrokenPipeError:  # the reader left (dafar info --json | head): stop quietly, as cat does
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        except OSError:
+            pass
+        return EXIT_BROKEN_PIPE
     except MissingExtraError as exc:
         print(f"dafar: {exc}", file=sys.stderr)
         return EXIT_MISSING_EXTRA

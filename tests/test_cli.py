@@ -186,3 +186,16 @@ def test_heavy_command_without_its_extra_exits_6_before_touching_data(argv, extr
     err = capsys.readouterr().err
     assert "'torch'" in err and f"pip install 'dafar[{extra}]'" in err
     assert not (tmp_path / "RUN").exists()
+
+
+def test_closed_output_pipe_stops_quietly(tmp_path):
+    """`dafar info RUN --json | head -1`: the reader leaves early; dafar stops without a traceback."""
+    from dafar import pretrained
+
+    run = pretrained.materialize("mnist", tmp_path / "run")
+    p = subprocess.Popen([sys.executable, "-m", "dafar", "info", str(run), "--json"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # before dafar has written a byte
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "error" not in err.lower(), err
