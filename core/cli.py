@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from dafar.errors import ConfigError, DafarError, MissingExtraError, RunFolderError
+from dafar.errors import ConfigError, DafarError, MissingExtraError, RunFolderError, require_available
 from dafar.options import add_options, config_kwargs
 from dafar.schema import Mode
 from dafar.version import __version__
@@ -565,12 +565,8 @@ _COMMAND_MODULES = {"train": ("torch",), "attach": ("torch",), "export": ("torch
 
 
 def _check_extra(command: str) -> None:
-    import importlib.util
-
     for mod in _COMMAND_MODULES.get(command, ()):
-        if importlib.util.find_spec(mod) is None:
-            extra = _COMMAND_EXTRA.get(command, _EXTRA_OF.get(mod, "all"))
-            raise MissingExtraError(f"{command} needs '{mod}', which is not installed: pip install 'dafar[{extra}]'")
+        require_available(mod, _COMMAND_EXTRA.get(command, _EXTRA_OF.get(mod, "all")), f"dafar {command}")
 
 
 def _unexpected(args, exc: BaseException) -> int:

@@ -159,6 +159,17 @@ def _text_depth(raw: bytes) -> int:
     return int(np.cumsum(step).max()) if len(step) else 0
 
 
+def _refuse_outside(path: Path, run_dir: Path) -> None:
+    """A symbolic link is followed only where it stays inside the run folder."""
+    try:
+        inside = path.resolve().is_relative_to(run_dir.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        inside = False
+    if not inside:
+        raise ManifestError(f"{path} is a symbolic link to {os.path.realpath(path)}, outside the run folder; "
+                            "refusing to use it")
+
+
 def read_manifest(run_dir: str | os.PathLike) -> dict:
     """Read and self-check ``run_dir/manifest.json`` (no file hashes checked)."""
     run_dir = Path(run_dir)
@@ -167,13 +178,7 @@ def read_manifest(run_dir: str | os.PathLike) -> dict:
     path = run_dir / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{path} is missing: {run_dir} is not a complete dafar run folder")
-    try:  # like every file of the run: a symbolic link only where it stays inside the folder
-        inside = path.resolve().is_relative_to(run_dir.resolve())
-    except (OSError, RuntimeError):  # a link loop
-        inside = False
-    if not inside:
-        raise ManifestError(f"{path} is a symbolic link to {os.path.realpath(path)}, outside the run folder; "
-                            "refusing to use it")
+    _refuse_outside(path, run_dir)  # like every file of the run
     limit = _max_manifest_bytes()
     try:
         size = path.stat().st_size
@@ -225,13 +230,7 @@ def verify_files(run_dir: str | os.PathLike, manifest: dict, names: Iterable[str
         p = run_dir / rel
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise ManifestError(f"{run_dir / MANIFEST_NAME} lists a path outside the run folder: {rel}")
-        try:  # a symbolic link is followed only where it stays inside the run folder
-            inside = p.resolve().is_relative_to(run_dir.resolve())
-        except (OSError, RuntimeError):  # a link loop
-            inside = False
-        if not inside:
-            raise ManifestError(f"{p} is a symbolic link to {os.path.realpath(p)}, outside the run folder; "
-                                "refusing to use it")
+        _refuse_outside(p, run_dir)
         if not p.is_file():
             raise RunFolderError(f"{p} is listed in the manifest but missing")
         digest = sha256_file(p)

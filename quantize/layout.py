@@ -88,8 +88,10 @@ def float_ops(ops: Sequence[Op], outputs: dict[str, str], layout: Layout | str) 
         keep |= {i for i in _ancestors(ops, ops[first].inputs) if ops[i].type not in COMPUTE_OPS}
     if "score" not in outputs:
         return sorted(keep)
-    classify = _ancestors(ops, [outputs[k] for k in ("label", "logits", "purified_logits") if k in outputs])
     detect = _ancestors(ops, [outputs[k] for k in ("score", "rejected") if k in outputs])
+    if layout is Layout.PRECISE:  # everything the score reads stays float
+        return sorted(keep | detect)
+    classify = _ancestors(ops, [outputs[k] for k in ("label", "logits", "purified_logits") if k in outputs])
     producer = {t: i for i, op in enumerate(ops) for t in op.outputs}
 
     def int8_work(i: int) -> bool:
@@ -101,9 +103,6 @@ def float_ops(ops: Sequence[Op], outputs: dict[str, str], layout: Layout | str) 
             return p is not None and ops[p].type in COMPUTE_OPS
         return False
 
-    if layout is Layout.PRECISE:  # everything the score reads stays float
-        keep |= detect
-        return sorted(keep)
     # MIXED: what only the detector uses (the residual, C, the sum of squares, sqrt, the
     # comparison; in a detect-mode graph D too, no label reads D(E(x)) there), from the residual
     # on, minus C's linear layers
