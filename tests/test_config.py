@@ -37,6 +37,7 @@ def test_profiles():
     (dict(cutout=28), "cutout"),
     (dict(cutout=True), "cutout"),
     (dict(cutout=4.0), "cutout"),
+    (dict(optimizer="rmsprop"), "optimizer='rmsprop' is not one of: adam, adamw, sgd"),
 ])
 def test_validation(kw, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -51,6 +52,17 @@ def test_cli_training_options_reach_the_config():
     cfg = _train_config(args)
     assert (cfg.dropout, cfg.weight_decay, cfg.init_from, cfg.lr, cfg.epochs) == (0.5, 5e-4, "runs/c", 1e-3, 30)
     assert "dropout" in cfg.schedule_key() and "init_from" in cfg.schedule_key()
+
+
+def test_optimizer_option_reaches_the_config_and_the_resume_key():
+    from dafar.cli import _train_config, build_parser
+    from dafar.train.config import Optimizer
+
+    args = build_parser().parse_args(["train", "--out", "r", "--optimizer", "sgd", "--lr", "0.1", "--weight-decay", "5e-4"])
+    cfg = _train_config(args)
+    assert cfg.optimizer is Optimizer.SGD and cfg.schedule_key()["optimizer"] == "sgd"
+    assert TrainConfig(optimizer="adamw").optimizer is Optimizer.ADAMW
+    assert TrainConfig().optimizer is Optimizer.ADAM  # every published result was trained with Adam
 
 
 def test_unknown_override():

@@ -159,6 +159,28 @@ def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     assert not (tmp_path / "r" / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("optimizer,lr,wd", [("sgd", 0.05, 5e-4), ("adamw", 2e-3, 0.05)])
+def test_each_optimizer_trains_resumes_identically_and_is_recorded(tmp_path, monkeypatch, optimizer, lr, wd):
+    cfg = _tiny(epochs=2, optimizer=optimizer, lr=lr, weight_decay=wd)
+    ref = train(cfg, tmp_path / "ref", quiet=True)
+    assert ref.manifest["training"]["config"]["optimizer"] == optimizer
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "ref/train_log.jsonl").read_text().splitlines()
+              if json.loads(line).get("phase") == "joint"]
+    assert len(losses) == 2 and losses[1] < losses[0]  # it learns (8 steps: too few for accuracy to show)
+    train(cfg.replace(optimizer="adam", lr=2e-3, weight_decay=0.0), tmp_path / "adam", quiet=True)  # the default
+    assert _state(tmp_path / "adam")["E"] != _state(tmp_path / "ref")["E"]  # the option changes the training
+    monkeypatch.setattr(trainer_mod, "l2_per_sample", _FailAfter(7, exc=KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "b", quiet=True)
+    monkeypatch.undo()
+    from dafar.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="differ"):  # momentum buffers of another optimizer do not resume
+        train(cfg.replace(optimizer="adam"), tmp_path / "b", resume=True, quiet=True)
+    train(cfg, tmp_path / "b", resume=True, quiet=True)
+    assert _state(tmp_path / "ref") == _state(tmp_path / "b")
+
+
 def test_resume_with_other_options_is_refused(tmp_path, monkeypatch):
     cfg = _tiny(epochs=2)
     monkeypatch.setattr(trainer_mod, "l2_per_sample", _FailAfter(7, exc=KeyboardInterrupt()))

@@ -35,7 +35,7 @@ from dafar.threshold import ThresholdRule, calibrate, false_positive_rate
 from dafar.version import __version__
 
 from .adversarial import perturb, robust_accuracy
-from .config import Augment, Device, TrainConfig
+from .config import Augment, Device, Optimizer, TrainConfig
 from .cost import subnet_costs
 from .models import (ArchSpec, DafarNet, Normalize, Victim, build_dafar, build_victim, decoder_output_for, l2_per_sample,
                      custom_spec, paper_spec, resplit_victim, spec_from_record)
@@ -180,7 +180,7 @@ _PHASE_IGNORES = {"joint": _DETECTOR_FIELDS | {"train_victim"},
 _ADDED_FIELDS = {f: TrainConfig.__dataclass_fields__[f].default
                  for f in ("dropout", "init_from", "ema", "keep_best", "cutout", "arch", "attach_to", "image_size",
                            "channels", "skip_bad_images", "width", "feedback_at", "victim_weights", "victim_mean",
-                           "victim_std", "decoder_width")}
+                           "victim_std", "decoder_width", "optimizer")}
 
 
 def _same_schedule(saved: dict | None, now: dict) -> bool:
@@ -213,8 +213,9 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
          step: Callable[[np.ndarray, torch.Generator], tuple[torch.Tensor, dict]],
          validate: Callable[[], dict], ckpt: Path, logger: _Logger, resume: bool, quiet: bool,
          weight_decay: float = 0.0, earlier: dict | None = None, ema: float = 0.0,
-         keep_best: bool = False, best_key: str = "val_acc", guard: float = 0.0) -> list[float]:
-    """The shared epoch loop: Adam + one-cycle, per-epoch checkpoint, NaN guard, resume.
+         keep_best: bool = False, best_key: str = "val_acc", guard: float = 0.0,
+         optimizer: Optimizer | None = None) -> list[float]:
+    """The shared epoch loop: Adam or SGD + one-cycle, per-epoch checkpoint, NaN guard, resume.
     Returns every epoch's seconds, those of earlier (resumed-from) calls included; ``earlier[phase]``
     gets the part earlier calls spent.  With ``ema`` the weights are averaged (:class:`_Ema`); with
     ``keep_best`` the checkpoint also keeps the weights of the best ``val_acc`` epoch.  The
@@ -224,11 +225,18 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
     phase (the best epoch's weights are kept, and a resumed run does not train on past it)."""
     from tqdm.auto import tqdm
 
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    kind = optimizer or cfg.optimizer
+    if kind is Optimizer.SGD:
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    elif kind is Optimizer.ADAMW:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total = epochs * steps_per_epoch
     if total >= 4:
-        # one-cycle (warm-up over a quarter of the steps, then cosine decay; Adam's beta1 cycled):
+        # one-cycle (warm-up over a quarter of the steps, then cosine decay; Adam's beta1 or SGD's
+        # momentum cycled between 0.85 and 0.95):
         # the fewest epochs to a given accuracy on this CPU budget among the schedules we tried
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=max(0.25, 2.0 / total))
     else:  # too few steps for a cycle (smoke runs): constant learning rate
@@ -730,8 +738,9 @@ def _detector_phase(s: _Session, net: DafarNet) -> list[float]:
                 for i in range(0, len(res_val), 4096)]
         return {"val_loss": float(torch.cat(vals).mean())}
 
+    # C always trains with Adam at --detector-lr: --optimizer/--lr/--weight-decay are the classifier's
     seconds = s.fit("detector", net, list(net.C.parameters()), n_res, cfg.detector_epochs, cfg.detector_lr,
-                    det_step, det_val)
+                    det_step, det_val, optimizer=Optimizer.ADAM)
     _load_model_only(s.ckdir / "detector", net)
     for p in joint:
         p.requires_grad_(True)
