@@ -71,6 +71,28 @@ def portable_ir(model) -> bool:
     return True
 
 
+# torch.onnx records, per node, the Python stack that made it: absolute paths of the machine that
+# exported the file (a user's home folder, shipped inside every model on every device) and source
+# line numbers, so any edit to dafar changed the file's bytes.  The other metadata (module names,
+# scopes) names no path and stays for debugging.
+_BUILD_METADATA = ("pkg.torch.onnx.stack_trace",)
+
+
+def strip_build_paths(model) -> bool:
+    """Remove the per-node records of the exporting machine's source paths from ``model`` (an onnx
+    ModelProto, its functions included); True when anything was removed."""
+    changed = False
+    graphs = [model.graph] + [f for f in model.functions]
+    for g in graphs:
+        for node in g.node:
+            keep = [p for p in node.metadata_props if p.key not in _BUILD_METADATA]
+            if len(keep) != len(node.metadata_props):
+                changed = True
+                del node.metadata_props[:]
+                node.metadata_props.extend(keep)
+    return changed
+
+
 def export_onnx(module: torch.nn.Module, sample: torch.Tensor, path: str | os.PathLike,
                 output_names: tuple[str, ...], dynamic_batch: bool = True) -> Path:
     """Export ``module(sample)`` to ``path`` (input named ``x``) and run the ONNX checker."""
@@ -90,7 +112,7 @@ def export_onnx(module: torch.nn.Module, sample: torch.Tensor, path: str | os.Pa
     except Exception as exc:  # the exporter raises many types
         raise ExportError(f"torch.onnx.export failed for {path.name}: {type(exc).__name__}: {exc}") from exc
     model = onnx.load(str(path))
-    if portable_ir(model):
+    if strip_build_paths(model) | portable_ir(model):
         onnx.save(model, str(path))
     try:
         onnx.checker.check_model(model, full_check=True)

@@ -119,7 +119,15 @@ def test_onnx_dynamic_batch_parity(tmp_path, unpool):
     assert ("MaxUnpool" in ops or "ScatterND" in ops) == (unpool == "maxunpool")
     import onnx
 
-    assert onnx.load(str(path)).ir_version == 9  # readable by ONNX Runtime 1.16 and 1.17
+    model = onnx.load(str(path))
+    assert model.ir_version == 9  # readable by ONNX Runtime 1.16 and 1.17
+    # no trace of the exporting machine: its source paths are not shipped inside the model
+    import dafar.export
+
+    src = os.path.dirname(os.path.dirname(os.path.abspath(dafar.export.__file__)))
+    assert src.encode() not in path.read_bytes() and b"fused.py" not in path.read_bytes()
+    assert not any(p.key == "pkg.torch.onnx.stack_trace" for n in model.graph.node for p in n.metadata_props)
+    assert any(n.metadata_props for n in model.graph.node)  # the module names stay, for debugging
 
 
 def test_portable_ir_lowers_only_what_ir9_can_read():
