@@ -82,8 +82,7 @@ def strip_build_paths(model) -> bool:
     """Remove the per-node records of the exporting machine's source paths from ``model`` (an onnx
     ModelProto, its functions included); True when anything was removed."""
     changed = False
-    graphs = [model.graph] + [f for f in model.functions]
-    for g in graphs:
+    for g in [model.graph, *model.functions]:
         for node in g.node:
             keep = [p for p in node.metadata_props if p.key not in _BUILD_METADATA]
             if len(keep) != len(node.metadata_props):

@@ -215,7 +215,7 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
          weight_decay: float = 0.0, earlier: dict | None = None, ema: float = 0.0,
          keep_best: bool = False, best_key: str = "val_acc", guard: float = 0.0,
          optimizer: Optimizer | None = None) -> list[float]:
-    """The shared epoch loop: Adam or SGD + one-cycle, per-epoch checkpoint, NaN guard, resume.
+    """The shared epoch loop: Adam, AdamW or SGD (``optimizer``, else the config's) + one-cycle, per-epoch checkpoint, NaN guard, resume.
     Returns every epoch's seconds, those of earlier (resumed-from) calls included; ``earlier[phase]``
     gets the part earlier calls spent.  With ``ema`` the weights are averaged (:class:`_Ema`); with
     ``keep_best`` the checkpoint also keeps the weights of the best ``val_acc`` epoch.  The
