@@ -101,10 +101,12 @@ def graph_module(net, graph: Graph | str, detector: Detector | str | None, contr
                  alpha: float | None, normalization: dict, mode: Mode | str = Mode.HYBRID):
     """The torch module an exported file is made from (eval mode)."""
     from dafar.train.mobile import fold_batchnorm
+    from dafar.train.models import deploy_form
 
     from .fused import FusedDafar, VictimGraph
 
     net = fold_batchnorm(net)  # batch norm (the mobile network) folded into its convolutions
+    net = deploy_form(net)  # the paper decoders' stride-1 transposed convolutions as convolutions
     if Graph(graph) is Graph.DAFAR:
         return FusedDafar(net, alpha, detector, contract, normalization["mean"], normalization["std"], mode).eval()
     return VictimGraph(net, contract, normalization["mean"], normalization["std"]).eval()

@@ -207,3 +207,46 @@ def test_decoder_width_narrows_only_the_decoder(family, shape, positions):
     for bad in (0, 0.1, 1.5, True, "half"):
         with pytest.raises(ConfigError, match="decoder width"):
             paper_spec(family, shape, 5, decoder_width=bad)
+
+
+@pytest.mark.parametrize("arch,shape,feedback,width", [("paper-mnist", (1, 28, 28), None, 1.0),
+                                                       ("paper-cifar10", (3, 32, 32), None, 1.0),
+                                                       ("paper-mnist", (1, 28, 28), "pool1", 0.5),
+                                                       ("paper-cifar10", (3, 16, 24), "pool1", 0.25)])
+def test_deploy_form_turns_decoder_transposed_convs_into_equal_convs(arch, shape, feedback, width):
+    """What export runs: the same function as the trained module, with no ConvTranspose2d left
+    (onnx2tf writes those as TRANSPOSE_CONV + STRIDED_SLICE + RELU, slower and refused in int8
+    by tflite-runtime 2.14), and the trained module itself unchanged."""
+    from dafar.train.models import build_dafar, deploy_form, paper_spec
+
+    torch.manual_seed(0)
+    spec = paper_spec(arch, shape, 10, "tanh", 1.0, feedback, width)
+    net = build_dafar(spec).eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in net.modules())
+    dep = deploy_form(net)
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in dep.modules())
+    assert any(isinstance(m, torch.nn.ConvTranspose2d) for m in net.modules())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    x = torch.rand(3, *shape) * 2 - 1
+    with torch.no_grad():
+        (logits, recon), (logits_d, recon_d) = net(x), dep(x)
+        score, score_d = net.l2_score(x, recon), dep.l2_score(x, recon_d)
+    assert torch.equal(logits, logits_d)  # E and F are not touched
+    torch.testing.assert_close(recon_d, recon, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(score_d, score, rtol=1e-5, atol=1e-7)
+
+
+def test_conv_from_convtranspose_refuses_what_is_not_a_convolution():
+    from dafar.train.models import conv_from_convtranspose
+
+    torch.manual_seed(0)
+    assert conv_from_convtranspose(torch.nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1)) is None
+    assert conv_from_convtranspose(torch.nn.ConvTranspose2d(4, 6, 3, padding=0)) is None  # grows the map
+    assert conv_from_convtranspose(torch.nn.ConvTranspose2d(4, 6, 3, padding=1, groups=2)) is None
+    for k, p, bias in ((3, 1, True), (5, 2, False), (1, 0, True)):
+        m = torch.nn.ConvTranspose2d(4, 6, k, padding=p, bias=bias)
+        c = conv_from_convtranspose(m)
+        x = torch.randn(2, 4, 9, 7)
+        with torch.no_grad():
+            torch.testing.assert_close(c(x), m(x), rtol=1e-5, atol=1e-5)

@@ -2,6 +2,8 @@
 # Every point of the MNIST cost/detection comparison, from the published model, in one command:
 #
 #   bash bench/scripts/pareto_mnist.sh OUT_DIR        (about an hour on a 2-core VM)
+#   CONFIGS="pool1 0.5" EVAL_SKIP="joint plugin-pool1-w0.5" bash bench/scripts/pareto_mnist.sh OUT_DIR
+#                                                      (one plug-in, no evaluation: about 10 minutes)
 #
 # Configurations: the published joint model (the paper-sized defence, the reference) and decoders
 # attached to its frozen victim at the first / second pooling block, full and half width.  Each is
@@ -19,7 +21,9 @@ EXPORT=(--detector l2 --input float-nchw --mode hybrid,detect --quiet)
 
 [ -f "$OUT/joint/manifest.json" ] || "$DAFAR" export "$OUT/joint" --pretrained mnist "${EXPORT[@]}"
 runs=("$OUT/joint")
-for cfg in "pool1 1.0" "pool1 0.5" "pool2 1.0" "pool2 0.5"; do
+# CONFIGS="pool1 0.5" (feedback position and width pairs, ';'-separated) times a subset
+IFS=';' read -r -a configs <<< "${CONFIGS:-pool1 1.0;pool1 0.5;pool2 1.0;pool2 0.5}"
+for cfg in "${configs[@]}"; do
   set -- $cfg
   run="$OUT/plugin-$1-w$2"
   if [ ! -f "$run/manifest.json" ]; then
@@ -40,6 +44,7 @@ done
 # float; quantize compares its decisions and its detection on FGSM/PGD with float
 more=()
 for run in "$OUT/joint" "$OUT/plugin-pool1-w1.0" "$OUT/plugin-pool1-w0.5"; do
+  [ -d "$run" ] || continue  # not among CONFIGS
   [ -d "$run-mixed" ] || { cp -r "$run" "$run-mixed.tmp" && mv "$run-mixed.tmp" "$run-mixed"; }
   grep -q -- '-int8-b1.tflite' "$run-mixed/manifest.json" || "$DAFAR" quantize "$run-mixed" --format tflite \
     --layout mixed --no-naive --quiet
