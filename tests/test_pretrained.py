@@ -51,7 +51,7 @@ def test_installed_package_carries_no_data_or_weights(tmp_path):
     assert not heavy, f"data or weights in the wheel: {heavy[:5]}"
     assert any(n.startswith("dafar/runtime/") for n in names) and wheel.stat().st_size < 2_000_000
     # the repository still has them, for the editable install README's commands make
-    assert (REPO / "core" / "assets" / "mnist").is_dir() and pretrained.available() == ["cifar10", "mnist"]
+    assert (REPO / "core" / "assets" / "mnist").is_dir() and pretrained.available() == ["cifar10", "cifar10-mobile", "mnist"]
 
 
 def test_materialize_errors(tmp_path):
@@ -139,6 +139,37 @@ def test_cifar10_pretrained_reproduces_its_numbers(tmp_path, shared_cifar):
     np.testing.assert_allclose(ev["l2"], rec_l2, rtol=1e-3)
     acc = float(np.mean(ev["logits"].argmax(1) == test.labels[idx]))
     assert acc >= m["metrics"]["victim_test_acc"] - 0.05  # 300 images: a few points of sampling noise
+
+
+@pytest.mark.slow
+def test_cifar10_mobile_pretrained_reproduces_its_numbers(tmp_path, shared_cifar):
+    """The published mobile network (trained through the image-folder path on the JPEG q75 tree):
+    the same images, checked by their content fingerprint, give what it records; 300 test images."""
+    if "cifar10-mobile" not in pretrained.available():
+        pytest.skip("the mobile CIFAR-10 model is not published in this checkout")
+    torch = pytest.importorskip("torch")
+    import tarfile
+
+    from dafar.run import RunFolder
+    from dafar.train.loading import load_dafar
+    from dafar.train.trainer import evaluate_arrays
+
+    with tarfile.open(shared_cifar / "cifar10-jpg.tar.gz") as tf:
+        tf.extractall(tmp_path / "tree", filter="data")
+    run = pretrained.materialize("cifar10-mobile", tmp_path / "run")
+    m = load_manifest(run, verify=True)
+    assert m["provenance"]["weights_dtype"] == "float16" and m["architecture"]["family"] == "mobile"
+    assert "dafar train --dataset imagefolder" in m["provenance"]["command"]
+    net, _ = load_dafar(run)
+    test = RunFolder.open(run).splits(tmp_path / "tree" / "cifar10-jpg").test  # fingerprint checked
+    idx = np.random.default_rng(0).choice(len(test.labels), 300, replace=False)
+    ev = evaluate_arrays(net, torch.from_numpy(np.array(test.images[idx])), torch.device("cpu"), 100)
+    with np.load(run / "scores.npz") as z:
+        rec_pred, rec_l2 = z["test_pred"][idx], z["test_l2"][idx]
+    assert np.mean(ev["logits"].argmax(1) == rec_pred) >= 0.99
+    np.testing.assert_allclose(ev["l2"], rec_l2, rtol=1e-3)
+    acc = float(np.mean(ev["logits"].argmax(1) == test.labels[idx]))
+    assert acc >= m["metrics"]["victim_test_acc"] - 0.05
 
 
 def test_report_of_a_published_model_shows_its_whole_recorded_training(tmp_path):

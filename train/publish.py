@@ -100,4 +100,7 @@ def publish(run_dir: str | os.PathLike, name: str, command: str, hardware: str |
         recalibrate(dest, data_dir, reason="weights stored as float16 (upcast to float32 at load); alpha, FPRs and "
                                            "accuracies re-measured on the weights as loaded", download=False)
     load_manifest(dest, verify=True)
+    from dafar.run import LOCK_NAME
+
+    (dest / LOCK_NAME).unlink(missing_ok=True)  # the stages' advisory lock file: not part of the model
     return dest
