@@ -1,11 +1,11 @@
-"""Run a dafar command with the index-free unpool's nearest-neighbour upsampling (or its mask)
-written another way, to time what the exported graph gains (issue 21; results in
+"""Export a run's detect graph (l2, float-nchw, ONNX + TFLite, no victim) with the index-free
+unpool's nearest-neighbour upsampling (or its mask) written another way, to time what the
+exported graph gains (issue 21; results in
 bench/results/pareto-mnist/conv-decoder/README.md).  Measurement only: the patched module is both
 the exported graph and the reference the parity checks compare with, so nothing here changes a
 model's function except ``nomask`` (which only a timing may use).
 
-    python bench/scripts/upsample_variants.py VARIANT dafar-args...
-    e.g. cp -r RUN /tmp/v && python bench/scripts/upsample_variants.py cat export /tmp/v --mode detect --no-victim
+    cp -r RUN /tmp/v && python bench/scripts/upsample_variants.py VARIANT /tmp/v [--validate N]
 
 VARIANT: base (unchanged), expand (reshape to 6-D, expand, reshape), mul (reshape, multiply by a
 ones tensor that broadcasts), cat (stack twice along new axes), nomask (upsampling without the
@@ -36,12 +36,18 @@ def up_cat(t):
 
 
 if __name__ == "__main__":  # the TFLite conversion runs in a spawned child that imports this file
-    variant = sys.argv[1]
-    if variant == "nomask":
-        M.mask_unpool = lambda h, pre, pooled: M._upsample2(h)
-    elif variant != "base":
-        M._upsample2 = {"expand": up_expand, "mul": up_mul, "cat": up_cat}[variant]
-    from dafar.cli import main
+    import argparse
 
-    sys.argv = ["dafar", *sys.argv[2:]]
-    sys.exit(main(sys.argv[1:]))
+    from dafar.export import ExportConfig, export
+
+    p = argparse.ArgumentParser()
+    p.add_argument("variant", choices=["base", "expand", "mul", "cat", "nomask"])
+    p.add_argument("run")
+    p.add_argument("--validate", type=int, default=300)
+    a = p.parse_args()
+    if a.variant == "nomask":
+        M.mask_unpool = lambda h, pre, pooled: M._upsample2(h)
+    elif a.variant != "base":
+        M._upsample2 = {"expand": up_expand, "mul": up_mul, "cat": up_cat}[a.variant]
+    export(a.run, ExportConfig(modes=("detect",), validate_images=a.validate, victim=False))
+    sys.exit(0)
