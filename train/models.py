@@ -357,8 +357,8 @@ def deploy_form(net: nn.Module) -> nn.Module:
     pixels larger, a STRIDED_SLICE back and a separate RELU, where a Conv2d becomes one CONV_2D
     with SAME padding and the ReLU fused; and tflite-runtime 2.14 cannot run an int8-weight
     TRANSPOSE_CONV on float input at all.  Measured with LiteRT, 1 thread, on the published
-    models' detect graphs: 2.29x -> 2.04x the victim (MNIST), 2.17x -> 1.98x (CIFAR-10)
-    (bench/results/pareto-*/).  ``net`` itself is untouched: training, attacks and the evaluation
+    models' detect graphs (`dafar pareto`): 2.41x -> 2.10x the float victim (MNIST), 2.20x ->
+    1.99x (CIFAR-10) (bench/results/pareto-cifar10/, bench/results/pareto-mnist/conv-decoder/).  ``net`` itself is untouched: training, attacks and the evaluation
     keep the module they always used; a module without such layers comes back as it is."""
     import copy
 
