@@ -330,18 +330,23 @@ def _convt(cin: int, cout: int) -> nn.ConvTranspose2d:
     return nn.ConvTranspose2d(cin, cout, 3, padding=1)
 
 
+def _is_conv_in_disguise(m: nn.Module) -> bool:
+    """A stride-1, size-keeping ConvTranspose2d (stride, dilation, groups, output padding
+    1/1/1/0, zero padding (k - 1) / 2): what :func:`conv_from_convtranspose` can rewrite."""
+    return (isinstance(m, nn.ConvTranspose2d) and m.stride == (1, 1) and m.dilation == (1, 1) and m.groups == 1
+            and m.output_padding == (0, 0) and isinstance(m.padding, tuple) and m.padding_mode == "zeros"
+            and all(kk - 1 - p == p for kk, p in zip(m.kernel_size, m.padding)))
+
+
 def conv_from_convtranspose(m: nn.ConvTranspose2d) -> nn.Conv2d | None:
     """The :class:`nn.Conv2d` that computes what a stride-1 ``m`` computes, or None where ``m``
     is not one (stride, dilation, groups or output padding other than 1/1/1/0, or padding that
     does not keep the size).  A stride-1 transposed convolution with padding p is a convolution
     with the same kernel flipped in both spatial axes and in/out channels swapped, padding
     k - 1 - p: the same sums of the same products, in another order (float rounding only)."""
-    k = m.kernel_size
-    if (m.stride != (1, 1) or m.dilation != (1, 1) or m.groups != 1 or m.output_padding != (0, 0)
-            or not isinstance(m.padding, tuple) or m.padding_mode != "zeros"
-            or any(kk - 1 - p != p for kk, p in zip(k, m.padding))):
+    if not _is_conv_in_disguise(m):
         return None
-    conv = nn.Conv2d(m.in_channels, m.out_channels, k, padding=m.padding, bias=m.bias is not None)
+    conv = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, padding=m.padding, bias=m.bias is not None)
     conv = conv.to(device=m.weight.device, dtype=m.weight.dtype)
     with torch.no_grad():
         conv.weight.copy_(m.weight.transpose(0, 1).flip(2, 3))
@@ -358,19 +363,19 @@ def deploy_form(net: nn.Module) -> nn.Module:
     with SAME padding and the ReLU fused; and tflite-runtime 2.14 cannot run an int8-weight
     TRANSPOSE_CONV on float input at all.  Measured with LiteRT, 1 thread, on the published
     models' detect graphs (`dafar pareto`): 2.41x -> 2.10x the float victim (MNIST), 2.20x ->
-    1.99x (CIFAR-10) (bench/results/pareto-cifar10/, bench/results/pareto-mnist/conv-decoder/).  ``net`` itself is untouched: training, attacks and the evaluation
-    keep the module they always used; a module without such layers comes back as it is."""
+    1.99x (CIFAR-10) (bench/results/pareto-cifar10/, bench/results/pareto-mnist/conv-decoder/).
+    ``net`` itself is untouched: training, attacks and the evaluation keep the module they always
+    used; a module without such layers comes back as it is."""
     import copy
 
-    if not any(conv_from_convtranspose(m) is not None for m in net.modules() if isinstance(m, nn.ConvTranspose2d)):
+    if not any(_is_conv_in_disguise(m) for m in net.modules()):
         return net
     out = copy.deepcopy(net).eval()
 
     def swap(parent: nn.Module):
         for name, child in list(parent.named_children()):
-            conv = conv_from_convtranspose(child) if isinstance(child, nn.ConvTranspose2d) else None
-            if conv is not None:
-                setattr(parent, name, conv)
+            if _is_conv_in_disguise(child):
+                setattr(parent, name, conv_from_convtranspose(child))
             else:
                 swap(child)
 
