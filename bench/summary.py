@@ -66,6 +66,9 @@ def _training(m: dict, met: dict) -> dict:
     if parent:  # continued from another run (--init-from): count the whole training
         out["continued_from"] = {"epochs": parent.get("epochs_total"), "seconds": parent.get("total_seconds"),
                                  "victim_test_acc": parent.get("victim_test_acc")}
+    attached = m.get("training", {}).get("attached_to") or {}
+    if attached.get("mode") == "classifier":  # D attached to a classifier dafar trained alone: count both
+        out["classifier"] = {"epochs": attached.get("epochs"), "seconds": attached.get("total_seconds")}
     for det, t in m.get("thresholds", {}).items():
         rules = t.get("rules", {})
         out["thresholds"][det] = {"default": t.get("default"),
@@ -181,14 +184,16 @@ def render_markdown(d: dict) -> str:
 
     paper = PAPER.get(d["dataset"], {})
     t = d["training"]
-    plugin = t.get("mode") == "plug-in"
-    how = f"`{t.get('attached_to')}`, frozen; D attached at {t.get('feedback_at')}" if plugin else "trained with D"
+    plugin, alone = t.get("mode") == "plug-in", t.get("mode") == "classifier"
+    how = (f"`{t.get('attached_to')}`, frozen; D attached at {t.get('feedback_at')}" if plugin
+           else "a classifier alone, no defence yet: `dafar attach --victim RUN`" if alone else "trained with D")
     L = [f"# {d['label']}: headline numbers of `{d['run']}`", "",
          "| | ours | paper |", "|---|---|---|",
          f"| victim test accuracy ({how}), {t.get('test_images')} test images | {_pct(t['victim_test_acc'])} | {paper.get('victim', '-')} |"]
     if t.get("victim_only_test_acc") is not None:
         L.append(f"| victim-only model, same schedule | {_pct(t['victim_only_test_acc'])} | |")
-    L.append(f"| purified accuracy F(E(D(E(x)))) | {_pct(t['purified_test_acc'])} | {paper.get('purified', '-')} |")
+    if not alone:
+        L.append(f"| purified accuracy F(E(D(E(x)))) | {_pct(t['purified_test_acc'])} | {paper.get('purified', '-')} |")
     for det, th in t["thresholds"].items():
         default = th.get("default")
         for name, r in th.items():
@@ -198,9 +203,12 @@ def render_markdown(d: dict) -> str:
             L.append(f"| {det} score, rule {name}{star}: alpha / FPR validation / FPR test | "
                      f"{r['alpha']:.4g} / {_pct(r['val_fpr'])} / {_pct(r['test_fpr'])} | "
                      f"{paper.get('fpr', '-') if name == default else ''} |")
-    if t.get("total_seconds"):
-        ep, cont = t["epochs"], t.get("continued_from")
-        joint = f"{ep['joint']} (+{cont['epochs']} of the run it continued)" if cont else ep["joint"]
+    if t.get("total_seconds") and alone:
+        L.append(f"| training: classifier epochs, time | {t['epochs']['joint']}, {t['total_seconds'] / 3600:.2f} h | |")
+    elif t.get("total_seconds"):
+        ep, cont = t["epochs"], t.get("continued_from") or t.get("classifier")
+        joint = (f"{ep['joint']} (+{cont['epochs']} of the "
+                 f"{'classifier, trained alone' if t.get('classifier') else 'run it continued'})" if cont else ep["joint"])
         hours = t["total_seconds"] / 3600 + (cont["seconds"] / 3600 if cont else 0)
         L.append(f"| training: {'D (plug-in)' if plugin else 'joint'} / C / victim-only epochs, time | {joint} / "
                  f"{ep['detector']} / {ep['victim_only']}, "

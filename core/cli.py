@@ -76,7 +76,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-_ATTACH_FIXED = ("arch", "width", "unpool", "train_victim")  # from the victim (a run's data set too, below)
+# from the victim (a run's data set too, below), or the classifier's own training
+_ATTACH_FIXED = ("arch", "width", "unpool", "train_victim", "classifier_only", "label_smoothing")
 _OWN_VICTIM_FIELDS = ("victim_weights", "victim_mean", "victim_std")  # attach only: a classifier of one's own
 
 
@@ -329,7 +330,7 @@ def cmd_pretrained(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from dafar.manifest import load_manifest
+    from dafar.manifest import classifier_alone_message, load_manifest
 
     m = load_manifest(args.run, verify=not args.no_verify)
     if args.json:
@@ -344,7 +345,11 @@ def cmd_info(args) -> int:
     for det, th in m.get("thresholds", {}).items():
         d = th["rules"][th["default"]]
         print(f"threshold:  {det:12s} {th['default']:20s} alpha={d['alpha']:.4f} test FPR {100 * d['test_fpr']:.2f}%")
-    if met:
+    alone = classifier_alone_message(m, args.run)
+    if met and alone:
+        print(f"accuracy:   victim {100 * met.get('victim_test_acc', float('nan')):.2f}%")
+        print(f"defence:    none yet: {alone.split(': ', 1)[1]}")
+    elif met:
         print(f"accuracy:   victim {100 * met.get('victim_test_acc', float('nan')):.2f}%  "
               f"purified {100 * met.get('purified_test_acc', float('nan')):.2f}%")
     print(f"files:      {len(m.get('files', {}))} " + ("verified (sha256)" if not args.no_verify else "not verified"))
@@ -386,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_attach)
 
     p = sub.add_parser("pipeline", help="the main job: train, export, quantize to int8, benchmark, write the reports")
-    _add_train_args(p, skip=_OWN_VICTIM_FIELDS)
+    _add_train_args(p, skip=(*_OWN_VICTIM_FIELDS, "classifier_only"))  # the pipeline builds a whole defence
     p.add_argument("--pretrained", metavar="NAME", default=None,
                    help="start from a pretrained model shipped with dafar (e.g. mnist) instead of training")
     p.add_argument("--skip-quantize", action="store_true")

@@ -26,6 +26,8 @@ from typing import Any, Iterable
 from dafar.errors import HashMismatchError, ManifestError, RunFolderError
 
 __all__ = [
+    "attach_command",
+    "classifier_alone_message",
     "dataset_label",
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
@@ -276,6 +278,24 @@ def get_field(manifest: dict, dotted: str, run_dir: str | os.PathLike | None = N
             raise ManifestError(f"{where} lacks the field '{dotted}'")
         cur = cur[part]
     return cur
+
+
+def classifier_alone_message(manifest: dict, run_dir: str | os.PathLike | None = None) -> str | None:
+    """What to do with a ``--classifier-only`` run, which holds no defence yet (None for any other
+    run): every stage that needs a decoder or an exported defence says this instead of its own
+    "export first"."""
+    if (manifest.get("training") or {}).get("mode") != "classifier":
+        return None
+    where = str(run_dir) if run_dir is not None else "the run folder"
+    return (f"{where} holds a classifier alone (trained with --classifier-only), no defence: attach DAFAR to it "
+            f"first ({attach_command(manifest, run_dir)})")
+
+
+def attach_command(manifest: dict, run_dir: str | os.PathLike | None = None) -> str:
+    """``dafar attach`` for the classifier of run ``run_dir`` (an image folder's data named as it was read)."""
+    ds = manifest.get("dataset") or {}
+    data = f" --data-dir {ds.get('source')}" if ds.get("name") == "imagefolder" and ds.get("source") else ""
+    return f"dafar attach --victim {run_dir if run_dir is not None else 'RUN'}{data} --out RUN_DIR"
 
 
 def dataset_label(manifest: dict) -> str:

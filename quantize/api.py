@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from dafar.errors import ConfigError, ManifestError, QuantizationError
-from dafar.manifest import atomic_write_bytes
+from dafar.manifest import atomic_write_bytes, classifier_alone_message
 from dafar.options import option
 from dafar.run import RunFolder
 from dafar.schema import (
@@ -235,7 +235,8 @@ def _jobs(run: RunFolder, cfg: QuantizeConfig) -> list[tuple[Format, ExportEntry
     """The float exports the config selects, each with the format to quantize it for."""
     exports = run.exports()
     if not any(e.precision is Precision.FLOAT32 for e in exports.values()):
-        raise ManifestError(f"{run.path} has no float exports to quantize: run `dafar export {run.path}` first")
+        raise ManifestError(classifier_alone_message(run.manifest, run.path)
+                            or f"{run.path} has no float exports to quantize: run `dafar export {run.path}` first")
     jobs = []
     for rel, e in exports.items():
         if e.precision is not Precision.FLOAT32 or e.format not in cfg.formats:

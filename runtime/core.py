@@ -31,7 +31,7 @@ import numpy as np
 
 from dafar.errors import InferenceError, InputValidationError, ManifestError, MissingExtraError
 from dafar.limits import check_threads
-from dafar.manifest import MANIFEST_NAME, read_manifest, verify_files
+from dafar.manifest import MANIFEST_NAME, classifier_alone_message, read_manifest, verify_files
 from dafar.schema import Detector, ExportEntry, Graph, InputContract, Mode, Precision
 
 from .backends import Backend, Provider, litert_runtime, open_model, version_tuple
@@ -95,7 +95,8 @@ def default_model(manifest: dict, prefer: str = "tflite") -> str:
     exports = manifest.get("exports", {})
     cands = [(rel, e) for rel, e in exports.items() if isinstance(e, dict) and e.get("graph") == Graph.DAFAR.value]
     if not cands:
-        raise ManifestError("the run folder has no exported defence graph; run `dafar export` first")
+        raise ManifestError(classifier_alone_message(manifest)
+                            or "the run folder has no exported defence graph; run `dafar export` first")
 
     def rank(item):
         rel, e = item

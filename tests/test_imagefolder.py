@@ -237,3 +237,77 @@ def test_adversarial_training_on_the_mobile_network(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv[:-4] + ["--adv-eps", "8/255", "--adv-steps", "2", "--resume"]) == 5  # a configuration error
     assert "differ from the run's saved configuration" in capsys.readouterr().err  # naming adv_eps
+
+
+def test_a_classifier_trained_alone_then_attached(tmp_path, capsys):
+    """--classifier-only trains E and F with cross-entropy (SGD, label smoothing here) into a run
+    that holds no decoder: later stages refuse it with the command that attaches one, and
+    `dafar attach` then trains D (and C) on it with the classifier's logits unchanged, bit for bit."""
+    import torch
+
+    from dafar.cli import main
+    from dafar.errors import RunFolderError
+    from dafar.manifest import load_manifest
+    from dafar.train import TrainConfig
+    from dafar.train.loading import load_dafar
+
+    root = make_folder(tmp_path / "data", per_class=(60, 12), bad=False)
+    run, att = tmp_path / "clf", tmp_path / "att"
+    assert main(["train", "--dataset", "imagefolder", "--data-dir", str(root), "--out", str(run), "--classifier-only",
+                 "--width", "0.5", "--epochs", "4", "--batch-size", "32", "--optimizer", "sgd", "--lr", "0.05",
+                 "--weight-decay", "5e-4", "--label-smoothing", "0.1", "--threads", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "purified" not in out and f"dafar attach --victim {run}" in out
+    m = load_manifest(run)
+    assert m["training"]["mode"] == "classifier" and m["thresholds"] == {}
+    assert m["training"]["seconds_per_epoch"].keys() == {"classifier"}
+    assert m["architecture"]["decoder"] is None and m["architecture"]["detector"] is False
+    assert m["architecture"]["params"]["D"] == 0 and m["architecture"]["costs"]["D"]["macs"] == 0
+    assert {f for f in m["files"] if f.startswith("weights/")} == {"weights/E.safetensors", "weights/F.safetensors"}
+    assert "scores.npz" not in m["files"] and m["metrics"]["victim_test_acc"] > 0.6  # chance: 0.33
+    assert m["training"]["config"]["label_smoothing"] == 0.1
+    report = (run / "report.md").read_text()
+    assert "A classifier alone" in report and f"dafar attach --victim {run} --data-dir {root} --out RUN_DIR" in report
+    # no defence to export, quantize or evaluate: said so, with the way forward, nothing written
+    with pytest.raises(RunFolderError, match="classifier alone"):
+        load_dafar(run)
+    assert main(["export", str(run), "--quiet"]) == 4
+    assert "dafar attach --victim" in capsys.readouterr().err and not (run / "export").exists()
+    for cmd in (["quantize", str(run)], ["bench", str(run)], ["eval", str(run)], ["predict", str(run), str(root)]):
+        assert main(cmd) != 0, cmd
+        assert "holds a classifier alone" in capsys.readouterr().err, cmd
+    assert main(["info", str(run)]) == 0 and "none yet" in capsys.readouterr().out
+    from dafar.train.publish import publish
+
+    with pytest.raises(RunFolderError, match="classifier alone"):
+        publish(run, "nope", "dafar train ...", dest=tmp_path / "nope")
+    assert main(["attach", "--victim", str(run), "--data-dir", str(root), "--out", str(att), "--epochs", "2",
+                 "--detector-epochs", "1", "--batch-size", "32", "--threads", "2", "--quiet"]) == 0
+    a = load_manifest(att)
+    assert a["training"]["mode"] == "plug-in" and {"l2", "autoencoder"} <= set(a["thresholds"])
+    for k in ("E", "F"):  # the classifier's own weights, unchanged
+        assert a["files"][f"weights/{k}.safetensors"]["sha256"] == m["files"][f"weights/{k}.safetensors"]["sha256"]
+    # the classifier's training is part of the model's cost: recorded, reported, published
+    src = a["training"]["attached_to"]
+    assert src["mode"] == "classifier" and src["epochs"] == 4 and src["total_seconds"] == m["training"]["total_seconds"]
+    assert "victim + D + C took" in (att / "report.md").read_text()
+    assert main(["summary", str(att)]) == 0 and "(+4 of the classifier, trained alone)" in capsys.readouterr().out
+    pub = load_manifest(publish(att, "tiny-folder", "dafar train ... && dafar attach ...", dest=tmp_path / "pub"))
+    prov = pub["provenance"]
+    assert prov["epochs"]["classifier"] == 4 and prov["classifier"]["manifest_sha256"] == src["manifest_sha256"]
+    assert prov["total_seconds_in_all"] == pytest.approx(a["training"]["total_seconds"] + src["total_seconds"])
+    net, _ = load_dafar(att)
+    from dafar.data import load_dataset
+    from dafar.train.trainer import _classifier_logits
+
+    x = load_dataset("imagefolder", root).test.images
+    clf = json.loads((run / "metrics.json").read_text())["victim_test_acc"]
+    logits = _classifier_logits(net, x, torch.device("cpu"), 16)
+    assert float(np.mean(logits.argmax(1) == load_dataset("imagefolder", root).test.labels)) == clf
+    # options that cannot go together are refused up front
+    for bad in ({"train_victim": True}, {"init_from": str(run)}, {"attach_to": str(run)}):
+        with pytest.raises(ConfigError, match="classifier_only"):
+            TrainConfig.for_profile("imagefolder", "quick", classifier_only=True, **bad)
+    for bad in (1.0, -0.1, True):
+        with pytest.raises(ConfigError, match="label_smoothing"):
+            TrainConfig.for_profile("imagefolder", "quick", label_smoothing=bad)

@@ -37,9 +37,10 @@ def subnet_costs(net) -> dict[str, dict[str, int]]:
         x = torch.zeros(1, *net.spec.input_shape, device=next(net.parameters()).device)
         feats = net.E(x)
         net.F(feats.z)
-        rec = net.D(feats)
-        if net.C is not None:
-            net.C(x - rec)
+        if net.D is not None:  # (a classifier-only run has none)
+            rec = net.D(feats)
+            if net.C is not None:
+                net.C(x - rec)
     finally:
         for h in handles:
             h.remove()

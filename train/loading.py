@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dafar.errors import ConfigError, ManifestError
-from dafar.manifest import get_field, load_manifest
+from dafar.errors import ConfigError, ManifestError, RunFolderError
+from dafar.manifest import classifier_alone_message, get_field, load_manifest
 
 from .models import ArchSpec, DafarNet, Unpool, Victim, build_dafar, build_victim, spec_from_record
 from .weights import load_into
@@ -26,6 +26,8 @@ def load_dafar(run_dir: str | os.PathLike, manifest: dict | None = None) -> tupl
     run_dir = Path(run_dir)
     weights = ["weights/E.safetensors", "weights/F.safetensors", "weights/D.safetensors"]
     m = manifest if manifest is not None else load_manifest(run_dir, verify=False)
+    if classifier_alone_message(m, run_dir):
+        raise RunFolderError(classifier_alone_message(m, run_dir))
     has_c = bool(get_field(m, "architecture.detector", run_dir))
     if has_c:
         weights.append("weights/C.safetensors")

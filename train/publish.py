@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from dafar.errors import ConfigError, RunFolderError
-from dafar.manifest import file_entry, load_manifest
+from dafar.manifest import classifier_alone_message, file_entry, load_manifest
 from dafar.pretrained import DROP_FIELDS, KEEP_ROLES, PRETRAINED_DIR
 from dafar.run import RunFolder
 
@@ -50,6 +50,8 @@ def publish(run_dir: str | os.PathLike, name: str, command: str, hardware: str |
         raise ConfigError(f"weights_dtype must be float32 or float16, got {weights_dtype!r}")
     run_dir = Path(run_dir)
     m = load_manifest(run_dir, verify=True)
+    if classifier_alone_message(m, run_dir):
+        raise RunFolderError(classifier_alone_message(m, run_dir))
     files = {rel: e for rel, e in m["files"].items()
              if e.get("role") in KEEP_ROLES and rel != "quantize_scores.npz"}  # that one is dafar quantize's
     missing = {"weights/E.safetensors", "weights/F.safetensors", "weights/D.safetensors", "metrics.json"} - set(files)
@@ -93,6 +95,14 @@ def publish(run_dir: str | os.PathLike, name: str, command: str, hardware: str |
                                   ("manifest_sha256", "epochs_total", "total_seconds", "config", "victim_test_acc")}
         prov["epochs"]["joint_in_all"] = int(cfg.get("epochs") or 0) + int(parent.get("epochs_total") or 0)
         prov["total_seconds_in_all"] = float(training.get("total_seconds") or 0) + float(parent.get("total_seconds") or 0)
+    attached = training.get("attached_to") or {}
+    if attached.get("mode") == "classifier" and attached.get("total_seconds") is not None:
+        # plug-in on a classifier trained by dafar (--classifier-only): the model's whole training is both
+        prov = pub["provenance"]
+        prov["classifier"] = {k: attached.get(k) for k in ("manifest_sha256", "epochs", "total_seconds", "config",
+                                                           "victim_test_acc")}
+        prov["epochs"]["classifier"] = attached.get("epochs")
+        prov["total_seconds_in_all"] = float(training.get("total_seconds") or 0) + float(attached["total_seconds"])
     RunFolder.create(dest, pub)
     if weights_dtype == "float16":
         from .calibrate import recalibrate

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dafar.manifest import dataset_label
+from dafar.manifest import attach_command, dataset_label
 from dafar.options import to_argv
 from dafar.schema import Detector
 
@@ -39,7 +39,7 @@ def _plot_training(log: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    phases = [p for p in ("joint", "decoder", "detector", "victim") if any(r["phase"] == p for r in log)]
+    phases = [p for p in ("joint", "decoder", "detector", "victim", "classifier") if any(r["phase"] == p for r in log)]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for phase in phases:
         recs = [r for r in log if r["phase"] == phase]
@@ -115,12 +115,14 @@ def training_sections(run_dir: str | Path, m: dict) -> list[str]:
     """The training part of ``report.md`` (and its plots, written into ``plots/``)."""
     run_dir = Path(run_dir)
     log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
-    with np.load(run_dir / "scores.npz", allow_pickle=False) as z:
-        scores = {k: z[k] for k in z.files}
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     _plot_training(log, plots / "training.png")
-    _plot_scores(scores, m["thresholds"], plots / "clean_scores.png")
+    classifier_only = m["training"].get("mode") == "classifier"
+    if not classifier_only:
+        with np.load(run_dir / "scores.npz", allow_pickle=False) as z:
+            scores = {k: z[k] for k in z.files}
+        _plot_scores(scores, m["thresholds"], plots / "clean_scores.png")
 
     ds = m["dataset"]["name"]
     met = m["metrics"]
@@ -137,6 +139,8 @@ def training_sections(run_dir: str | Path, m: dict) -> list[str]:
         L += ["Trained with (as published):", "", "```", published, "```", ""]
     else:
         L += ["Reproduce:", "", "```", cmd, "```", ""]
+    if classifier_only:
+        return L + _classifier_sections(run_dir, m)
     attached = timing.get("attached_to")
     if attached and attached.get("run") is None:  # a classifier of one's own
         w = attached.get("weights_sha256", {})
@@ -149,7 +153,11 @@ def training_sections(run_dir: str | Path, m: dict) -> list[str]:
         L += [f"Plug-in mode: the decoder (and C) were trained on the frozen classifier of `{attached.get('source')}` "
               f"(manifest {str(attached.get('manifest_sha256'))[:12]}, E {str(w.get('E'))[:12]}, F {str(w.get('F'))[:12]}; "
               f"its recorded test accuracy {_pct(attached.get('victim_test_acc'))}): E and F are its weights, "
-              "unchanged.", ""]
+              "unchanged."
+              + (f" The classifier was trained by dafar alone (`--classifier-only`, {attached.get('epochs')} epochs, "
+                 f"{attached['total_seconds']:.0f} s); with this run, victim + D + C took "
+                 f"{attached['total_seconds'] + timing['total_seconds']:.0f} s in all."
+                 if attached.get("mode") == "classifier" and attached.get("total_seconds") is not None else ""), ""]
     L += ["## Accuracy (test set)", "", "| | ours | paper |", "|---|---|---|"]
     how = "the attached classifier, frozen" if attached else "trained jointly with D"
     L.append(f"| victim F(E(x)), {how} | {_pct(met['victim_test_acc'])} | {_pct(paper.get('victim_test_acc'))} |")
@@ -182,11 +190,7 @@ def training_sections(run_dir: str | Path, m: dict) -> list[str]:
     extra_c = m["architecture"]["params"]["C"]
     L += ["", f"Victim (E + F): {vp:,} parameters. Overhead of D: {extra_d / vp:.2f} n; of D + C: "
           f"{(extra_d + extra_c) / vp:.2f} n (paper's Table 6: n/2 without C, n with C).", ""]
-    L += ["## Training", "", "| phase | epochs | seconds per epoch (each) |", "|---|---|---|"]
-    for phase, secs in timing["seconds_per_epoch"].items():
-        L.append(f"| {phase} | {len(secs)} | {', '.join(f'{s:.0f}' for s in secs) if secs else 'resumed from checkpoint'} |")
-    L += ["", f"Total wall time {timing['total_seconds']:.0f} s (evaluation {timing['eval_seconds']:.0f} s)"
-          + (", resumed from a checkpoint" if timing.get("resumed") else "") + ".", ""]
+    L += _phase_table(timing)
     parent = timing.get("init_from")
     if parent:
         L += [f"Started from the weights of `{parent['run']}` (manifest {parent['manifest_sha256'][:12]}, "
@@ -194,16 +198,7 @@ def training_sections(run_dir: str | Path, m: dict) -> list[str]:
               f"{_pct(parent.get('victim_test_acc'))}" + ("" if parent.get("same_data") else "; trained on other data")
               + f"): this model has seen {parent['epochs_total'] + cfg['epochs']} joint epochs in all, "
               f"{parent['total_seconds'] + timing['total_seconds']:.0f} s of training.", ""]
-    for phase, k in (timing.get("kept_weights") or {}).items():
-        if k.get("weights") != "last epoch":
-            L += [f"{phase} phase: the saved weights are the {k['weights']}"
-                  + (f" (epoch {k['best_epoch']} of {k['epochs_done']}, monitor validation accuracy "
-                     f"{_pct(k['best_monitor_val_acc'])})" if k.get("best_epoch") and "best_monitor_val_acc" in k else "")
-                  + (f" (epoch {k['best_epoch']} of {k['epochs_done']}: the best PGD-10 accuracy on 500 validation "
-                     f"images, {_pct(k['best_monitor_val_robust_acc'])})" if "best_monitor_val_robust_acc" in k else "")
-                  + (f"; the overfitting guard stopped the phase after epoch {k['stopped_by_guard_after_epoch']}"
-                     if k.get("stopped_by_guard_after_epoch") else "")
-                  + (f"; weights averaged with per-step decay {k['ema_decay']}" if k.get("ema_decay") else "") + ".", ""]
+    L += _kept_lines(timing)
     adv = m["training"].get("adversarial")
     if adv:
         rob = met.get("robust") or {}
@@ -219,4 +214,45 @@ def training_sections(run_dir: str | Path, m: dict) -> list[str]:
                   + (f" (victim-only model: {_pct(rob['victim_only_pgd_acc'])})" if "victim_only_pgd_acc" in rob else "")
                   + ". That is a first look, not the evaluation: `dafar eval` attacks the whole defence adaptively.", ""]
     L += ["![training curves](plots/training.png)", ""]
+    return L
+
+
+def _phase_table(timing: dict) -> list[str]:
+    L = ["## Training", "", "| phase | epochs | seconds per epoch (each) |", "|---|---|---|"]
+    for phase, secs in timing["seconds_per_epoch"].items():
+        L.append(f"| {phase} | {len(secs)} | {', '.join(f'{s:.0f}' for s in secs) if secs else 'resumed from checkpoint'} |")
+    return L + ["", f"Total wall time {timing['total_seconds']:.0f} s (evaluation {timing['eval_seconds']:.0f} s)"
+                + (", resumed from a checkpoint" if timing.get("resumed") else "") + ".", ""]
+
+
+def _kept_lines(timing: dict) -> list[str]:
+    L: list[str] = []
+    for phase, k in (timing.get("kept_weights") or {}).items():
+        if k.get("weights") != "last epoch":
+            L += [f"{phase} phase: the saved weights are the {k['weights']}"
+                  + (f" (epoch {k['best_epoch']} of {k['epochs_done']}, monitor validation accuracy "
+                     f"{_pct(k['best_monitor_val_acc'])})" if k.get("best_epoch") and "best_monitor_val_acc" in k else "")
+                  + (f" (epoch {k['best_epoch']} of {k['epochs_done']}: the best PGD-10 accuracy on 500 validation "
+                     f"images, {_pct(k['best_monitor_val_robust_acc'])})" if "best_monitor_val_robust_acc" in k else "")
+                  + (f"; the overfitting guard stopped the phase after epoch {k['stopped_by_guard_after_epoch']}"
+                     if k.get("stopped_by_guard_after_epoch") else "")
+                  + (f"; weights averaged with per-step decay {k['ema_decay']}" if k.get("ema_decay") else "") + ".", ""]
+    return L
+
+
+def _classifier_sections(run_dir: Path, m: dict) -> list[str]:
+    """The report of a ``--classifier-only`` run: the classifier, and how to attach DAFAR to it."""
+    met, ar, timing = m["metrics"], m["architecture"], m["training"]
+    L = ["## Accuracy", "", "A classifier alone (`--classifier-only`): E and F trained with cross-entropy, no decoder, "
+         "detector or threshold yet.", "", "| | accuracy |", "|---|---|",
+         f"| test ({met['test_images']} images) | {_pct(met['victim_test_acc'])} |",
+         f"| validation ({m['dataset']['sizes']['val']} images, carved from the training set) | "
+         f"{_pct(met['victim_val_acc'])} |", ""]
+    costs = ar.get("costs", {})
+    L += ["## Model", "", f"Architecture `{ar['name']}`, split at `{ar.get('feedback_at')}` (where a decoder attaches; "
+          "`dafar attach --feedback-at` may move it).", "", "| subnetwork | parameters | MACs per image |", "|---|---|---|"]
+    L += [f"| {k} | {ar['params'][k]:,} | {costs.get(k, {}).get('macs', 0):,} |" for k in ("E", "F")]
+    L += [""] + _phase_table(timing) + _kept_lines(timing)
+    L += ["## Next", "", "Attach DAFAR's decoder (and C) to this classifier, which stays unchanged:", "", "```",
+          attach_command(m, run_dir), "```", "", "![training curves](plots/training.png)", ""]
     return L

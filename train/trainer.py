@@ -48,7 +48,7 @@ __all__ = ["train", "attach", "TrainResult", "to_model_scale", "NORMALIZATION", 
 # x = (x01 - mean) / std.  MNIST and CIFAR-10 use 0.5 / 0.5 on every channel: [-1, 1], matching
 # the paper decoder's Tanh output.
 NORMALIZATION = {"mean": 0.5, "std": 0.5}
-PHASES = ("joint", "detector", "victim", "decoder")
+PHASES = ("joint", "detector", "victim", "decoder", "classifier")  # (append only: the index seeds each epoch's draw)
 
 
 def to_model_scale(u8, norm: torch.nn.Module | None = None, device: torch.device | str | None = None) -> torch.Tensor:
@@ -173,14 +173,15 @@ _DETECTOR_FIELDS = {"detector", "detector_epochs", "detector_lr", "detector_trai
 _PHASE_IGNORES = {"joint": _DETECTOR_FIELDS | {"train_victim"},
                   "decoder": _DETECTOR_FIELDS | {"train_victim", "dropout"},
                   "detector": {"train_victim"},
-                  "victim": _DETECTOR_FIELDS | {"train_victim", "unpool", "recon_weight"}}
+                  "victim": _DETECTOR_FIELDS | {"train_victim", "unpool", "recon_weight"},
+                  "classifier": _DETECTOR_FIELDS | {"train_victim", "unpool", "recon_weight", "decoder_width"}}
 
 
 # Fields added after checkpoints were first written: a checkpoint without one was made with its default.
 _ADDED_FIELDS = {f: TrainConfig.__dataclass_fields__[f].default
                  for f in ("dropout", "init_from", "ema", "keep_best", "cutout", "arch", "attach_to", "image_size",
                            "channels", "skip_bad_images", "width", "feedback_at", "victim_weights", "victim_mean",
-                           "victim_std", "decoder_width", "optimizer")}
+                           "victim_std", "decoder_width", "optimizer", "classifier_only", "label_smoothing")}
 
 
 def _same_schedule(saved: dict | None, now: dict) -> bool:
@@ -425,6 +426,15 @@ def evaluate_arrays(model: DafarNet, x_u8, device: torch.device, batch_size: int
     return {k: torch.cat(v).float().cpu().numpy() for k, v in out.items() if v}
 
 
+@torch.no_grad()
+def _classifier_logits(net: DafarNet, x_u8, device: torch.device, batch_size: int) -> np.ndarray:
+    """F(E(x)) for uint8 NCHW images (a classifier-only run: no decoder to evaluate)."""
+    net.eval()
+    out = [net.F(net.E(to_model_scale(x_u8[i: i + batch_size], net.norm, device)
+                       .to(memory_format=torch.channels_last)).z) for i in range(0, len(x_u8), batch_size)]
+    return torch.cat(out).float().cpu().numpy()
+
+
 def _accuracy(logits: np.ndarray, y) -> float:
     return float(np.mean(logits.argmax(1) == np.asarray(y)))
 
@@ -439,8 +449,9 @@ class TrainResult:
         """The headline numbers, as ``dafar train`` prints them."""
         m = self.metrics
         lines = [f"run folder: {self.run_dir}",
-                 f"victim test accuracy:    {100 * m['victim_test_acc']:.2f}%",
-                 f"purified test accuracy:  {100 * m['purified_test_acc']:.2f}%"]
+                 f"victim test accuracy:    {100 * m['victim_test_acc']:.2f}%"]
+        if "purified_test_acc" in m:
+            lines.append(f"purified test accuracy:  {100 * m['purified_test_acc']:.2f}%")
         if "victim_only_test_acc" in m:
             lines.append(f"victim-only accuracy:    {100 * m['victim_only_test_acc']:.2f}%")
         for det in Detector:
@@ -449,6 +460,10 @@ class TrainResult:
                 lines.append(f"{d:12s} alpha={m[f'{d}_alpha']:.4f}  val FPR {100 * m[f'{d}_val_fpr']:.2f}%  "
                              f"test FPR {100 * m[f'{d}_test_fpr']:.2f}%")
         lines.append(f"total time: {m['timing']['total_seconds']:.0f} s on {m['timing']['device']}")
+        if m["timing"].get("mode") == "classifier":
+            from dafar.manifest import attach_command
+
+            lines.append(f"a classifier alone: attach DAFAR with `{attach_command(self.manifest, self.run_dir)}`")
         return lines
 
 
@@ -642,7 +657,7 @@ def _joint_phase(s: _Session) -> tuple[DafarNet, list[float], dict]:
             recon = net.D(net.E(x))
             logits = classify(x_adv)
         recon_l2 = l2_per_sample(x - recon).mean()
-        ce = Fn.cross_entropy(logits, y)
+        ce = Fn.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         loss = cfg.recon_weight * recon_l2 + ce
         acc = (logits.argmax(1) == y).float().mean()
         return loss, {"loss": loss.detach(), "ce": ce.detach(), "recon": recon_l2.detach(), "train_acc": acc}
@@ -747,8 +762,9 @@ def _detector_phase(s: _Session, net: DafarNet) -> list[float]:
     return seconds
 
 
-def _victim_phase(s: _Session) -> tuple[Victim, list[float], dict]:
-    """The victim alone, F(E(x)) with CE only, same schedule (for the accuracy comparison)."""
+def _victim_phase(s: _Session, phase: str = "victim") -> tuple[Victim, list[float], dict]:
+    """The victim alone, F(E(x)) with CE only: the victim-only comparison model (same schedule as
+    the joint phase), or with ``phase="classifier"`` the whole of a ``--classifier-only`` run."""
     cfg, device = s.cfg, s.device
     _seed_everything(cfg.seed)
     victim = build_victim(s.spec, dropout=cfg.dropout)
@@ -763,7 +779,7 @@ def _victim_phase(s: _Session) -> tuple[Victim, list[float], dict]:
         if adv is not None:
             x = perturb(victim, x, y, s.norm, adv.eps, adv.steps, adv.step_size, gen)
         logits = victim(x)
-        ce = Fn.cross_entropy(logits, y)
+        ce = Fn.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         return ce, {"loss": ce.detach(), "train_acc": (logits.argmax(1) == y).float().mean()}
 
     @torch.no_grad()
@@ -774,9 +790,9 @@ def _victim_phase(s: _Session) -> tuple[Victim, list[float], dict]:
                         == s.mon_y[i: i + 1000]).sum()) for i in range(0, n_mon, 1000))
         return {"val_acc": hits / n_mon, **s.robust_monitor(victim, victim)}
 
-    seconds = s.fit("victim", victim, list(victim.parameters()), s.n_train, cfg.epochs, cfg.lr, victim_step,
+    seconds = s.fit(phase, victim, list(victim.parameters()), s.n_train, cfg.epochs, cfg.lr, victim_step,
                     victim_val, weight_decay=cfg.weight_decay, ema=cfg.ema, **s.best_rule())
-    kept = _kept(_load_model_only(s.ckdir / "victim", victim), cfg)
+    kept = _kept(_load_model_only(s.ckdir / phase, victim), cfg)
     return victim, seconds, kept
 
 
@@ -842,7 +858,9 @@ def _manifest_body(cfg: TrainConfig, splits: Splits, data: _Data, net: DafarNet,
             "unpool_tie_rule": ("every window position equal to the window maximum receives it"
                                 if cfg.unpool.value == "mask" else "maxunpool indices (first maximum)"),
             "num_classes": spec.num_classes,
-            "detector": cfg.detector,
+            "detector": cfg.detector and not cfg.classifier_only,
+            # a classifier alone (--classifier-only): E and F, no decoder yet (dafar attach --victim RUN)
+            **({"decoder": None} if cfg.classifier_only else {}),
             "params": {k: param_count(getattr(net, k)) for k in ("E", "F", "D", "C")},
             "costs": subnet_costs(net),  # MACs and parameters per subnetwork, for one image
             "victim_params": param_count(net.E) + param_count(net.F),
@@ -910,20 +928,34 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         s = _Session(cfg, out, device, data, _Logger(out / "train_log.jsonl", quiet), resume, quiet, parent, {}, spec,
                      normalization, attach)
 
-        first = "decoder" if attach else "joint"
-        net, first_seconds, first_kept = (_decoder_phase if attach else _joint_phase)(s)
-        seconds, kept = {first: first_seconds}, {first: first_kept}
-        if cfg.detector:
-            seconds["detector"] = _detector_phase(s, net)
         victim = None
-        if cfg.train_victim:
-            victim, seconds["victim"], kept["victim"] = _victim_phase(s)
+        if cfg.classifier_only:  # E and F alone; D (and C) are attached later (dafar attach --victim RUN)
+            classifier, first_seconds, first_kept = _victim_phase(s, "classifier")
+            seconds, kept = {"classifier": first_seconds}, {"classifier": first_kept}
+            net = build_dafar(spec, cfg.unpool, with_detector=False, normalization=normalization)
+            for name in ("E", "F"):
+                getattr(net, name).load_state_dict(getattr(classifier, name).state_dict(), strict=True)
+            net = net.to(device, memory_format=s.memfmt)
+            net.D = None  # never trained: not saved, not described
+        else:
+            first = "decoder" if attach else "joint"
+            net, first_seconds, first_kept = (_decoder_phase if attach else _joint_phase)(s)
+            seconds, kept = {first: first_seconds}, {first: first_kept}
+            if cfg.detector:
+                seconds["detector"] = _detector_phase(s, net)
+            if cfg.train_victim:
+                victim, seconds["victim"], kept["victim"] = _victim_phase(s)
 
         # ---- evaluation and thresholds
         t_eval = time.perf_counter()
-        ev_val = evaluate_arrays(net, data.val_x, device, cfg.eval_batch_size, purify=False)
-        ev_test = evaluate_arrays(net, data.test_x, device, cfg.eval_batch_size, victim)
-        thresholds = _thresholds(cfg, ev_val, ev_test, splits.name.value)
+        if cfg.classifier_only:
+            ev_val = {"logits": _classifier_logits(net, data.val_x, device, cfg.eval_batch_size)}
+            ev_test = {"logits": _classifier_logits(net, data.test_x, device, cfg.eval_batch_size)}
+            thresholds: dict = {}
+        else:
+            ev_val = evaluate_arrays(net, data.val_x, device, cfg.eval_batch_size, purify=False)
+            ev_test = evaluate_arrays(net, data.test_x, device, cfg.eval_batch_size, victim)
+            thresholds = _thresholds(cfg, ev_val, ev_test, splits.name.value)
         metrics = _metrics(cfg, ev_val, ev_test, data, thresholds)
         if cfg.adv_settings() is not None:
             metrics["robust"] = _robust_metrics(s, net, victim)
@@ -942,7 +974,8 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
             victim = victim.to("cpu", memory_format=torch.contiguous_format)
             save_state(out / "weights/victim_only.safetensors", victim.state_dict(), {**meta, "module": "victim_only"})
             files["weights/victim_only.safetensors"] = {"role": "weights", "module": "victim_only"}
-        _save_scores(out / "scores.npz", ev_val, ev_test, data.test_y)
+        if not cfg.classifier_only:  # a classifier alone has no scores
+            _save_scores(out / "scores.npz", ev_val, ev_test, data.test_y)
         timing = {
             "device": str(device),
             "threads": torch.get_num_threads(),
@@ -957,13 +990,14 @@ def train(cfg: TrainConfig, out: str | os.PathLike, data_dir: str | os.PathLike 
         }
         if parent is not None:
             timing["init_from"] = parent["record"]
-        timing["mode"] = "plug-in" if attach else "joint"
+        timing["mode"] = "classifier" if cfg.classifier_only else "plug-in" if attach else "joint"
         if attach is not None:
             timing["attached_to"] = attach["record"]
         metrics["timing"] = timing
         atomic_write_json(out / "metrics.json", metrics)
-        files.update({"scores.npz": {"role": "scores"}, "metrics.json": {"role": "metrics"},
-                      "config.json": {"role": "config"}, "train_log.jsonl": {"role": "log"}})
+        files.update({**({} if cfg.classifier_only else {"scores.npz": {"role": "scores"}}),
+                      "metrics.json": {"role": "metrics"}, "config.json": {"role": "config"},
+                      "train_log.jsonl": {"role": "log"}})
         run = RunFolder.create(out, _manifest_body(cfg, splits, data, net, normalization, thresholds, metrics, timing), files)
         return TrainResult(out, run.manifest, metrics)
 
@@ -1130,9 +1164,13 @@ def _attach_source(cfg: TrainConfig, module: torch.nn.Module | None = None) -> d
     if missing:
         raise ConfigError(f"--victim {src}: the run has no {', '.join(missing)}")
     files = man["files"]
+    tr = man.get("training", {})
     record = {"source": str(cfg.attach_to), "run": str(src), "manifest_sha256": manifest_digest(man),
               "weights_sha256": {k: files[f"weights/{k}.safetensors"]["sha256"] for k in ("E", "F")},
-              "victim_test_acc": man.get("metrics", {}).get("victim_test_acc")}
+              "victim_test_acc": man.get("metrics", {}).get("victim_test_acc"),
+              # how the classifier was trained (a --classifier-only run: the first half of this model's cost)
+              "mode": tr.get("mode"), "epochs": (tr.get("config") or {}).get("epochs"),
+              "total_seconds": tr.get("total_seconds"), "config": tr.get("config")}
     return {"dir": src, "record": record, "spec": spec, "normalization": man["input"]["normalization"],
             "fingerprint": man.get("dataset", {}).get("fingerprint_sha256")}
 
@@ -1186,11 +1224,11 @@ def _metrics(cfg: TrainConfig, ev_val: dict, ev_test: dict, data: _Data, thresho
         "dataset": cfg.dataset.value,
         "test_images": int(len(y)),
         "victim_test_acc": _accuracy(ev_test["logits"], y),
-        "purified_test_acc": _accuracy(ev_test["purified_logits"], y),
         "victim_val_acc": _accuracy(ev_val["logits"], data.val_y),
-        "test_recon_l2_mean": float(ev_test["l2"].mean()),
-        "val_recon_l2_mean": float(ev_val["l2"].mean()),
     }
+    if "l2" in ev_test:  # (a classifier-only run has no decoder)
+        m.update(purified_test_acc=_accuracy(ev_test["purified_logits"], y),
+                 test_recon_l2_mean=float(ev_test["l2"].mean()), val_recon_l2_mean=float(ev_val["l2"].mean()))
     if "victim_only_logits" in ev_test:
         m["victim_only_test_acc"] = _accuracy(ev_test["victim_only_logits"], y)
         m["victim_minus_victim_only_points"] = 100 * (m["victim_test_acc"] - m["victim_only_test_acc"])

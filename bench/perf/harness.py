@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from dafar.errors import ConfigError
-from dafar.manifest import atomic_write_json
+from dafar.manifest import atomic_write_json, classifier_alone_message
 from dafar.limits import check_threads
 from dafar.options import option
 from dafar.run import RunFolder
@@ -239,7 +239,8 @@ def run_bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=p
     exports = m.get("exports", {})
     specs = run.exports()
     if not exports:
-        raise ConfigError(f"{run_dir} has no exported models to benchmark: run `dafar export` (and `dafar quantize`) first")
+        raise ConfigError(classifier_alone_message(m, run_dir)
+                          or f"{run_dir} has no exported models to benchmark: run `dafar export` (and `dafar quantize`) first")
     models = list(cfg.models) if cfg.models else list(exports)
     missing = [r for r in models if r not in exports]
     if missing:

@@ -30,7 +30,7 @@ import numpy as np
 
 from dafar.errors import ConfigError
 from dafar.limits import check_threads
-from dafar.manifest import atomic_write_json, atomic_write_text
+from dafar.manifest import atomic_write_json, atomic_write_text, classifier_alone_message
 from dafar.options import option, to_argv
 from dafar.run import RunFolder
 from dafar.schema import Detector, Format, Graph, InputContract, Mode, Precision
@@ -149,7 +149,7 @@ def _files(run: RunFolder, cfg: ParetoConfig) -> list[tuple[str, str]]:
                                   f"timed against; export without --no-victim (and quantize the victim)")
             pairs.append((rel, v))
     if not pairs:
-        raise ConfigError(f"{run.path}: no fixed-batch TFLite {cfg.detector.value} defence graph with input "
+        raise ConfigError(classifier_alone_message(run.manifest, run.path) or f"{run.path}: no fixed-batch TFLite {cfg.detector.value} defence graph with input "
                           f"{cfg.contract.value}; run `dafar export {run.path} --detector {cfg.detector.value} "
                           f"--input {cfg.contract.value} --mode hybrid,detect` (and `dafar quantize`) first")
     return pairs

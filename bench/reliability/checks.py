@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from dafar.errors import ConfigError, DafarError, InputValidationError
-from dafar.manifest import atomic_write_json, atomic_write_text, read_manifest
+from dafar.manifest import atomic_write_json, atomic_write_text, classifier_alone_message, read_manifest
 from dafar.options import option, to_argv
 
 __all__ = ["ReliabilityConfig", "ReliabilityResult", "check_reliability", "fuzz", "file_checks", "long_run",
@@ -441,7 +441,7 @@ def run_reliability(run_dir, *, fuzz_cases: int = 10_000, long_n: int = 100_000,
         if cands:
             pick[fmt] = cands[0]
     if not pick:
-        raise DafarError(f"{run_dir} has no exported defence graph; run dafar export first")
+        raise DafarError(classifier_alone_message(m, run_dir) or f"{run_dir} has no exported defence graph; run dafar export first")
     res: dict = {"run": run_dir.name, "models": pick, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     res["fuzz"] = [fuzz(run_dir, mdl, fuzz_cases, log=log) for mdl in pick.values()]
     res["files"] = {mdl: file_checks(run_dir, mdl) for mdl in pick.values()}
