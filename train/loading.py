@@ -26,8 +26,8 @@ def load_dafar(run_dir: str | os.PathLike, manifest: dict | None = None) -> tupl
     run_dir = Path(run_dir)
     weights = ["weights/E.safetensors", "weights/F.safetensors", "weights/D.safetensors"]
     m = manifest if manifest is not None else load_manifest(run_dir, verify=False)
-    if classifier_alone_message(m, run_dir):
-        raise RunFolderError(classifier_alone_message(m, run_dir))
+    if alone := classifier_alone_message(m, run_dir):
+        raise RunFolderError(alone)
     has_c = bool(get_field(m, "architecture.detector", run_dir))
     if has_c:
         weights.append("weights/C.safetensors")

@@ -50,8 +50,8 @@ def publish(run_dir: str | os.PathLike, name: str, command: str, hardware: str |
         raise ConfigError(f"weights_dtype must be float32 or float16, got {weights_dtype!r}")
     run_dir = Path(run_dir)
     m = load_manifest(run_dir, verify=True)
-    if classifier_alone_message(m, run_dir):
-        raise RunFolderError(classifier_alone_message(m, run_dir))
+    if alone := classifier_alone_message(m, run_dir):
+        raise RunFolderError(alone)
     files = {rel: e for rel, e in m["files"].items()
              if e.get("role") in KEEP_ROLES and rel != "quantize_scores.npz"}  # that one is dafar quantize's
     missing = {"weights/E.safetensors", "weights/F.safetensors", "weights/D.safetensors", "metrics.json"} - set(files)
