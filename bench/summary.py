@@ -65,7 +65,7 @@ def _training(m: dict, met: dict) -> dict:
     parent = m.get("training", {}).get("init_from") or met.get("timing", {}).get("init_from")
     if parent:  # continued from another run (--init-from): count the whole training
         out["continued_from"] = {"epochs": parent.get("epochs_total"), "seconds": parent.get("total_seconds"),
-                                 "victim_test_acc": parent.get("victim_test_acc")}
+                                 "victim_test_acc": parent.get("victim_test_acc"), "mode": parent.get("mode")}
     attached = m.get("training", {}).get("attached_to") or {}
     if attached.get("mode") == "classifier":  # D attached to a classifier dafar trained alone: count both
         out["classifier"] = {"epochs": attached.get("epochs"), "seconds": attached.get("total_seconds")}
@@ -208,7 +208,8 @@ def render_markdown(d: dict) -> str:
     elif t.get("total_seconds"):
         ep, cont = t["epochs"], t.get("continued_from") or t.get("classifier")
         joint = (f"{ep['joint']} (+{cont['epochs']} of the "
-                 f"{'classifier, trained alone' if t.get('classifier') else 'run it continued'})" if cont else ep["joint"])
+                 f"{'classifier, trained alone' if t.get('classifier') or cont.get('mode') == 'classifier' else 'run it continued'})"
+                 if cont else ep["joint"])
         hours = t["total_seconds"] / 3600 + (cont["seconds"] / 3600 if cont else 0)
         L.append(f"| training: {'D (plug-in)' if plugin else 'joint'} / C / victim-only epochs, time | {joint} / "
                  f"{ep['detector']} / {ep['victim_only']}, "

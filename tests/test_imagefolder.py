@@ -311,3 +311,126 @@ def test_a_classifier_trained_alone_then_attached(tmp_path, capsys):
     for bad in (1.0, -0.1, True):
         with pytest.raises(ConfigError, match="label_smoothing"):
             TrainConfig.for_profile("imagefolder", "quick", label_smoothing=bad)
+
+
+def test_a_classifier_trained_alone_then_finished_jointly(tmp_path, capsys):
+    """--init-from a classifier trained alone: E and F start from its weights (re-split when the
+    joint run feeds back at another layer), D from its initialisation, and --decoder-optimizer /
+    --decoder-lr give D an optimizer and schedule of its own: with E and F's learning rate near zero
+    the classifier is kept while D still learns."""
+    from safetensors.numpy import load_file
+
+    from dafar.cli import main
+    from dafar.manifest import load_manifest
+    from dafar.train import TrainConfig
+
+    root = make_folder(tmp_path / "data", per_class=(60, 12), bad=False)
+    clf = tmp_path / "clf"
+    common = ["--dataset", "imagefolder", "--data-dir", str(root), "--width", "0.5", "--batch-size", "32",
+              "--threads", "2", "--quiet"]
+    assert main(["train", *common, "--out", str(clf), "--classifier-only", "--epochs", "4", "--optimizer", "sgd",
+                 "--lr", "0.05"]) == 0
+    m = load_manifest(clf)
+    runs = {}
+    for name, extra in (("split", ["--decoder-optimizer", "adam", "--decoder-lr", "0.01"]), ("same", []),
+                        ("stage1", ["--feedback-at", "stage1", "--decoder-optimizer", "adam", "--decoder-lr", "0.01"])):
+        out = tmp_path / name
+        assert main(["train", *common, "--out", str(out), "--init-from", str(clf), "--epochs", "2", "--optimizer",
+                     "sgd", "--lr", "1e-6", "--detector-epochs", "1", *extra]) == 0, name
+        runs[name] = load_manifest(out)
+    capsys.readouterr()
+    j = runs["split"]
+    assert j["training"]["mode"] == "joint" and "weights/D.safetensors" in j["files"]
+    src = j["training"]["init_from"]
+    assert src["mode"] == "classifier" and src["epochs_total"] == 4 and src["total_seconds"] == m["training"]["total_seconds"]
+    cfg = j["training"]["config"]
+    assert (cfg["decoder_optimizer"], cfg["decoder_lr"], cfg["optimizer"]) == ("adam", 0.01, "sgd")
+    # E and F: the classifier's, moved by lr 1e-6 only (batch-norm statistics are re-estimated, so
+    # on these few images the accuracy itself may move); at stage1 the same tensors, split elsewhere
+    def weights(run):
+        out = {}
+        for k in ("E", "F"):
+            out.update({t: v for t, v in load_file(str(run / f"weights/{k}.safetensors")).items()
+                        if "running" not in t and "num_batches" not in t})
+        return out
+
+    ref = weights(clf)
+    for name in ("split", "stage1"):
+        got = weights(tmp_path / name)
+        assert len(got) == len(ref) and sum(v.size for v in got.values()) == sum(v.size for v in ref.values())
+        assert sorted(np.abs(v).sum() for v in got.values()) == pytest.approx(sorted(np.abs(v).sum() for v in
+                                                                                    ref.values()), rel=1e-3)
+    a, b = weights(clf), weights(tmp_path / "split")
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-3
+    # D on its own learning rate learns; at the classifier's 1e-6 it does not
+    recon = {k: [json.loads(line) for line in (tmp_path / k / "train_log.jsonl").read_text().splitlines()
+                 if '"joint"' in line][-1]["val_recon"] for k in runs}
+    assert recon["split"] < recon["same"]
+    # both runs start D from the same seeded initialisation: at lr 1e-6 it stays there, at its own 0.01 it moves
+    d_split, d_same = (load_file(str(tmp_path / k / "weights/D.safetensors")) for k in ("split", "same"))
+    moved = {k: float(np.abs(d_split[k] - d_same[k]).max()) for k in d_split if "running" not in k
+             and "num_batches" not in k}
+    assert max(moved.values()) > 1e-2
+    assert runs["stage1"]["architecture"]["feedback_at"] == "stage1"
+    # the classifier's epochs and seconds count as the model's training, said as what they were
+    assert "4 classifier epochs (trained alone)" in (tmp_path / "split" / "report.md").read_text()
+    assert main(["summary", str(tmp_path / "split")]) == 0
+    assert "2 (+4 of the classifier, trained alone)" in capsys.readouterr().out
+    from dafar.train.publish import publish
+
+    prov = load_manifest(publish(tmp_path / "split", "tiny", "dafar train ...", dest=tmp_path / "pub"))["provenance"]
+    assert prov["epochs"]["classifier"] == 4 and "joint_in_all" not in prov["epochs"]
+    assert prov["total_seconds_in_all"] == pytest.approx(j["training"]["total_seconds"] + m["training"]["total_seconds"])
+    # a decoder cannot be continued at another feedback position, nor a classifier's in plug-in mode
+    with pytest.raises(ConfigError, match="reads E at stage2"):
+        from dafar.train.trainer import _parent_run
+
+        _parent_run(TrainConfig.for_profile("imagefolder", "quick", arch="mobile", init_from=str(tmp_path / "split"),
+                                            feedback_at="stage1"))
+    assert main(["attach", "--victim", str(clf), "--init-from", str(clf), "--data-dir", str(root),
+                 "--out", str(tmp_path / "att"), "--quiet"]) != 0
+    assert "has no decoder to continue" in capsys.readouterr().err and not (tmp_path / "att").exists()
+    for bad, field in (({"decoder_lr": 0.0}, "decoder_lr"), ({"decoder_lr": 2.0}, "decoder_lr"),
+                       ({"decoder_optimizer": "rmsprop"}, "decoder_optimizer"),
+                       ({"classifier_only": True, "decoder_lr": 1e-3}, "classifier_only")):
+        with pytest.raises(ConfigError, match=field):
+            TrainConfig.for_profile("imagefolder", "quick", **bad)
+
+
+def test_two_optimizers_resume_bit_identically(tmp_path):
+    """The pair of optimizers (E/F and D each with its own) goes through a checkpoint and back:
+    training continued from it matches training that never stopped."""
+    import torch
+
+    from dafar.train.config import Optimizer
+    from dafar.train.trainer import _Both, _optimizer
+    from dafar.train.weights import load_checkpoint, save_checkpoint
+
+    def make():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        a = _optimizer(list(net[0].parameters()), Optimizer.SGD, 0.1, 5e-4, 20)
+        b = _optimizer(list(net[2].parameters()), Optimizer.ADAM, 0.01, 5e-4, 20)
+        return net, _Both(a[0], b[0]), _Both(a[1], b[1])
+
+    def train(net, opt, sched, steps, start=0):
+        for i in range(start, start + steps):
+            g = torch.Generator().manual_seed(i)
+            x = torch.randn(16, 4, generator=g)
+            loss = (net(x) - x[:, :2]).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+
+    ref = make()
+    train(*ref, 10)
+    first = make()
+    train(*first, 4)
+    assert len(first[2].get_last_lr()) == 2 and first[2].get_last_lr()[0] != first[2].get_last_lr()[1]
+    save_checkpoint(tmp_path / "ck", *first, {"epochs_done": 1})
+    again = make()
+    load_checkpoint(tmp_path / "ck", *again)
+    train(*again, 6, start=4)
+    for p, q in zip(ref[0].parameters(), again[0].parameters()):
+        assert torch.equal(p, q)

@@ -51,7 +51,8 @@ def test_installed_package_carries_no_data_or_weights(tmp_path):
     assert not heavy, f"data or weights in the wheel: {heavy[:5]}"
     assert any(n.startswith("dafar/runtime/") for n in names) and wheel.stat().st_size < 2_000_000
     # the repository still has them, for the editable install README's commands make
-    assert (REPO / "core" / "assets" / "mnist").is_dir() and pretrained.available() == ["cifar10", "cifar10-mobile", "mnist"]
+    assert (REPO / "core" / "assets" / "mnist").is_dir() and pretrained.available() == ["cifar10", "cifar10-mobile", "cifar10-mobile-sgd",
+                                                                            "mnist"]
 
 
 def test_materialize_errors(tmp_path):
@@ -150,11 +151,13 @@ def test_cifar10_pretrained_reproduces_its_numbers(tmp_path, shared_cifar):
 
 
 @pytest.mark.slow
-def test_cifar10_mobile_pretrained_reproduces_its_numbers(tmp_path, shared_cifar):
-    """The published mobile network (trained through the image-folder path on the JPEG q75 tree):
-    the same images, checked by their content fingerprint, give what it records; 300 test images."""
-    if "cifar10-mobile" not in pretrained.available():
-        pytest.skip("the mobile CIFAR-10 model is not published in this checkout")
+@pytest.mark.parametrize("name", ["cifar10-mobile", "cifar10-mobile-sgd"])
+def test_cifar10_mobile_pretrained_reproduces_its_numbers(tmp_path, shared_cifar, name):
+    """The published mobile networks (trained through the image-folder path on the JPEG q75 tree;
+    -sgd: a classifier trained alone, then jointly with D): the same images, checked by their
+    content fingerprint, give what each records; 300 test images."""
+    if name not in pretrained.available():
+        pytest.skip(f"{name} is not published in this checkout")
     pytest.importorskip("torch")
     import tarfile
 
@@ -162,10 +165,14 @@ def test_cifar10_mobile_pretrained_reproduces_its_numbers(tmp_path, shared_cifar
 
     with tarfile.open(shared_cifar / "cifar10-jpg.tar.gz") as tf:
         tf.extractall(tmp_path / "tree", filter="data")
-    run = pretrained.materialize("cifar10-mobile", tmp_path / "run")
+    run = pretrained.materialize(name, tmp_path / "run")
     m = load_manifest(run, verify=True)
     assert m["provenance"]["weights_dtype"] == "float16" and m["architecture"]["family"] == "mobile"
     assert "dafar train --dataset imagefolder" in m["provenance"]["command"]
+    if name == "cifar10-mobile-sgd":  # issue 20's targets, as recorded: >= 87% in <= 2 h of this CPU, all in
+        prov = m["provenance"]
+        assert prov["epochs"]["classifier"] == 55 and prov["epochs"]["joint"] == 8
+        assert prov["total_seconds_in_all"] <= 7200 and m["metrics"]["victim_test_acc"] >= 0.87
     test = RunFolder.open(run).splits(tmp_path / "tree" / "cifar10-jpg").test  # content fingerprint checked
     _check_recorded_scores(run, m, test)
 

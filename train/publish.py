@@ -93,7 +93,11 @@ def publish(run_dir: str | os.PathLike, name: str, command: str, hardware: str |
         prov = pub["provenance"]
         prov["continued_from"] = {k: parent.get(k) for k in
                                   ("manifest_sha256", "epochs_total", "total_seconds", "config", "victim_test_acc")}
-        prov["epochs"]["joint_in_all"] = int(cfg.get("epochs") or 0) + int(parent.get("epochs_total") or 0)
+        if parent.get("mode") == "classifier":  # E and F trained alone first, then jointly with D
+            prov["continued_from"]["mode"] = "classifier"
+            prov["epochs"]["classifier"] = int(parent.get("epochs_total") or 0)
+        else:
+            prov["epochs"]["joint_in_all"] = int(cfg.get("epochs") or 0) + int(parent.get("epochs_total") or 0)
         prov["total_seconds_in_all"] = float(training.get("total_seconds") or 0) + float(parent.get("total_seconds") or 0)
     attached = training.get("attached_to") or {}
     if attached.get("mode") == "classifier" and attached.get("total_seconds") is not None:

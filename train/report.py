@@ -193,10 +193,14 @@ def training_sections(run_dir: str | Path, m: dict) -> list[str]:
     L += _phase_table(timing)
     parent = timing.get("init_from")
     if parent:
+        alone = parent.get("mode") == "classifier"  # E and F trained alone; D started here
+        kind = "classifier epochs (trained alone)" if alone else "joint epochs"
+        seen = (f"{parent['epochs_total']} classifier and {cfg['epochs']} joint epochs" if alone
+                else f"{parent['epochs_total'] + cfg['epochs']} joint epochs")
         L += [f"Started from the weights of `{parent['run']}` (manifest {parent['manifest_sha256'][:12]}, "
-              f"{parent['epochs_total']} joint epochs, {parent['total_seconds']:.0f} s, victim test accuracy "
+              f"{parent['epochs_total']} {kind}, {parent['total_seconds']:.0f} s, victim test accuracy "
               f"{_pct(parent.get('victim_test_acc'))}" + ("" if parent.get("same_data") else "; trained on other data")
-              + f"): this model has seen {parent['epochs_total'] + cfg['epochs']} joint epochs in all, "
+              + f"{'; D from its initialisation' if alone else ''}): this model has seen {seen} in all, "
               f"{parent['total_seconds'] + timing['total_seconds']:.0f} s of training.", ""]
     L += _kept_lines(timing)
     adv = m["training"].get("adversarial")

@@ -35,7 +35,7 @@ from dafar.threshold import ThresholdRule, calibrate, false_positive_rate
 from dafar.version import __version__
 
 from .adversarial import perturb, robust_accuracy
-from .config import Augment, Device, Optimizer, TrainConfig
+from .config import FEEDBACK_POSITIONS, Augment, Device, Optimizer, TrainConfig
 from .cost import subnet_costs
 from .models import (ArchSpec, DafarNet, Normalize, Victim, build_dafar, build_victim, decoder_output_for, l2_per_sample,
                      custom_spec, paper_spec, resplit_victim, spec_from_record)
@@ -173,15 +173,18 @@ _DETECTOR_FIELDS = {"detector", "detector_epochs", "detector_lr", "detector_trai
 _PHASE_IGNORES = {"joint": _DETECTOR_FIELDS | {"train_victim"},
                   "decoder": _DETECTOR_FIELDS | {"train_victim", "dropout"},
                   "detector": {"train_victim"},
-                  "victim": _DETECTOR_FIELDS | {"train_victim", "unpool", "recon_weight"},
-                  "classifier": _DETECTOR_FIELDS | {"train_victim", "unpool", "recon_weight", "decoder_width"}}
+                  "victim": _DETECTOR_FIELDS | {"train_victim", "unpool", "recon_weight", "decoder_optimizer",
+                                                "decoder_lr"},
+                  "classifier": _DETECTOR_FIELDS | {"train_victim", "unpool", "recon_weight", "decoder_width",
+                                                    "decoder_optimizer", "decoder_lr"}}
 
 
 # Fields added after checkpoints were first written: a checkpoint without one was made with its default.
 _ADDED_FIELDS = {f: TrainConfig.__dataclass_fields__[f].default
                  for f in ("dropout", "init_from", "ema", "keep_best", "cutout", "arch", "attach_to", "image_size",
                            "channels", "skip_bad_images", "width", "feedback_at", "victim_weights", "victim_mean",
-                           "victim_std", "decoder_width", "optimizer", "classifier_only", "label_smoothing")}
+                           "victim_std", "decoder_width", "optimizer", "classifier_only", "label_smoothing",
+                           "decoder_optimizer", "decoder_lr")}
 
 
 def _same_schedule(saved: dict | None, now: dict) -> bool:
@@ -215,8 +218,10 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
          validate: Callable[[], dict], ckpt: Path, logger: _Logger, resume: bool, quiet: bool,
          weight_decay: float = 0.0, earlier: dict | None = None, ema: float = 0.0,
          keep_best: bool = False, best_key: str = "val_acc", guard: float = 0.0,
-         optimizer: Optimizer | None = None) -> list[float]:
+         optimizer: Optimizer | None = None, decoder: tuple[list, Optimizer, float] | None = None) -> list[float]:
     """The shared epoch loop: Adam, AdamW or SGD (``optimizer``, else the config's) + one-cycle, per-epoch checkpoint, NaN guard, resume.
+    ``decoder`` = (parameters, optimizer, peak lr): D's parameters (not in ``params``) stepped by an
+    optimizer and one-cycle schedule of their own.
     Returns every epoch's seconds, those of earlier (resumed-from) calls included; ``earlier[phase]``
     gets the part earlier calls spent.  With ``ema`` the weights are averaged (:class:`_Ema`); with
     ``keep_best`` the checkpoint also keeps the weights of the best ``val_acc`` epoch.  The
@@ -226,26 +231,16 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
     phase (the best epoch's weights are kept, and a resumed run does not train on past it)."""
     from tqdm.auto import tqdm
 
-    kind = optimizer or cfg.optimizer
-    if kind is Optimizer.SGD:
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    elif kind is Optimizer.ADAMW:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    else:
-        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total = epochs * steps_per_epoch
-    if total >= 4:
-        # one-cycle (warm-up over a quarter of the steps, then cosine decay; Adam's beta1 or SGD's
-        # momentum cycled between 0.85 and 0.95):
-        # the fewest epochs to a given accuracy on this CPU budget among the schedules we tried
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=max(0.25, 2.0 / total))
-    else:  # too few steps for a cycle (smoke runs): constant learning rate
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    opt, sched = _optimizer(params, optimizer or cfg.optimizer, lr, weight_decay, total)
+    if decoder is not None:  # D's parameters under an optimizer and schedule of their own
+        d_opt, d_sched = _optimizer(decoder[0], decoder[1], decoder[2], weight_decay, total)
+        opt, sched = _Both(opt, d_opt), _Both(sched, d_sched)
     key = {"phase": phase, "schedule": cfg.schedule_key()}
     start = 0
     epoch_seconds: list[float] = []
-    averager = _Ema(model, params, ema) if ema else None
+    averager = _Ema(model, list(params) + list(decoder[0] if decoder else []), ema) if ema else None
     best: dict = {"val_acc": -1.0, "epoch": None, "state": None}
     prev = None  # the previous epoch's monitored value (the guard's reference)
     final = "best" if keep_best else "ema" if averager else "model"
@@ -340,6 +335,69 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
                 print(f"{phase}: {rec['stopped']}", flush=True)
             break
     return epoch_seconds
+
+
+def _optimizer(params, kind: Optimizer, lr: float, weight_decay: float, total: int):
+    if kind is Optimizer.SGD:
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    elif kind is Optimizer.ADAMW:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if total >= 4:
+        # one-cycle (warm-up over a quarter of the steps, then cosine decay; Adam's beta1 or SGD's
+        # momentum cycled between 0.85 and 0.95):
+        # the fewest epochs to a given accuracy on this CPU budget among the schedules we tried
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=max(0.25, 2.0 / total))
+    else:  # too few steps for a cycle (smoke runs): constant learning rate
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return opt, sched
+
+
+class _Both:
+    """Two optimizers (or their schedules) stepped as one.  Its state dict is one optimizer's
+    layout, the second's parameter ids shifted past the first's, so a checkpoint stores it like any
+    other; a scheduler pair's state is the two states side by side."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.a.zero_grad(set_to_none=set_to_none)
+        self.b.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.a.step()
+        self.b.step()
+
+    def get_last_lr(self) -> list[float]:
+        return self.a.get_last_lr() + self.b.get_last_lr()
+
+    def _offset(self) -> int:
+        return sum(len(g["params"]) for g in self.a.param_groups)
+
+    def state_dict(self) -> dict:
+        sa, sb = self.a.state_dict(), self.b.state_dict()
+        if not isinstance(self.a, torch.optim.Optimizer):  # schedulers
+            return {"first": sa, "second": sb}
+        n = self._offset()
+        groups = sa["param_groups"] + [{**g, "params": [i + n for i in g["params"]]} for g in sb["param_groups"]]
+        return {"state": {**sa["state"], **{int(i) + n: v for i, v in sb["state"].items()}}, "param_groups": groups}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if not isinstance(self.a, torch.optim.Optimizer):
+            self.a.load_state_dict(sd["first"])
+            self.b.load_state_dict(sd["second"])
+            return
+        n, k = self._offset(), len(self.a.param_groups)
+        if len(sd["param_groups"]) != k + len(self.b.param_groups):
+            raise TrainingError("the checkpoint's optimizer has another number of parameter groups; cannot resume it")
+        state = {int(i): v for i, v in sd["state"].items()}
+        self.a.load_state_dict({"state": {i: v for i, v in state.items() if i < n},
+                                "param_groups": sd["param_groups"][:k]})
+        self.b.load_state_dict({"state": {i - n: v for i, v in state.items() if i >= n},
+                                "param_groups": [{**g, "params": [i - n for i in g["params"]]}
+                                                 for g in sd["param_groups"][k:]]})
 
 
 def _kept(info: dict, cfg: TrainConfig) -> dict:
@@ -639,8 +697,9 @@ def _joint_phase(s: _Session) -> tuple[DafarNet, list[float], dict]:
     _seed_everything(cfg.seed)
     net = build_dafar(s.spec, cfg.unpool, with_detector=cfg.detector, dropout=cfg.dropout, normalization=s.normalization)
     if s.parent is not None:  # a resumed checkpoint below overrides these with its own weights
-        for name in ("E", "F", "D"):
-            load_into(getattr(net, name), s.parent["dir"] / f"weights/{name}.safetensors")
+        _load_classifier(net, s.parent["dir"], s.parent["spec"], s.spec)
+        if s.parent["has_decoder"]:  # else (a classifier trained alone) D starts from its initialisation
+            load_into(net.D, s.parent["dir"] / "weights/D.safetensors")
     net = net.to(s.device, memory_format=s.memfmt)
 
     adv = cfg.adv_settings()
@@ -667,8 +726,14 @@ def _joint_phase(s: _Session) -> tuple[DafarNet, list[float], dict]:
         return {"val_acc": _accuracy(ev["logits"], s.mon_y), "val_recon": float(ev["l2"].mean()),
                 **s.robust_monitor(net, classify)}
 
-    seconds = s.fit("joint", net, _joint_params(net), s.n_train, cfg.epochs, cfg.lr, joint_step, joint_val,
-                    weight_decay=cfg.weight_decay, ema=cfg.ema, **s.best_rule())
+    params, split = _joint_params(net), None
+    if cfg.decoder_optimizer is not None or cfg.decoder_lr is not None:  # D on its own optimizer
+        d_ids = {id(p) for p in net.D.parameters()}
+        split = ([p for p in params if id(p) in d_ids], cfg.decoder_optimizer or cfg.optimizer,
+                 cfg.decoder_lr or cfg.lr)
+        params = [p for p in params if id(p) not in d_ids]
+    seconds = s.fit("joint", net, params, s.n_train, cfg.epochs, cfg.lr, joint_step, joint_val,
+                    weight_decay=cfg.weight_decay, ema=cfg.ema, decoder=split, **s.best_rule())
     # the checkpoint holds the final joint weights whether or not this call trained any epoch
     kept = _kept(_load_model_only(s.ckdir / "joint", net), cfg)
     return net, seconds, kept
@@ -686,16 +751,8 @@ def _decoder_phase(s: _Session) -> tuple[DafarNet, list[float], dict]:
         for sub in (net.E, net.F):
             want = sub.state_dict()
             sub.load_state_dict({k: state[k[len("net."):]] for k in want}, strict=True)
-    elif src["spec"].feedback_at == s.spec.feedback_at:
-        for name in ("E", "F"):
-            load_into(getattr(net, name), src["dir"] / f"weights/{name}.safetensors")
-    else:  # the same classifier split at another layer: tensors moved between E and F, not changed
-        whole = build_victim(src["spec"])
-        for name in ("E", "F"):  # verified against the victim's own split first
-            load_into(getattr(whole, name), src["dir"] / f"weights/{name}.safetensors")
-        e_state, f_state = resplit_victim(whole.E.state_dict(), whole.F.state_dict(), src["spec"], s.spec)
-        net.E.load_state_dict(e_state, strict=True)
-        net.F.load_state_dict(f_state, strict=True)
+    else:
+        _load_classifier(net, src["dir"], src["spec"], s.spec)
     if s.parent is not None:  # --init-from: a previous plug-in run's D as the start
         load_into(net.D, s.parent["dir"] / "weights/D.safetensors")
     net = net.to(s.device, memory_format=s.memfmt)
@@ -716,12 +773,28 @@ def _decoder_phase(s: _Session) -> tuple[DafarNet, list[float], dict]:
         return {"val_acc": _accuracy(ev["logits"], s.mon_y), "val_purified_acc": _accuracy(ev["purified_logits"], s.mon_y),
                 "val_recon": float(ev["l2"].mean())}
 
-    seconds = s.fit("decoder", net, list(net.D.parameters()), s.n_train, cfg.epochs, cfg.lr, decoder_step, decoder_val,
-                    weight_decay=cfg.weight_decay, ema=cfg.ema, keep_best=False)
+    seconds = s.fit("decoder", net, list(net.D.parameters()), s.n_train, cfg.epochs, cfg.decoder_lr or cfg.lr,
+                    decoder_step, decoder_val, weight_decay=cfg.weight_decay, ema=cfg.ema, keep_best=False,
+                    optimizer=cfg.decoder_optimizer)
     kept = _kept(_load_model_only(s.ckdir / "decoder", net), cfg)
     for p in list(net.E.parameters()) + list(net.F.parameters()):
         p.requires_grad_(True)
     return net, seconds, kept
+
+
+def _load_classifier(net: DafarNet, run_dir: Path, src_spec, spec) -> None:
+    """E and F of ``net`` from a run folder's weights, split at ``src_spec``'s feedback position;
+    at another position the tensors move between E and F unchanged (F(E(x)) is the same function)."""
+    if src_spec.feedback_at == spec.feedback_at:
+        for name in ("E", "F"):
+            load_into(getattr(net, name), run_dir / f"weights/{name}.safetensors")
+        return
+    whole = build_victim(src_spec)
+    for name in ("E", "F"):  # verified against the victim's own split first
+        load_into(getattr(whole, name), run_dir / f"weights/{name}.safetensors")
+    e_state, f_state = resplit_victim(whole.E.state_dict(), whole.F.state_dict(), src_spec, spec)
+    net.E.load_state_dict(e_state, strict=True)
+    net.F.load_state_dict(f_state, strict=True)
 
 
 def _joint_params(net: DafarNet) -> list:
@@ -1052,13 +1125,21 @@ def _parent_run(cfg: TrainConfig) -> dict:
         family = pspec.family
     except (ConfigError, KeyError, TypeError) as exc:
         raise ConfigError(f"--init-from {pdir}: its architecture cannot be read ({exc})") from None
-    if pspec.decoder_width != cfg.decoder_width:  # D's weights would not fit
+    classifier = (man.get("training") or {}).get("mode") == "classifier"  # E and F only: D starts fresh
+    if classifier and cfg.attach_to is not None:
+        raise ConfigError(f"--init-from {pdir}: a classifier trained alone has no decoder to continue; attach to it "
+                          f"with --victim {pdir} instead")
+    if not classifier and pspec.decoder_width != cfg.decoder_width:  # D's weights would not fit
         raise ConfigError(f"--init-from {pdir}: its decoder has width {pspec.decoder_width:g}, this run trains "
                           f"width {cfg.decoder_width:g}")
     if family != cfg.arch_name.value or arch.get("unpool") != cfg.unpool.value:
         raise ConfigError(f"--init-from {pdir}: its model is {family}/{arch.get('unpool')}, "
                           f"this run trains {cfg.arch_name.value}/{cfg.unpool.value}")
-    names = ["weights/E.safetensors", "weights/F.safetensors", "weights/D.safetensors"]
+    want = cfg.feedback_at or FEEDBACK_POSITIONS.get(family, (pspec.feedback_at,))[-1]
+    if not classifier and pspec.feedback_at != want:
+        raise ConfigError(f"--init-from {pdir}: its decoder reads E at {pspec.feedback_at}, this run feeds back at "
+                          f"{want}")
+    names = ["weights/E.safetensors", "weights/F.safetensors"] + ([] if classifier else ["weights/D.safetensors"])
     if cfg.train_victim:
         names.append("weights/victim_only.safetensors")
     missing = [n for n in names if n not in man.get("files", {})]
@@ -1078,7 +1159,10 @@ def _parent_run(cfg: TrainConfig) -> dict:
         "config": pcfg,
         "victim_test_acc": man.get("metrics", {}).get("victim_test_acc"),
     }
-    return {"dir": pdir, "record": record, "fingerprint": man.get("dataset", {}).get("fingerprint_sha256")}
+    if classifier:
+        record["mode"] = "classifier"
+    return {"dir": pdir, "record": record, "fingerprint": man.get("dataset", {}).get("fingerprint_sha256"),
+            "spec": pspec, "has_decoder": not classifier}
 
 
 def is_module_ref(source) -> bool:
