@@ -403,7 +403,7 @@ def test_two_optimizers_resume_bit_identically(tmp_path):
     import torch
 
     from dafar.train.config import Optimizer
-    from dafar.train.trainer import _Both, _optimizer
+    from dafar.train.trainer import _Optimizers, _optimizer, _Schedules
     from dafar.train.weights import load_checkpoint, save_checkpoint
 
     def make():
@@ -411,7 +411,7 @@ def test_two_optimizers_resume_bit_identically(tmp_path):
         net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
         a = _optimizer(list(net[0].parameters()), Optimizer.SGD, 0.1, 5e-4, 20)
         b = _optimizer(list(net[2].parameters()), Optimizer.ADAM, 0.01, 5e-4, 20)
-        return net, _Both(a[0], b[0]), _Both(a[1], b[1])
+        return net, _Optimizers(a[0], b[0]), _Schedules(a[1], b[1])
 
     def train(net, opt, sched, steps, start=0):
         for i in range(start, start + steps):

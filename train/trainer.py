@@ -236,7 +236,7 @@ def _fit(phase: str, model: torch.nn.Module, params, n_train: int, epochs: int, 
     opt, sched = _optimizer(params, optimizer or cfg.optimizer, lr, weight_decay, total)
     if decoder is not None:  # D's parameters under an optimizer and schedule of their own
         d_opt, d_sched = _optimizer(decoder[0], decoder[1], decoder[2], weight_decay, total)
-        opt, sched = _Both(opt, d_opt), _Both(sched, d_sched)
+        opt, sched = _Optimizers(opt, d_opt), _Schedules(sched, d_sched)
     key = {"phase": phase, "schedule": cfg.schedule_key()}
     start = 0
     epoch_seconds: list[float] = []
@@ -354,13 +354,13 @@ def _optimizer(params, kind: Optimizer, lr: float, weight_decay: float, total: i
     return opt, sched
 
 
-class _Both:
-    """Two optimizers (or their schedules) stepped as one.  Its state dict is one optimizer's
-    layout, the second's parameter ids shifted past the first's, so a checkpoint stores it like any
-    other; a scheduler pair's state is the two states side by side."""
+class _Optimizers:
+    """Two optimizers stepped as one.  Its state dict has one optimizer's layout, the second's
+    parameter ids shifted past the first's, so a checkpoint stores it like any other."""
 
-    def __init__(self, a, b):
+    def __init__(self, a: torch.optim.Optimizer, b: torch.optim.Optimizer):
         self.a, self.b = a, b
+        self.n = sum(len(g["params"]) for g in a.param_groups)  # the first's parameter ids: 0 .. n-1
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.a.zero_grad(set_to_none=set_to_none)
@@ -370,26 +370,13 @@ class _Both:
         self.a.step()
         self.b.step()
 
-    def get_last_lr(self) -> list[float]:
-        return self.a.get_last_lr() + self.b.get_last_lr()
-
-    def _offset(self) -> int:
-        return sum(len(g["params"]) for g in self.a.param_groups)
-
     def state_dict(self) -> dict:
-        sa, sb = self.a.state_dict(), self.b.state_dict()
-        if not isinstance(self.a, torch.optim.Optimizer):  # schedulers
-            return {"first": sa, "second": sb}
-        n = self._offset()
+        sa, sb, n = self.a.state_dict(), self.b.state_dict(), self.n
         groups = sa["param_groups"] + [{**g, "params": [i + n for i in g["params"]]} for g in sb["param_groups"]]
         return {"state": {**sa["state"], **{int(i) + n: v for i, v in sb["state"].items()}}, "param_groups": groups}
 
     def load_state_dict(self, sd: dict) -> None:
-        if not isinstance(self.a, torch.optim.Optimizer):
-            self.a.load_state_dict(sd["first"])
-            self.b.load_state_dict(sd["second"])
-            return
-        n, k = self._offset(), len(self.a.param_groups)
+        n, k = self.n, len(self.a.param_groups)
         if len(sd["param_groups"]) != k + len(self.b.param_groups):
             raise TrainingError("the checkpoint's optimizer has another number of parameter groups; cannot resume it")
         state = {int(i): v for i, v in sd["state"].items()}
@@ -398,6 +385,27 @@ class _Both:
         self.b.load_state_dict({"state": {i - n: v for i, v in state.items() if i >= n},
                                 "param_groups": [{**g, "params": [i - n for i in g["params"]]}
                                                  for g in sd["param_groups"][k:]]})
+
+
+class _Schedules:
+    """The two optimizers' learning-rate schedules, stepped as one; their states side by side."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def step(self) -> None:
+        self.a.step()
+        self.b.step()
+
+    def get_last_lr(self) -> list[float]:
+        return self.a.get_last_lr() + self.b.get_last_lr()
+
+    def state_dict(self) -> dict:
+        return {"first": self.a.state_dict(), "second": self.b.state_dict()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.a.load_state_dict(sd["first"])
+        self.b.load_state_dict(sd["second"])
 
 
 def _kept(info: dict, cfg: TrainConfig) -> dict:
