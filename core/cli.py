@@ -77,7 +77,7 @@ def cmd_train(args) -> int:
 
 
 # from the victim (a run's data set too, below), or the classifier's own training
-_ATTACH_FIXED = ("arch", "width", "unpool", "train_victim", "classifier_only", "label_smoothing")
+_ATTACH_FIXED = ("arch", "width", "train_victim", "classifier_only", "label_smoothing")
 _OWN_VICTIM_FIELDS = ("victim_weights", "victim_mean", "victim_std")  # attach only: a classifier of one's own
 
 

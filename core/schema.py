@@ -145,6 +145,9 @@ class Unpool(str, Enum):
 
     MASK = "mask"  # index-free, builtin ops only (default; exportable to TFLite)
     MAXUNPOOL = "maxunpool"  # the paper's MaxUnpool with pooling indices (torch / ONNX Runtime only)
+    # plain nearest-neighbour x2 upsampling, no guidance from E's pools (no mask): a cheaper graph
+    # (no RESIZE/EQUAL/CAST of E's activations) that must be trained in; issue 21's cost knob
+    UPSAMPLE = "upsample"
 
 
 OUTPUT_NAMES = ("label", "score", "rejected", "logits", "purified_logits")

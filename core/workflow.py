@@ -41,7 +41,8 @@ def pipeline(out: str | os.PathLike, config=None, *, pretrained: str | None = No
     exports every detector the model has for both input contracts and both modes (five times the
     files and about five times the export, quantize and bench time).  ``mode`` picks the defence
     graph's mode otherwise: ``hybrid`` (the paper's) or ``detect`` (the victim's label; no second
-    E/F pass).
+    E/F pass).  A config of the ``edge`` profile exports detect graphs and quantizes them with the
+    mixed layout (E and D in int8), the configuration that profile was measured as.
 
     ``check_images`` test images (``None``: all) measure the int8 files against float and every
     file's accuracy in the benchmark; with it the int8 detection check uses 100 adversarial images
@@ -75,6 +76,10 @@ def pipeline(out: str | os.PathLike, config=None, *, pretrained: str | None = No
         modes = tuple(Mode)
     else:  # what dafar.runtime.Defence runs when no model is named
         dets, contracts, modes = (Detector.L2,), (InputContract.UINT8_NHWC,), (Mode(mode),)
+    # the edge profile ships what it was measured as: detect graphs, E and D in int8 (mixed layout)
+    edge = not pretrained and getattr(cfg, "profile", None) is not None and cfg.profile.value == "edge"
+    if edge and not full:
+        modes = (Mode.DETECT,)
     log("== export")
     stages["export"] = export(run, ExportConfig(detectors=dets, contracts=contracts, modes=modes), data_dir=data_dir,
                               log=log)
@@ -82,7 +87,8 @@ def pipeline(out: str | os.PathLike, config=None, *, pretrained: str | None = No
         log("== quantize")
         quick = check_images is not None and not full
         qcfg = QuantizeConfig(validate_images=check_images, compare_naive=not quick,
-                              attack_images=100 if quick else QuantizeConfig().attack_images)
+                              attack_images=100 if quick else QuantizeConfig().attack_images,
+                              **({"layout": "mixed"} if edge else {}))
         stages["quantize"] = run_quantize(run, qcfg, data_dir=data_dir, log=log)
     if bench:
         log("== bench")

@@ -247,10 +247,10 @@ def export(run_dir: str | os.PathLike, cfg: ExportConfig = ExportConfig(), *, da
     run = RunFolder.open(run_dir)  # every file's hash checked before anything is built on it
     net, _ = load_dafar(run.path, run.manifest)
     unpool = run.field("architecture.unpool")
-    if Format.TFLITE in cfg.formats and unpool != "mask":
+    if Format.TFLITE in cfg.formats and unpool == "maxunpool":
         raise UnsupportedOpError(
             f"{run.path} was trained with --unpool {unpool}: MaxUnpool needs FlexMaxPoolWithArgmax on TFLite, which a "
-            "stock LiteRT interpreter cannot run. Export it with --format onnx, or train with --unpool mask."
+            "stock LiteRT interpreter cannot run. Export it with --format onnx, or train with --unpool mask or upsample."
         )
     alphas = {d: alpha_for(run.manifest, d, cfg.threshold_rule, run.path) for d in cfg.detectors}
     test = run.test_set(data_dir, cfg.validate_images)

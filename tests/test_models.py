@@ -10,7 +10,7 @@ def _count(m):
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
-@pytest.mark.parametrize("unpool", ["mask", "maxunpool"])
+@pytest.mark.parametrize("unpool", ["mask", "maxunpool", "upsample"])
 def test_shapes(dataset, unpool):
     spec = ARCHS[dataset]
     net = build_dafar(dataset, unpool).eval()
@@ -250,3 +250,22 @@ def test_conv_from_convtranspose_refuses_what_is_not_a_convolution():
         x = torch.randn(2, 4, 9, 7)
         with torch.no_grad():
             torch.testing.assert_close(c(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+def test_upsample_decoder_ignores_the_encoders_pools():
+    """--unpool upsample: D upsamples E's features without a mask, so what E's pools did (the
+    pre-pool activations the mask would read) does not reach D; and the same weights under the mask
+    give another reconstruction (the two are different functions, trained in separately)."""
+    torch.manual_seed(0)
+    net = build_dafar("mnist", "upsample").eval()
+    x = torch.rand(2, 1, 28, 28) * 2 - 1
+    with torch.no_grad():
+        feats = net.E(x)
+        want = net.D(feats)
+        scrambled = feats._replace(pools=tuple(p._replace(pre=torch.randn_like(p.pre)) for p in feats.pools))
+        assert torch.equal(net.D(scrambled), want)
+        inner = net.D.inner(Fn.interpolate(feats.z, scale_factor=2.0, mode="nearest"))
+        assert torch.allclose(net.D.outer(Fn.interpolate(inner, scale_factor=2.0, mode="nearest")), want)
+        masked = build_dafar("mnist", "mask").eval()
+        masked.load_state_dict(net.state_dict())
+        assert not torch.allclose(masked.D(feats), want)

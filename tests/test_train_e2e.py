@@ -582,3 +582,88 @@ def test_train_holds_the_run_folder_lock_and_overwrite_respects_another_holder(t
             train(TrainConfig.for_profile("mnist", "quick", train_limit=64, test_limit=64, val_size=64, epochs=1,
                                           detector=False), run, overwrite=True, quiet=True)
         assert (run / "config.json").read_text() == "{}"
+
+
+@pytest.mark.slow
+def test_a_mask_free_decoder_attaches_exports_and_quantizes(exported_run, tmp_path):
+    """dafar attach --unpool upsample on a victim trained with the mask: the decoder is the new
+    run's own (recorded, the victim bit-identical), no op of the exported graphs compares E's
+    activations (no EQUAL: the mask's ops, which XNNPACK does not run, are gone), and the detect graph
+    quantizes with the mixed layout through dafar quantize's checks."""
+    from dafar.export import ExportConfig, export
+    from dafar.quantize.api import Checks, QuantizeConfig, quantize_run
+    from dafar.train import attach
+
+    assert load_manifest(exported_run, verify=False)["architecture"]["unpool"] == "mask"
+    cfg = TrainConfig.for_profile("mnist", "quick", train_limit=2000, test_limit=400, val_size=200, batch_size=64,
+                                  epochs=2, detector=False, threads=2, feedback_at="pool1", decoder_width=0.5,
+                                  unpool="upsample")
+    res = attach(exported_run, tmp_path / "u", cfg, quiet=True)
+    m = res.manifest
+    assert m["architecture"]["unpool"] == "upsample" and "no mask" in m["architecture"]["unpool_tie_rule"]
+    from dafar.train.report import reproduce_command
+
+    assert "--unpool upsample" in reproduce_command(m["training"]["config"])
+    assert np.array_equal(_victim_logits(tmp_path / "u"), _victim_logits(exported_run))
+    out = export(tmp_path / "u", ExportConfig(validate_images=400, victim=False, modes=("hybrid", "detect")),
+                 log=lambda *a: None)
+    for e in out.entries.values():
+        assert e["validation"] and not {"EQUAL", "Equal"} & set(e["ops"])
+    q = quantize_run(tmp_path / "u", QuantizeConfig(formats=("tflite",), contracts=("float-nchw",), detectors=("l2",),
+                                                    layout="mixed", validate_images=400, calib_images=64,
+                                                    compare_naive=False, attack_images=0,
+                                                    checks=Checks(min_label_agreement=0.97, max_accuracy_drop=0.015)),
+                     log=lambda *a: None)
+    e = q["export/dafar-l2-detect-float-nchw-int8-b1.tflite"]
+    assert e["layout"] == "mixed" and {"CONV_2D", "TRANSPOSE_CONV"}.isdisjoint(e["quantization"]["float_node_types"])
+    assert e["validation"]["decision_agreement"] >= 0.99
+
+
+def test_edge_profile_and_default_fpr_config():
+    """--profile edge (MNIST): the cheap defence of issue 21 as one flag; default_fpr validated."""
+    from dafar.train.models import Unpool
+
+    c = TrainConfig.for_profile("mnist", "edge")
+    assert (c.feedback_at, c.decoder_width, c.unpool, c.default_fpr) == ("pool1", 0.5, Unpool.UPSAMPLE, 0.003)
+    assert not c.train_victim and c.epochs == 8
+    with pytest.raises(ConfigError, match="edge profile exists for mnist only"):
+        TrainConfig.for_profile("cifar10", "edge")
+    for bad in (0, 0.5, -0.1, True, "x"):
+        with pytest.raises(ConfigError, match="default_fpr"):
+            TrainConfig.for_profile("mnist", "quick", default_fpr=bad)
+    # evaluation-only: a changed alpha rule does not make a checkpoint unresumable
+    assert "default_fpr" not in c.schedule_key()
+
+
+def test_default_fpr_makes_the_quantile_rule_the_default():
+    import numpy as np
+
+    from dafar.train.trainer import _thresholds
+
+    rng = np.random.default_rng(0)
+    val, test = {"l2": rng.random(4000)}, {"l2": rng.random(4000)}
+    t = _thresholds(TrainConfig.for_profile("mnist", "quick", default_fpr=0.004), val, test, "mnist")["l2"]
+    assert t["default"] == "quantile@fpr=0.004" and "mean+zstd@z=3" in t["rules"]
+    assert t["rules"]["quantile@fpr=0.004"]["calib_fpr"] == pytest.approx(0.004, abs=5e-4)
+    assert _thresholds(TrainConfig.for_profile("mnist", "quick"), val, test, "mnist")["l2"]["default"] == "mean+zstd@z=3"
+
+
+@pytest.mark.slow
+def test_the_edge_profile_pipeline_ships_detect_graphs_with_the_mixed_layout(tmp_path):
+    """dafar.pipeline with an edge-profile config: the run is the cheap configuration (D at pool1,
+    half width, no mask, 0.3%-FPR alpha), and the shipped files are detect graphs quantized with the
+    mixed layout through quantize's checks."""
+    from dafar import pipeline
+    from dafar.manifest import load_manifest
+
+    cfg = TrainConfig.for_profile("mnist", "edge", train_limit=3000, test_limit=600, val_size=500, epochs=2,
+                                  detector_epochs=1, threads=2)
+    res = pipeline(tmp_path / "edge", cfg, bench=False, check_images=600, quiet=True, log=lambda *a: None)
+    m = load_manifest(res.run_dir)
+    a = m["architecture"]
+    assert (a["unpool"], a["feedback_at"], a["decoder_width"]) == ("upsample", "pool1", 0.5)
+    assert m["thresholds"]["l2"]["default"] == "quantile@fpr=0.003"
+    defence = {rel: e for rel, e in m["exports"].items() if e["graph"] == "dafar"}
+    assert defence and all(e["mode"] == "detect" for e in defence.values())
+    int8 = [e for e in defence.values() if e.get("precision") == "int8"]
+    assert int8 and all(e["layout"] == "mixed" for e in int8)

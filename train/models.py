@@ -319,6 +319,8 @@ class _Unpool(nn.Module):
     def forward(self, h: torch.Tensor, ctx: PoolContext) -> torch.Tensor:
         if self.mode is Unpool.MAXUNPOOL:
             return Fn.max_unpool2d(h, ctx.indices, 2, 2, output_size=ctx.pre.shape[-2:])
+        if self.mode is Unpool.UPSAMPLE:  # no mask: differentiable as it is, nothing for BPDA to replace
+            return _upsample2(h)
         out = mask_unpool(h, ctx.pre, ctx.pooled)
         if self.straight_through:
             up = _upsample2(h)

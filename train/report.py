@@ -102,9 +102,9 @@ def reproduce_command(cfg: dict) -> str:
         flags = to_argv(c, base, always=("dataset", "profile", "epochs", "seed", "feedback_at"),
                         skip=("threads", "device", "arch", "width", "unpool", "train_victim", *own))
         return " ".join(["dafar attach --victim", c.attach_to, *first, *flags, "--out RUN_DIR"])
-    if c.attach_to:  # plug-in mode: the data set, network and unpool come from the victim
+    if c.attach_to:  # plug-in mode: the data set and network come from the victim (the unpool is D's own)
         flags = to_argv(c, base, always=("profile", "epochs", "seed"),
-                        skip=("threads", "device", "dataset", "arch", "width", "unpool", "train_victim",
+                        skip=("threads", "device", "dataset", "arch", "width", "train_victim",
                               "image_size", "channels"))
         return " ".join(["dafar attach --victim", c.attach_to, *flags, "--out RUN_DIR"])
     flags = to_argv(c, base, always=("dataset", "profile", "epochs", "seed"), skip=("threads", "device"))

@@ -936,8 +936,9 @@ def _manifest_body(cfg: TrainConfig, splits: Splits, data: _Data, net: DafarNet,
                if spec.family == "custom" else {}),
             "decoder_output": spec.decoder_out,
             "unpool": cfg.unpool.value,
-            "unpool_tie_rule": ("every window position equal to the window maximum receives it"
-                                if cfg.unpool.value == "mask" else "maxunpool indices (first maximum)"),
+            "unpool_tie_rule": {"mask": "every window position equal to the window maximum receives it",
+                                "maxunpool": "maxunpool indices (first maximum)",
+                                "upsample": "no mask: every window position receives the value"}[cfg.unpool.value],
             "num_classes": spec.num_classes,
             "detector": cfg.detector and not cfg.classifier_only,
             # a classifier alone (--classifier-only): E and F, no decoder yet (dafar attach --victim RUN)
@@ -1113,7 +1114,10 @@ def attach(victim: str | os.PathLike, out: str | os.PathLike, config: TrainConfi
     vc = (man.get("training") or {}).get("config") or {}
     folder = {k: vc.get(k) for k in ("image_size", "channels")} if ds == "imagefolder" else \
         {"image_size": None, "channels": None}
-    cfg = base.replace(attach_to=str(victim), arch=spec.family, unpool=man["architecture"]["unpool"], train_victim=False,
+    # the decoder is new, so its unpooling is this run's choice (config.unpool); without a config,
+    # the victim's own (E and F do not depend on it)
+    unpool = config.unpool if config is not None else man["architecture"]["unpool"]
+    cfg = base.replace(attach_to=str(victim), arch=spec.family, unpool=unpool, train_victim=False,
                        width=spec.width_mult, feedback_at=base.feedback_at or spec.feedback or None, **folder)
     return train(cfg, out, data_dir, resume=resume, overwrite=overwrite, download=download, quiet=quiet)
 
@@ -1242,16 +1246,15 @@ def _attach_source(cfg: TrainConfig, module: torch.nn.Module | None = None) -> d
 
     src = resolve_victim_source(cfg.attach_to)
     man = load_manifest(src)  # every listed file's sha256
-    arch = man.get("architecture", {})
     if man.get("dataset", {}).get("name") != cfg.dataset.value:
         raise ConfigError(f"--victim {src} was trained on {man.get('dataset', {}).get('name')}, not {cfg.dataset.value}")
     try:
         spec = spec_from_record(man)
     except (ConfigError, KeyError, TypeError) as exc:
         raise ConfigError(f"--victim {src}: its architecture cannot be read ({exc})") from None
-    if spec.family != cfg.arch_name.value or arch.get("unpool") != cfg.unpool.value:
-        raise ConfigError(f"--victim {src}: its network is {spec.family}/{arch.get('unpool')}, this run attaches a "
-                          f"{cfg.arch_name.value}/{cfg.unpool.value} decoder")
+    if spec.family != cfg.arch_name.value:  # (the unpooling is the new decoder's own: E and F ignore it)
+        raise ConfigError(f"--victim {src}: its network is {spec.family}, this run attaches a "
+                          f"{cfg.arch_name.value} decoder")
     missing = [n for n in ("weights/E.safetensors", "weights/F.safetensors") if n not in man.get("files", {})]
     if missing:
         raise ConfigError(f"--victim {src}: the run has no {', '.join(missing)}")
@@ -1302,11 +1305,12 @@ def _thresholds(cfg: TrainConfig, ev_val: dict, ev_test: dict, dataset: str) -> 
         rules = {}
         th = calibrate(ev_val[key], ThresholdRule.MEAN_ZSTD, z=cfg.z)
         rules[f"mean+zstd@z={cfg.z:g}"] = {**th.to_dict(), "test_fpr": false_positive_rate(ev_test[key], th.alpha)}
-        for f in cfg.target_fprs:
+        fprs = cfg.target_fprs + ((cfg.default_fpr,) if cfg.default_fpr not in (None, *cfg.target_fprs) else ())
+        for f in fprs:
             th = calibrate(ev_val[key], ThresholdRule.QUANTILE, target_fpr=f)
             rules[f"quantile@fpr={f:g}"] = {**th.to_dict(), "test_fpr": false_positive_rate(ev_test[key], th.alpha)}
-        out[det.value] = {"default": f"mean+zstd@z={cfg.z:g}", "calibrated_on": "validation split (clean, from train)",
-                     "rules": rules}
+        default = f"quantile@fpr={cfg.default_fpr:g}" if cfg.default_fpr is not None else f"mean+zstd@z={cfg.z:g}"
+        out[det.value] = {"default": default, "calibrated_on": "validation split (clean, from train)", "rules": rules}
     return out
 
 

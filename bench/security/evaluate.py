@@ -33,6 +33,7 @@ from dafar.errors import ConfigError
 from dafar.manifest import atomic_write_json
 from dafar.options import option, to_argv
 from dafar.run import RunFolder
+from dafar.schema import Unpool
 from dafar.schema import Detector, InputContract, parse_enums
 from dafar.train.attacks import AttackSpec, attack_sets, format_budgets, parse_budgets, spec_from_string
 
@@ -495,7 +496,7 @@ def _adaptive(run_dir, net, alphas, peers, sets, cfg, ds, log, DafarTarget, MagN
 
     # BPDA replaces the unpool mask's zero gradient by a straight-through one; a decoder without a
     # mask (the mobile network's nearest-neighbour upsampling) is differentiable as it is
-    masked = hasattr(net.D, "unpool")
+    masked = hasattr(net.D, "unpool") and net.D.unpool.mode is not Unpool.UPSAMPLE
 
     def bpda(det, mode="hybrid"):
         return DafarTarget(net, alphas[det], det, straight_through=True, mode=mode) if masked else None
