@@ -556,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
 _EXTRA_OF = {"torch": "train", "safetensors": "train", "tqdm": "train", "matplotlib": "train", "PIL": "images",
              "onnx": "export", "onnxscript": "export", "onnx2tf": "export", "tensorflow": "export", "tf_keras": "export",
              "onnxruntime": "onnx-runtime", "ai_edge_litert": "litert", "art": "eval", "sklearn": "eval",
-             "scipy": "eval"}
+             "scipy": "eval", "hypothesis": "test"}  # (dafar reliability's fuzzing)
 
 
 # quantize needs eval: its default detection check attacks the int8 model with ART (--attack-images 0 skips it)

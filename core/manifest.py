@@ -40,6 +40,7 @@ __all__ = [
     "read_manifest",
     "load_manifest",
     "verify_files",
+    "refuse_outside_link",
     "file_entry",
     "get_field",
     "clean_stale_staging",
@@ -137,7 +138,10 @@ def write_manifest(run_dir: str | os.PathLike, manifest: dict) -> dict:
 # manifest nests about 10 levels and weighs well under 1 MiB (a traced user classifier's graph
 # included); these leave room and bound what a crafted one can cost.
 MAX_MANIFEST_DEPTH = 64
-_DEFAULT_MAX_MANIFEST_BYTES = 64 << 20
+# 16 MiB: reading one just under it costs about 5x its size (the string-free copy, the scan's
+# chunks, the parsed objects); at the earlier 64 MiB limit that was 1.26 GB, more than a small
+# device has
+_DEFAULT_MAX_MANIFEST_BYTES = 16 << 20
 
 
 def _max_manifest_bytes() -> int:
@@ -148,20 +152,25 @@ def _max_manifest_bytes() -> int:
         raise ManifestError(f"DAFAR_MAX_MANIFEST_BYTES must be an integer, got {env!r}") from None
 
 
-def _text_depth(raw: bytes) -> int:
+def _text_depth(raw: bytes, chunk: int = 1 << 20) -> int:
     """Deepest bracket nesting of JSON text, outside string literals, without parsing it (regex
-    and numpy: linear, no recursion)."""
+    and numpy: linear, no recursion).  Scanned a chunk at a time, carrying the depth across: one
+    pass over the whole text at once held 20 bytes of temporaries per byte of manifest."""
     import re
 
     import numpy as np
 
-    bare = re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', raw)
-    a = np.frombuffer(bare, dtype=np.uint8)
-    step = np.isin(a, (ord("["), ord("{"))).astype(np.int64) - np.isin(a, (ord("]"), ord("}"))).astype(np.int64)
-    return int(np.cumsum(step).max()) if len(step) else 0
+    bare = np.frombuffer(re.sub(rb'"(?:[^"\\]|\\.)*"', b'""', raw), dtype=np.uint8)
+    depth = deepest = 0
+    for i in range(0, len(bare), chunk):
+        a = bare[i: i + chunk]
+        step = ((a == 91) | (a == 123)).astype(np.int32) - ((a == 93) | (a == 125))  # [ { minus ] }
+        run = np.cumsum(step, dtype=np.int64) + depth
+        deepest, depth = max(deepest, int(run.max())), int(run[-1])
+    return deepest
 
 
-def _refuse_outside(path: Path, run_dir: Path) -> None:
+def refuse_outside_link(path: Path, run_dir: Path) -> None:
     """A symbolic link is followed only where it stays inside the run folder."""
     try:
         inside = path.resolve().is_relative_to(run_dir.resolve())
@@ -180,7 +189,7 @@ def read_manifest(run_dir: str | os.PathLike) -> dict:
     path = run_dir / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{path} is missing: {run_dir} is not a complete dafar run folder")
-    _refuse_outside(path, run_dir)  # like every file of the run
+    refuse_outside_link(path, run_dir)  # like every file of the run
     limit = _max_manifest_bytes()
     try:
         size = path.stat().st_size
@@ -216,7 +225,26 @@ def read_manifest(run_dir: str | os.PathLike) -> dict:
             f"{path} was edited after dafar wrote it (manifest_sha256 {str(stamped)[:12]}... != "
             f"{actual[:12]}...); refusing to use thresholds or hashes from it"
         )
+    _check_structure(m, path)
     return m
+
+
+# The manifest's sections that are JSON objects wherever dafar writes them, and those whose every
+# row is one too.  A digest proves who wrote a file, not that it is well formed: a manifest
+# re-stamped by hand with "exports": [] once reached a stage as an AttributeError.
+_TABLES = ("architecture", "dataset", "files", "input", "metrics", "provenance", "score", "thresholds", "training",
+           "versions", "exports", "attacks", "recalibrated")
+_ROWS_ARE_OBJECTS = ("files", "exports", "thresholds")
+
+
+def _check_structure(m: dict, path: Path) -> None:
+    for key in _TABLES:
+        if key in m and not isinstance(m[key], dict):
+            raise ManifestError(f"{path}: '{key}' should be a JSON object, got {type(m[key]).__name__}")
+    for key in _ROWS_ARE_OBJECTS:
+        for name, row in m.get(key, {}).items():
+            if not isinstance(row, dict):
+                raise ManifestError(f"{path}: {key}[{name!r}] should be a JSON object, got {type(row).__name__}")
 
 
 def verify_files(run_dir: str | os.PathLike, manifest: dict, names: Iterable[str] | None = None) -> None:
@@ -232,7 +260,7 @@ def verify_files(run_dir: str | os.PathLike, manifest: dict, names: Iterable[str
         p = run_dir / rel
         if Path(rel).is_absolute() or ".." in Path(rel).parts:
             raise ManifestError(f"{run_dir / MANIFEST_NAME} lists a path outside the run folder: {rel}")
-        _refuse_outside(p, run_dir)
+        refuse_outside_link(p, run_dir)
         if not p.is_file():
             raise RunFolderError(f"{p} is listed in the manifest but missing")
         digest = sha256_file(p)
@@ -255,12 +283,25 @@ def load_manifest(run_dir: str | os.PathLike, verify: bool | Iterable[str] = Tru
 
 def clean_stale_staging(run_dir: str | os.PathLike) -> list[str]:
     """Remove what an interrupted stage left behind: ``.staging-*`` folders and ``.*.tmp`` files of
-    atomic writes.  Nothing the manifest lists is touched (those are never written in place)."""
+    atomic writes.  Nothing the manifest lists is touched (those are never written in place).
+
+    The caller holds the run folder's lock, so no staging folder is live.  A ``.*.tmp`` file may
+    be: bench, eval and report write theirs without the lock (an atomic write lasts milliseconds),
+    so only those older than a minute count as left behind."""
     import shutil
+    import time
 
     removed = []
     run_dir = Path(run_dir)
-    for p in list(run_dir.glob(".staging-*")) + list(run_dir.rglob(".*.tmp")):
+    cutoff = time.time() - 60
+    tmps = []
+    for p in run_dir.rglob(".*.tmp"):
+        try:
+            if p.stat().st_mtime < cutoff:
+                tmps.append(p)
+        except OSError:  # gone meanwhile: its writer renamed it into place
+            pass
+    for p in list(run_dir.glob(".staging-*")) + tmps:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:

@@ -65,9 +65,9 @@ def materialize(name: str, out: str | os.PathLike, overwrite: bool = False) -> P
     load_manifest(src, verify=True)  # a damaged installation is refused before anything is written
     out = Path(out)
     if out.exists() or out.is_symlink():
-        if not overwrite and not (out.is_dir() and not out.is_symlink() and not any(out.iterdir())):
-            raise RunFolderError(f"{out} already exists; pass --overwrite to replace it")
-        replaceable_run_folder(out)  # a user's file or folder of other things is never replaced
+        replaceable_run_folder(out)  # a user's file or folder of other things is never replaced (nor suggested)
+        if not overwrite and any(out.iterdir()):
+            raise RunFolderError(f"{out} already holds a run folder; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".staging-pretrained-{out.name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

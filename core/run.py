@@ -19,6 +19,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -38,7 +39,8 @@ from dafar.schema import ExportEntry
 __all__ = ["RunFolder", "replaceable_run_folder", "run_lock"]
 
 LOCK_NAME = ".dafar.lock"
-_held: dict[str, list] = {}  # run folder -> [open lock file, depth]: re-entrant within a process
+_held: dict[str, list] = {}  # run folder -> [open lock file, depth, owning thread]: re-entrant in that thread
+_held_guard = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -48,15 +50,24 @@ def run_lock(path: str | os.PathLike, stage: str) -> Iterator[None]:
     Two stages on one run folder otherwise race: one's clean-up of stale staging folders deleted
     the other's live one.  A second process is refused at once with a message naming the holder;
     the lock is released when the stage ends or its process dies (the kernel drops it), so a
-    crash never leaves the folder locked.  Re-entrant within a process; a no-op where flock does
-    not exist (Windows)."""
+    crash never leaves the folder locked.  Re-entrant within the thread that holds it; another
+    thread of the same process is refused like another process (flock is per process, so two
+    threads would otherwise share it and clean up each other's staging).  A no-op where flock
+    does not exist (Windows)."""
     key = os.path.realpath(path)
-    if key in _held:
-        _held[key][1] += 1
+    me = threading.get_ident()
+    with _held_guard:
+        held = _held.get(key)
+        if held is not None and held[2] != me:
+            raise RunFolderError(f"{path} is in use by dafar {held[3]} in another thread of this process; wait for it "
+                                 "to finish, then rerun")
+        if held is not None:
+            held[1] += 1
+    if held is not None:
         try:
             yield
         finally:
-            _held[key][1] -= 1
+            held[1] -= 1
         return
     try:
         import fcntl
@@ -75,11 +86,13 @@ def run_lock(path: str | os.PathLike, stage: str) -> Iterator[None]:
         f.truncate()
         f.write(f"dafar {stage} (pid {os.getpid()})")
         f.flush()
-        _held[key] = [f, 1]
+        with _held_guard:
+            _held[key] = [f, 1, me, stage]
         try:
             yield
         finally:
-            del _held[key]
+            with _held_guard:
+                del _held[key]
             f.seek(0)
             f.truncate()
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)

@@ -250,7 +250,10 @@ class ExportEntry:
         if graph is Graph.DAFAR and detector is None:
             raise ManifestError(f"{where}: defence graph {rel} names no detector")
         shape = inp["shape"]
-        chw = contract.chw(shape)
+        try:
+            chw = contract.chw(shape)
+        except ManifestError as exc:  # name the file and the entry, not only the shape
+            raise ManifestError(f"{where}: export {rel}: {exc}") from None
         if any(v < 1 for v in chw):
             raise ManifestError(f"{where}: export {rel} has input shape {shape}")
         batch = shape[0] if isinstance(shape[0], int) and not isinstance(shape[0], bool) else None

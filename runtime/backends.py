@@ -29,7 +29,8 @@ from dafar.errors import InferenceError, InputValidationError, MissingExtraError
 from dafar.limits import check_threads
 
 __all__ = ["Backend", "Provider", "ModelRunner", "OnnxRuntimeRunner", "LiteRTRunner", "LiteRTCompiledRunner",
-           "open_model", "litert_interpreter_class", "litert_runtime", "version_tuple", "MIN_ONNXRUNTIME"]
+           "open_model", "litert_interpreter_class", "litert_runtime", "version_tuple", "MIN_ONNXRUNTIME",
+           "installed_suffixes"]
 
 # The oldest ONNX Runtime our .onnx files run on: they are ONNX IR version 9 (opset 18), which
 # 1.16 reads (measured with 1.17.3: float bit-identical to 1.32, int8 within 2e-6).  An older one
@@ -158,6 +159,24 @@ class OnnxRuntimeRunner(ModelRunner):
         except Exception as exc:
             raise InferenceError(f"onnxruntime failed on {self.path.name}: {type(exc).__name__}: {exc}") from exc
         return dict(zip(self.output_names, res))
+
+
+def installed_suffixes() -> set[str]:
+    """The model file suffixes this install can run (a device install has one backend extra)."""
+    from importlib.util import find_spec
+
+    def importable(name: str) -> bool:
+        try:
+            return find_spec(name) is not None
+        except (ImportError, ValueError):  # ValueError: a module blocked as None in sys.modules
+            return False
+
+    have = set()
+    if importable("onnxruntime"):
+        have.add(".onnx")
+    if importable("ai_edge_litert") or importable("tflite_runtime"):
+        have.add(".tflite")
+    return have
 
 
 def litert_interpreter_class():

@@ -31,7 +31,7 @@ import numpy as np
 
 from dafar.errors import InferenceError, InputValidationError, ManifestError, MissingExtraError
 from dafar.limits import check_threads
-from dafar.manifest import MANIFEST_NAME, classifier_alone_message, read_manifest, verify_files
+from dafar.manifest import MANIFEST_NAME, classifier_alone_message, read_manifest, refuse_outside_link, verify_files
 from dafar.schema import Detector, ExportEntry, Graph, InputContract, Mode, Precision
 
 from .backends import Backend, Provider, litert_runtime, open_model, version_tuple
@@ -173,6 +173,8 @@ class Defence:
         self.entry: dict = self.spec.raw
         if verify:
             verify_files(self.run_dir, self.manifest, [rel])  # before the backend reads a byte of it
+        else:  # unverified still means inside the run folder: a link out of it is not followed
+            refuse_outside_link(self.run_dir / rel, self.run_dir)
         self.model_path = self.run_dir / rel
         self._read_spec()
         if Backend.for_path(self.model_path) is Backend.ONNXRUNTIME and backend in (Backend.AUTO, Backend.ONNXRUNTIME):

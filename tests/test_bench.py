@@ -2,6 +2,7 @@
 of a small run producing well-formed records and a report."""
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,6 +132,31 @@ def test_bench_device_only_has_no_torch(exported_run, tmp_path):
     s = json.loads((run / "bench" / "summary.json").read_text())
     assert s["config"]["device_only"] and "torch" not in s and "gpu_readiness" not in s and s["ratios"]
     assert (run / "bench_report.md").is_file()
+
+
+@pytest.mark.slow
+def test_bench_device_only_times_what_a_one_backend_install_can_run(exported_run, tmp_path):
+    """`dafar bench --device-only` as on a `.[onnx-runtime]` install (no LiteRT, no tqdm, no
+    matplotlib, no torch): the .onnx files are timed, the .tflite ones named as not timed, rc 0."""
+    import shutil
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run)
+    blocked = ("torch", "tensorflow", "ai_edge_litert", "tflite_runtime", "tqdm", "matplotlib")
+    code = (
+        "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in blocked)
+        + "from dafar.cli import main\n"
+        f"rc = main(['bench', {str(run)!r}, '--device-only', '--threads', '1', '--runs', '5', '--warmup', '1',"
+        "'--accuracy-images', '20', '--no-memory'])\nprint('rc', rc)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "rc 0" in out.stdout, out.stderr[-2000:]
+    s = json.loads((run / "bench" / "summary.json").read_text())
+    assert s["config"]["skipped_formats"] == [".tflite"] and s["ratios"]
+    assert {Path(r["model"]).suffix for r in s["records"]} == {".onnx"}
+    assert "Not timed: the .tflite files" in (run / "bench_report.md").read_text()
 
 
 def test_train_speed_measures_both_models(capsys):

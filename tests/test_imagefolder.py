@@ -232,6 +232,15 @@ def test_adversarial_training_on_the_mobile_network(tmp_path, capsys):
     log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
     assert all(0 <= r["val_robust_acc"] <= 1 for r in log if r.get("phase") == "joint")
     assert "## Adversarial training" in (run / "report.md").read_text()
+    # a new decoder on the robust victim (issue 22's plug-in route): E and F are the robust ones, unchanged
+    att = tmp_path / "att"
+    assert main(["attach", "--victim", str(run), "--data-dir", str(root), "--out", str(att), "--epochs", "1",
+                 "--no-detector", "--batch-size", "16", "--threads", "2", "--quiet"]) == 0
+    a = load_manifest(att)
+    assert a["training"]["mode"] == "plug-in" and "l2" in a["thresholds"]
+    for k in ("E", "F"):
+        assert a["files"][f"weights/{k}.safetensors"]["sha256"] == m["files"][f"weights/{k}.safetensors"]["sha256"]
+    assert a["metrics"]["victim_test_acc"] == m["metrics"]["victim_test_acc"]
     # the same run folder with another budget is another schedule: not resumable
     (run / "manifest.json").unlink()
     capsys.readouterr()

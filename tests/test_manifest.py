@@ -193,3 +193,92 @@ def test_a_manifest_linked_from_outside_is_refused(tmp_path):
     os.symlink(outside, run / "manifest.json")
     with pytest.raises(ManifestError, match="manifest.json is a symbolic link .* outside the run folder"):
         load_manifest(run)
+
+
+def test_depth_is_counted_across_scan_chunks_and_outside_strings():
+    """The nesting scan goes a chunk at a time (bounded memory): the depth carries across chunk
+    boundaries, and brackets inside strings do not count."""
+    from dafar.manifest import _text_depth
+
+    text = b'{"a": "[[[[", "b": ' + b"[" * 10 + b"]" * 10 + b', "c": ' + b"{" * 7 + b"}" * 7 + b"}"
+    want = _text_depth(text)
+    assert want == 11  # the outer object and ten brackets; the string's four do not count
+    for chunk in (1, 3, 7, 64):
+        assert _text_depth(text, chunk=chunk) == want
+    assert _text_depth(b"") == 0
+
+
+def test_a_restamped_manifest_of_the_wrong_structure_is_refused(tmp_path):
+    """A digest says who wrote a manifest, not that it is well formed: a forged one re-stamped with a
+    valid digest but a list where dafar writes an object is refused naming the section."""
+    from dafar.manifest import manifest_digest
+
+    for key, bad in (("thresholds", ["l2"]), ("files", []), ("exports", [1]), ("exports", {"m.onnx": "x"})):
+        run = _run(tmp_path / f"{key}-{type(bad).__name__}")
+        m = json.loads((run / MANIFEST_NAME).read_text())
+        m[key] = bad
+        m["manifest_sha256"] = manifest_digest(m)
+        (run / MANIFEST_NAME).write_text(json.dumps(m))
+        with pytest.raises(ManifestError, match=f"{key}.* should be a JSON object"):
+            read_manifest(run)
+
+
+def test_a_recorded_input_shape_of_the_wrong_rank_names_the_export():
+    from dafar.schema import ExportEntry
+
+    e = {"graph": "dafar", "format": "onnx", "contract": "float-nchw", "detector": "l2", "alpha": 1.0,
+         "input": {"shape": [1, 28, 28], "dtype": "float32"}}
+    with pytest.raises(ManifestError, match=r"run/manifest.json: export export/m.onnx: .*4 dimensions"):
+        ExportEntry.parse("export/m.onnx", e, "run/manifest.json")
+    e["input"]["shape"] = ["N", 1, "x", 28]
+    with pytest.raises(ManifestError, match="export/m.onnx: .*positive integer"):
+        ExportEntry.parse("export/m.onnx", e, "run/manifest.json")
+
+
+def test_another_thread_on_a_locked_run_folder_is_refused(tmp_path):
+    """flock is per process: without its own check a second thread shared the lock and its staging
+    clean-up deleted the first thread's live staging folder.  Now it is refused like a second
+    process, while the holding thread stays re-entrant."""
+    import threading
+
+    from dafar.run import RunFolder, run_lock
+
+    run = _run(tmp_path / "run")
+    got, inside, release = [], threading.Event(), threading.Event()
+
+    def hold():
+        with RunFolder.open(run).staging("export", log=lambda *a: None) as live:
+            with run_lock(run, "register"):  # re-entrant in its own thread
+                inside.set()
+                release.wait(30)
+                got.append(live.is_dir())
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert inside.wait(30)
+    try:
+        with pytest.raises(RunFolderError, match="in use by dafar export in another thread"):
+            with RunFolder.open(run).staging("quantize", log=lambda *a: None):
+                pass
+    finally:
+        release.set()
+        t.join(30)
+    assert got == [True]  # its staging folder survived the other thread's attempt
+    with RunFolder.open(run).staging("quantize", log=lambda *a: None):
+        pass  # free once the holder is done
+
+
+def test_stale_cleanup_spares_a_fresh_atomic_write(tmp_path):
+    import os
+    import time
+
+    from dafar.manifest import clean_stale_staging
+
+    run = _run(tmp_path / "run")
+    (run / "bench").mkdir()
+    fresh, old = run / "bench" / ".summary.json.abc.tmp", run / ".report.md.def.tmp"
+    fresh.write_text("being written")
+    old.write_text("left by a crash")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert clean_stale_staging(run) == [".report.md.def.tmp"]
+    assert fresh.is_file() and not old.exists()

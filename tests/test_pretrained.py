@@ -60,8 +60,10 @@ def test_materialize_errors(tmp_path):
         pretrained.materialize("imagenet", tmp_path / "x")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
-    with pytest.raises(RunFolderError, match="exists"):
+    # a folder of the user's is refused without suggesting --overwrite (which would refuse it too)
+    with pytest.raises(RunFolderError, match="not a dafar run folder") as info:
         pretrained.materialize("mnist", tmp_path / "taken")
+    assert "pass --overwrite" not in str(info.value)
     with pytest.raises(RunFolderError, match="not a dafar run folder"):
         pretrained.materialize("mnist", tmp_path / "taken", overwrite=True)
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"  # nothing lost

@@ -71,7 +71,9 @@ def test_fault_report_counts_each_class(tmp_path):
 
     rows = [{"class": "array-likes", "case": "a", "expected": "x", "ok": True, "detail": "d|e"},
             {"class": "array-likes", "case": "b", "expected": "x", "ok": False, "detail": "line\nbreak"},
-            {"class": "concurrency", "case": "c", "expected": "x", "ok": True, "detail": ""}]
+            {"class": "concurrency", "case": "c", "expected": "x", "ok": True, "detail": ""},
+            {"class": "concurrency", "case": "d", "expected": "x", "ok": True, "detail": "", "skipped": True}]
     text = "\n".join(_fault_section(rows))
-    assert "| array-likes | 2 | 1 (FAILURES) |" in text and "| concurrency | 1 | 1 |" in text
-    assert "| all | 3 | 2 |" in text and "d/e" in text and "line break" in text
+    assert "| array-likes | 2 | 1 (FAILURES) |" in text and "| concurrency | 2 | 1 (1 skipped: could not" in text
+    assert "| all | 4 | 2 (1 skipped" in text and "d/e" in text and "line break" in text
+    assert "| concurrency | d | x | skipped |" in text  # not "ok": a case that did not run passed nothing

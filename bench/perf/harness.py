@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dafar.errors import ConfigError
+from dafar.errors import ConfigError, MissingExtraError
 from dafar.manifest import atomic_write_json, classifier_alone_message
 from dafar.limits import check_threads
 from dafar.options import option
@@ -242,6 +242,18 @@ def run_bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=p
         raise ConfigError(classifier_alone_message(m, run_dir)
                           or f"{run_dir} has no exported models to benchmark: run `dafar export` (and `dafar quantize`) first")
     models = list(cfg.models) if cfg.models else list(exports)
+    skipped_formats: list[str] = []
+    if cfg.device_only and not cfg.models:  # a device install has one backend: time what it can run
+        from dafar.runtime.backends import installed_suffixes
+
+        have = installed_suffixes()
+        skipped_formats = sorted({Path(r).suffix for r in models} - have)
+        models = [r for r in models if Path(r).suffix in have]
+        if not models:
+            raise MissingExtraError(f"{run_dir} holds {', '.join(skipped_formats)} models and this install runs none of "
+                                    "them: pip install 'dafar[litert]' (.tflite) or 'dafar[onnx-runtime]' (.onnx)")
+        if skipped_formats:
+            log(f"--device-only: no runtime installed for the {', '.join(skipped_formats)} files; timing the others")
     missing = [r for r in models if r not in exports]
     if missing:
         raise ConfigError(f"not models of {run_dir}: {missing}; it has {list(exports)}")
@@ -252,7 +264,7 @@ def run_bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=p
     machine = _machine()
     summary: dict = {"run": run_dir.name, "machine": machine, "config": {
         "threads": list(cfg.threads), "batches": list(cfg.batches), "runs": cfg.runs, "warmup": cfg.warmup,
-        "min_seconds": cfg.min_seconds, "device_only": cfg.device_only,
+        "min_seconds": cfg.min_seconds, "device_only": cfg.device_only, "skipped_formats": skipped_formats,
         "stage_profile": cfg.stage_profile, "gpu_readiness": cfg.gpu_readiness}, "records": [], "ratios": []}
 
     # ---- cost
@@ -271,7 +283,10 @@ def run_bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=p
     victims = {e.pair_key: rel for rel, e in specs.items() if e.graph is Graph.VICTIM}
     defences = [r for r in models if specs[r].graph is Graph.DAFAR]
     lone = [r for r in models if specs[r].graph is Graph.VICTIM]
-    from tqdm.auto import tqdm
+    try:  # a progress bar where tqdm is installed; a device install ([onnx-runtime]) has none
+        from tqdm.auto import tqdm
+    except ImportError:
+        tqdm = _no_bar
 
     groups = []
     for rel in defences:
@@ -544,3 +559,25 @@ def bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=print
 
     summary = run_bench(run_dir, cfg, data_dir=data_dir, log=log)
     return BenchResult(Path(run_dir), summary, write_bench_report(run_dir))
+
+
+def _no_bar(iterable=None, *args, **kwargs):
+    """``tqdm(...)`` where tqdm is not installed (``dafar bench --device-only`` on a device install):
+    the iterable itself, or a silent bar."""
+    return iterable if iterable is not None else _NoBar()
+
+
+class _NoBar:
+    """tqdm's bar interface, silent."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -130,6 +130,8 @@ def write_bench_report(run_dir) -> Path:
          f"onnxruntime {mc.get('onnxruntime', '-')}, ai-edge-litert {mc.get('ai-edge-litert', '-')}, "
          f"torch {mc.get('torch', '-')}.", "",
          f"Reproduce: `{reproduce_command(cfg)}`", "",
+         *([f"Not timed: the {', '.join(cfg['skipped_formats'])} files (`--device-only` on an install without "
+            "their runtime).", ""] if cfg.get("skipped_formats") else []),
          f"Timing: {cfg['warmup']} warm-up runs, then at least {cfg['runs']} timed runs per model, the defence graph and its "
          "undefended victim interleaved in blocks of 10 so machine noise hits both; the clock wraps the backend call only. "
          "This is a shared, noisy 2-core VM: compare ratios measured side by side, not absolute numbers across runs.", "",

@@ -182,7 +182,11 @@ def official_tool(run_dir, pairs: list[tuple[str, str]], threads: int = 1, runs:
     alternating defence and victim ``rounds`` times; the ratio of the medians of its medians."""
     import importlib.util
 
-    if importlib.util.find_spec("ai_edge_litert.tools.benchmark_litert_model") is None:
+    try:  # (find_spec of a dotted name imports its parents: without ai_edge_litert it raises)
+        tool = importlib.util.find_spec("ai_edge_litert.tools.benchmark_litert_model")
+    except (ImportError, ValueError):
+        tool = None
+    if tool is None:
         return [{"skipped": "ai-edge-litert's benchmark_litert_model.py is not installed (ai-edge-litert >= 2.1)"}]
     rows = []
     for drel, vrel in pairs:

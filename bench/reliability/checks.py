@@ -35,6 +35,7 @@ import numpy as np
 
 from dafar.errors import ConfigError, DafarError, InputValidationError
 from dafar.manifest import atomic_write_json, atomic_write_text, classifier_alone_message, read_manifest
+from dafar.limits import check_threads
 from dafar.options import option, to_argv
 
 __all__ = ["ReliabilityConfig", "ReliabilityResult", "check_reliability", "fuzz", "file_checks", "long_run",
@@ -53,6 +54,7 @@ class ReliabilityConfig:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{k} must be a positive integer, got {v!r}")
+        check_threads(self.threads, "threads", ConfigError)  # Python threads here, bounded like a runtime's
 
 
 @dataclass(frozen=True)
@@ -521,14 +523,20 @@ def _fault_section(rows: list[dict]) -> list[str]:
          "Each case is what a new user tried (a CLI command in a subprocess, or a Python API call) with what must "
          "happen: the documented exit code and words in the message, no traceback, nothing lost.", "",
          "| class | cases | passed |", "|---|---|---|"]
+
+    def passed(xs):
+        n, skipped = sum(x["ok"] and not x.get("skipped") for x in xs), sum(bool(x.get("skipped")) for x in xs)
+        return f"{n}" + (f" ({skipped} skipped: could not be set up here)" if skipped else "") + \
+            ("" if all(x["ok"] for x in xs) else " (FAILURES)")
+
     for cls in FAULT_CLASSES:
-        mine = [x for x in rows if x["class"] == cls]
-        L.append(f"| {cls} | {len(mine)} | {sum(x['ok'] for x in mine)}{'' if all(x['ok'] for x in mine) else ' (FAILURES)'} |")
-    L += [f"| all | {len(rows)} | {sum(x['ok'] for x in rows)} |", "", "| class | case | expected | result | detail |",
+        L.append(f"| {cls} | {sum(x['class'] == cls for x in rows)} | {passed([x for x in rows if x['class'] == cls])} |")
+    L += [f"| all | {len(rows)} | {passed(rows)} |", "", "| class | case | expected | result | detail |",
           "|---|---|---|---|---|"]
     for x in rows:
         detail = x["detail"].replace("|", "/").replace("\n", " ")[:160]
-        L.append(f"| {x['class']} | {x['case']} | {x['expected']} | {'ok' if x['ok'] else 'FAILED'} | {detail} |")
+        result = "skipped" if x.get("skipped") else "ok" if x["ok"] else "FAILED"
+        L.append(f"| {x['class']} | {x['case']} | {x['expected']} | {result} | {detail} |")
     return L + [""]
 
 
