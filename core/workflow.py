@@ -46,7 +46,8 @@ def pipeline(out: str | os.PathLike, config=None, *, pretrained: str | None = No
 
     ``check_images`` test images (``None``: all) measure the int8 files against float and every
     file's accuracy in the benchmark; with it the int8 detection check uses 100 adversarial images
-    per attack and the report leaves out the naive int8 layout (``full`` keeps both).  ``dafar
+    per attack, the report leaves out the naive int8 layout and the benchmark its per-stage profile
+    and GPU-readiness sections (``full`` keeps them all).  ``dafar
     quantize`` and ``dafar bench`` on their own use the whole test set."""
     from dafar.bench import BenchConfig
     from dafar.bench import bench as run_bench
@@ -92,7 +93,13 @@ def pipeline(out: str | os.PathLike, config=None, *, pretrained: str | None = No
         stages["quantize"] = run_quantize(run, qcfg, data_dir=data_dir, log=log)
     if bench:
         log("== bench")
-        bcfg = BenchConfig(threads=(1, 2), accuracy_images=check_images,
+        quick = check_images is not None and not full
+        # The quick look times, sizes and scores every file; the bench report's deeper sections
+        # (per-stage profile with LiteRT's official tool beside ours, GPU readiness) cost about
+        # 35 s of a 5-minute main job on a slow 2-core VM, so they come with --full or `dafar bench
+        # RUN` (the published model's full report: bench/results/mnist/bench_report.md).
+        bcfg = BenchConfig(threads=(1, 2), accuracy_images=check_images, stage_profile=not quick,
+                           gpu_readiness=not quick,
                            fp16_images=min(250, check_images) if check_images is not None else BenchConfig().fp16_images)
         stages["bench"] = run_bench(run, bcfg, data_dir=data_dir, log=log)
     return PipelineResult(Path(run), write_run_report(run), stages)

@@ -112,6 +112,34 @@ def test_bench_small_run_writes_records_and_report(run_clone):
 
 
 @pytest.mark.slow
+def test_fp16_weight_tflite_files_are_converted_and_compared(run_clone):
+    """--fp16-tflite: every float batch-1 float-nchw TFLite graph gets an fp16-weights twin (half
+    the size, DEQUANTIZE ops for its weights, builtin ops only) that LiteRT runs and the report
+    compares with the float32 file."""
+    from dafar.bench.perf.harness import run_bench
+    from dafar.bench.perf.report import write_bench_report
+
+    models = ("export/dafar-l2-float-nchw-b1.tflite", "export/victim-float-nchw-b1.tflite")
+    cfg = BenchConfig(threads=(1,), runs=5, warmup=1, models=models, accuracy_images=0, memory=False, torch=False,
+                      gpu=False, stage_profile=False, fp16_images=200, fp16_tflite=True)
+    s = run_bench(run_clone, cfg, log=lambda *a: None)
+    rows = {r["model"]: r for r in s["gpu_readiness"]["fp16_tflite"]["rows"]}
+    # every float-nchw batch-1 TFLite graph of the run, not only the timed ones
+    assert {"export/dafar-l2-float-nchw-b1.tflite", "export/dafar-autoencoder-float-nchw-b1.tflite",
+            "export/victim-float-nchw-b1.tflite"} <= set(rows)
+    for rel, r in rows.items():
+        f = run_clone / r["fp16_file"]
+        assert f.is_file() and f.parent == run_clone / "bench" / "fp16"
+        assert r["dequantize_ops"] > 0 and r["bytes_fp16"] < 0.6 * r["bytes_fp32"], r
+        assert r["images"] == 200 and r["label_agreement"] >= 0.99, r
+    d = rows["export/dafar-l2-float-nchw-b1.tflite"]
+    # fp16 weights move the score a little, not to zero and not far
+    assert 0 < d["score_rel_diff_median"] < 0.01 and d["decision_agreement"] >= 0.98, d
+    text = write_bench_report(run_clone).read_text()
+    assert "fp16-weights TFLite files" in text and "dafar-l2-float-nchw-b1.tflite" in text
+
+
+@pytest.mark.slow
 def test_bench_device_only_has_no_torch(exported_run, tmp_path):
     """`dafar bench --device-only` in a process where torch cannot be imported."""
     import shutil

@@ -109,9 +109,18 @@ def _files(manifest: dict) -> list[tuple[str, dict]]:
 
 
 def _kind(e: dict, manifest: dict) -> str:
-    mode = (manifest.get("training") or {}).get("mode") or manifest.get("mode") or "joint"
-    det = e.get("detector") or "-"
-    return f"{e.get('precision', 'float')} {e['format']} {e['graph']} {det} {e['contract']} ({mode})"
+    """What the file is: precision (and int8 layout), format, graph, detector, input contract, the
+    graph's output mode (hybrid or detect: the file's own, not the training's) and, in brackets,
+    how its weights were trained."""
+    training = (manifest.get("training") or {}).get("mode") or manifest.get("mode") or "joint"
+    prec = e.get("precision", "float32")
+    if prec == "int8" and e.get("layout"):
+        prec = f"int8 {e['layout']}"
+    parts = [prec, e["format"], e["graph"]]
+    if e.get("graph") == "dafar":
+        parts += [e.get("detector") or "-", e.get("mode") or "hybrid"]
+    parts.append(e["contract"])
+    return " ".join(parts) + f" ({training} training)"
 
 
 def _probe(py: str, rt: Runtime, model: Path, x_path: Path, work: Path, node_modules: str | None,
@@ -288,16 +297,48 @@ def write_matrix_report(res: dict, out_dir, cmd: str) -> Path:
             else:
                 cells.append("ran")
         L.append(f"| `{Path(rel).name}` | {row['kind']} | " + " | ".join(cells) + " |")
-    path = out / "README.md"
+    L[2:2] = _summary_lines(res, rts)
+    # matrix.md, not README.md: a results folder's README holds the findings someone wrote about
+    # the table, and regenerating the table must not erase them
+    path = out / "matrix.md"
     atomic_write_text(path, "\n".join(L) + "\n")
     return path
+
+
+def _summary_lines(res: dict, rts: list[str]) -> list[str]:
+    """Per runtime, over every defence file it read: how many ran, the lowest label and decision
+    agreement, the lowest share of scores within SCORE_RTOL and the largest difference, so the
+    issue's bar (decisions identical, >= 99.9% of scores within 1e-3) is read off one table."""
+    L = ["Per runtime, over every file it reads (the decision and score columns: defence files; victims add their labels):", "",
+         "| runtime | files run | lowest label agreement | lowest decision agreement | "
+         f"lowest share of scores within {SCORE_RTOL:g} | largest score difference | meets the bar |",
+         "|---|---|---|---|---|---|---|"]
+    for k in rts:
+        cells = [(rel, row["cells"][k]) for rel, row in res["files"].items() if k in row["cells"]]
+        if not cells:
+            continue
+        ran = [c for _, c in cells if c.get("ran")]
+        skipped = [c for _, c in cells if c.get("skipped")]
+        if len(skipped) == len(cells):
+            L.append(f"| {k} | skipped | - | - | - | - | - |")
+            continue
+        lab = min((c["label_agreement"] for c in ran if "label_agreement" in c), default=None)
+        dec = [c for c in ran if "decision_agreement" in c]
+        dmin = min((c["decision_agreement"] for c in dec), default=None)
+        wmin = min((c["score_within_1e-3"] for c in dec), default=None)
+        smax = max((c["score_rel_max"] for c in dec), default=None)
+        ok = len(ran) == len(cells) and (dmin is None or dmin == 1.0) and (wmin is None or wmin >= 0.999)
+        pct = (lambda v: "-" if v is None else f"{100 * v:.1f}%")
+        L.append(f"| {k} | {len(ran)} of {len(cells)} | {pct(lab)} | {pct(dmin)} | {pct(wmin)} | "
+                 f"{'-' if smax is None else f'{smax:.1e}'} | {'yes' if ok else '**no**'} |")
+    return L + [""]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m dafar.bench.compat.matrix", description=__doc__.split("\n\n")[0])
     p.add_argument("run")
     p.add_argument("--images", type=int, default=1000)
-    p.add_argument("--out", default=None, help="folder for matrix.json and README.md (default: RUN/compat)")
+    p.add_argument("--out", default=None, help="folder for matrix.json and matrix.md (default: RUN/compat)")
     p.add_argument("--envs", default=None, help="where the runtimes' virtual environments live")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--only", default=None, help="comma list of runtimes (default: all)")

@@ -14,6 +14,11 @@ Two checks, both part of ``dafar bench`` (skipped with ``--no-gpu-readiness`` or
   reject-decision agreement, the score's relative drift, and how many clean images the drift moves
   across alpha.  int8 files are not simulated: a GPU delegate dequantizes them and computes in
   fp16, so their fidelity is bounded by both this and the int8 report.
+* **fp16-weights TFLite files** (``--fp16-tflite``): each float graph converted again, batch 1,
+  with the TFLite converter's float16 weight option (the file usually handed to a GPU delegate; half
+  the size), and run by LiteRT on the CPU against the float32 file.  A CPU interpreter dequantizes
+  the weights to fp32, so this isolates the rounding of the weights; the torch rows above add fp16
+  arithmetic.  The files are kept in ``RUN/bench/fp16/`` for trying on a phone's GPU delegate.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["delegate_verdicts", "fp16_fidelity", "parse_analyzer"]
+__all__ = ["delegate_verdicts", "fp16_fidelity", "fp16_tflite_fidelity", "parse_analyzer"]
 
 _COMPATIBLE = "looks compatible with GPU delegate"
 
@@ -125,5 +130,63 @@ def fp16_fidelity(run_dir, manifest: dict, images_u8: np.ndarray, labels: np.nda
                         # clean images whose fp32 score lies within the 99th-percentile drift of
                         # alpha: the ones an fp16 GPU could decide either way
                         "near_alpha": int(np.sum(np.abs(s32 - alpha) <= np.percentile(rel, 99) * alpha))})
+        rows.append(row)
+    return rows
+
+
+def fp16_tflite_fidelity(run_dir, manifest: dict, images_u8: np.ndarray, labels: np.ndarray, log=print) -> list[dict]:
+    """Every float32 batch-1 float-nchw TFLite graph of the run against its float16-weights twin
+    (converted here into ``RUN/bench/fp16/``), both on LiteRT's CPU interpreter, on the same
+    images: label and decision agreement, score drift, file sizes."""
+    import tempfile
+
+    from dafar.export.api import source_onnx
+    from dafar.export.tflite_export import check_builtin_only, convert_to_tflite
+    from dafar.runtime.backends import LiteRTRunner
+    from dafar.schema import Graph, InputContract, output_names
+    from dafar.train.loading import load_dafar
+
+    run_dir = Path(run_dir)
+    net, m = load_dafar(run_dir, manifest)
+    norm = m["input"]["normalization"]
+    chw = tuple(int(v) for v in images_u8.shape[1:])
+    x = InputContract.FLOAT_NCHW.from_pixels(images_u8)
+    out_dir = run_dir / "bench" / "fp16"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for rel, e in sorted(m.get("exports", {}).items()):
+        if (e.get("format") != "tflite" or e.get("precision", "float32") != "float32" or e.get("batch") != 1
+                or e.get("contract") != InputContract.FLOAT_NCHW.value):
+            continue
+        graph = Graph(e["graph"])
+        mode = (e.get("mode") or "hybrid") if graph is Graph.DAFAR else "hybrid"
+        names = output_names(graph, mode)
+        dst = out_dir / Path(rel).name.replace("-b1.tflite", "-fp16w-b1.tflite")
+        with tempfile.TemporaryDirectory(prefix="dafar-fp16-") as tmp:
+            src = source_onnx(net, graph, e.get("detector"), e.get("alpha"), norm, chw, 1, Path(tmp) / "src.onnx", mode)
+            convert_to_tflite(src, dst, contract=InputContract.FLOAT_NCHW.value, batch=1, input_chw=chw,
+                              output_names=names, worker="dafar.bench.perf._fp16_worker")
+        ops = check_builtin_only(dst)
+        full = LiteRTRunner(run_dir / rel, threads=1).run(x)
+        half = LiteRTRunner(dst, threads=1).run(x)
+        row = {"model": rel, "fp16_file": str(dst.relative_to(run_dir)), "images": int(len(x)),
+               "bytes_fp32": (run_dir / rel).stat().st_size, "bytes_fp16": dst.stat().st_size,
+               "dequantize_ops": int(ops.get("DEQUANTIZE", 0)),
+               "label_agreement": float(np.mean(full["label"] == half["label"])),
+               "fp16_label_acc": float(np.mean(half["label"].astype(np.int64) == labels)),
+               "fp32_label_acc": float(np.mean(full["label"].astype(np.int64) == labels))}
+        if graph is Graph.DAFAR:
+            s32, s16 = full["score"].astype(np.float64), half["score"].astype(np.float64)
+            rel_d = np.abs(s16 - s32) / np.maximum(np.abs(s32), 1e-12)
+            row.update({"alpha": e.get("alpha"), "decision_agreement": float(np.mean(full["rejected"] == half["rejected"])),
+                        "decisions_flipped": int(np.sum(full["rejected"] != half["rejected"])),
+                        "fpr_fp32": float(np.mean(full["rejected"])), "fpr_fp16": float(np.mean(half["rejected"])),
+                        "score_rel_diff_median": float(np.median(rel_d)), "score_rel_diff_max": float(rel_d.max()),
+                        "scores_within_1e-3": float(np.mean(rel_d <= 1e-3))})
+        else:
+            row["max_logit_diff"] = float(np.max(np.abs(full["logits"] - half["logits"])))
+        log(f"fp16-weights {rel}: labels agree {100 * row['label_agreement']:.2f}%"
+            + (f", decisions {100 * row['decision_agreement']:.2f}%, score drift max {row['score_rel_diff_max']:.1e}"
+               if "decision_agreement" in row else ""))
         rows.append(row)
     return rows

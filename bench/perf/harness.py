@@ -68,6 +68,9 @@ class BenchConfig:
                                             "file; float16 against float32 on the float graphs)")
     # torch has no fast float16 convolutions on a CPU: 1,000 images cost about 20 s on MNIST
     fp16_images: int = option(1000, help="test images for the float16 fidelity check")
+    # off by default: one TFLite conversion per float graph (about 30 s each here)
+    fp16_tflite: bool = option(False, help="also convert each float graph to a float16-weights TFLite file (what a GPU "
+                                           "delegate is usually given) and compare it with the float32 file on LiteRT")
     device_only: bool = option(False, help="only the runtime (numpy + backend): for a Pi or phone with the run folder "
                                            "copied over")
 
@@ -265,7 +268,11 @@ def run_bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=p
     summary: dict = {"run": run_dir.name, "machine": machine, "config": {
         "threads": list(cfg.threads), "batches": list(cfg.batches), "runs": cfg.runs, "warmup": cfg.warmup,
         "min_seconds": cfg.min_seconds, "device_only": cfg.device_only, "skipped_formats": skipped_formats,
-        "stage_profile": cfg.stage_profile, "gpu_readiness": cfg.gpu_readiness}, "records": [], "ratios": []}
+        "stage_profile": cfg.stage_profile, "gpu_readiness": cfg.gpu_readiness,
+        # the rest of the config, so the report's reproduce line rebuilds it whole
+        "models": None if cfg.models is None else list(cfg.models), "accuracy_images": cfg.accuracy_images,
+        "memory": cfg.memory, "torch": cfg.torch, "gpu": cfg.gpu, "fp16_images": cfg.fp16_images,
+        "fp16_tflite": cfg.fp16_tflite}, "records": [], "ratios": []}
 
     # ---- cost
     sub = subnet_costs(m)
@@ -342,7 +349,7 @@ def run_bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=p
     if cfg.gpu:
         summary["gpu"] = _gpu_rows(run_dir, models, exports, cfg, chw, log)
     if cfg.gpu_readiness:
-        summary["gpu_readiness"] = _gpu_readiness(run_dir, m, models, data_dir, log, cfg.fp16_images)
+        summary["gpu_readiness"] = _gpu_readiness(run_dir, m, models, data_dir, log, cfg.fp16_images, cfg.fp16_tflite)
     if cfg.stage_profile:
         summary["stages"] = _stage_rows(run_dir, m, models, exports, summary["ratios"], cfg, log)
 
@@ -520,10 +527,10 @@ def _stage_rows(run_dir: Path, m: dict, models, exports, ratios, cfg: BenchConfi
     return out
 
 
-def _gpu_readiness(run_dir: Path, m: dict, models, data_dir, log, images: int = 1000) -> dict:
+def _gpu_readiness(run_dir: Path, m: dict, models, data_dir, log, images: int = 1000, tflite: bool = False) -> dict:
     """The GPU delegate analyzer's verdict per .tflite file and fp16 fidelity of the float graphs
     (:mod:`dafar.bench.perf.gpu_ready`): what can be said about a phone's GPU without one."""
-    from .gpu_ready import delegate_verdicts, fp16_fidelity
+    from .gpu_ready import delegate_verdicts, fp16_fidelity, fp16_tflite_fidelity
 
     out: dict = {"analyzer": delegate_verdicts(run_dir, models)}
     try:
@@ -541,6 +548,11 @@ def _gpu_readiness(run_dir: Path, m: dict, models, data_dir, log, images: int = 
         log(f"fp16 {r['graph']} {r['detector'] or ''} {r['mode'] or ''}: labels agree {100 * r['label_agreement']:.2f}%"
             + (f", decisions {100 * r['decision_agreement']:.2f}%, score drift median {r['score_rel_diff_median']:.1e}"
                if "decision_agreement" in r else ""))
+    if tflite:
+        try:
+            out["fp16_tflite"] = {"rows": fp16_tflite_fidelity(run_dir, m, test.images, test.labels.astype(np.int64), log)}
+        except ImportError as exc:  # TensorFlow/onnx2tf (the export extra) missing: say so, keep the rest
+            out["fp16_tflite"] = {"skipped": str(exc)}
     return out
 
 

@@ -109,10 +109,17 @@ def reproduce_command(cfg: dict) -> str:
     """``dafar bench`` with the flags that rebuild a recorded configuration (``bench/summary.json``)."""
     from .harness import BenchConfig
 
+    d = BenchConfig()
+    models = cfg.get("models")
     c = BenchConfig(threads=tuple(cfg["threads"]), batches=tuple(cfg["batches"]), runs=cfg["runs"],
                     warmup=cfg.get("warmup", 20), min_seconds=cfg.get("min_seconds", 0.0),
                     device_only=bool(cfg.get("device_only")), stage_profile=cfg.get("stage_profile", True),
-                    gpu_readiness=cfg.get("gpu_readiness", True))
+                    gpu_readiness=cfg.get("gpu_readiness", True),
+                    # summaries written before these were recorded rebuild with the defaults
+                    models=None if models is None else tuple(models),
+                    accuracy_images=cfg.get("accuracy_images", d.accuracy_images), memory=cfg.get("memory", d.memory),
+                    torch=cfg.get("torch", d.torch), gpu=cfg.get("gpu", d.gpu),
+                    fp16_images=cfg.get("fp16_images", d.fp16_images), fp16_tflite=cfg.get("fp16_tflite", d.fp16_tflite))
     return " ".join(["dafar bench RUN_DIR", *to_argv(c, always=("threads", "batches", "runs"))])
 
 
@@ -324,6 +331,27 @@ def _gpu_readiness_section(s: dict) -> list[str]:
                          f"{100 * r['scores_within_1e-3']:.1f}% | {r['near_alpha']} |")
             else:
                 L.append(head + f" - | - | logits max diff {r['max_logit_diff']:.1e} | - | - |")
+        L.append("")
+    ft = g.get("fp16_tflite", {})
+    if "skipped" in ft:
+        L.append(f"fp16-weights TFLite files: skipped ({ft['skipped']}).")
+    elif ft.get("rows"):
+        n = ft["rows"][0]["images"]
+        L += [f"fp16-weights TFLite files (`--fp16-tflite`: each float graph converted with the TFLite converter's "
+              f"float16 weight option, the file a GPU delegate is usually given; kept in `bench/fp16/`), against "
+              f"the float32 file, both on LiteRT's CPU interpreter, {n} test images. The CPU dequantizes the "
+              "weights to fp32, so this is the weights' rounding alone; the torch rows above add fp16 arithmetic:", "",
+              "| file | size fp32 / fp16 weights | labels agree | accuracy fp32 / fp16 | reject decisions agree | "
+              "FPR fp32 / fp16 | score drift median / max | scores within 1e-3 |", "|---|---|---|---|---|---|---|---|"]
+        for r in ft["rows"]:
+            head = (f"| `{_short(r['model'])}` | {r['bytes_fp32'] / 1e3:.0f} / {r['bytes_fp16'] / 1e3:.0f} kB | "
+                    f"{100 * r['label_agreement']:.2f}% | {100 * r['fp32_label_acc']:.2f}% / {100 * r['fp16_label_acc']:.2f}% |")
+            if "decision_agreement" in r:
+                L.append(head + f" {100 * r['decision_agreement']:.2f}% ({r['decisions_flipped']} flipped) | "
+                         f"{100 * r['fpr_fp32']:.2f}% / {100 * r['fpr_fp16']:.2f}% | {r['score_rel_diff_median']:.1e} / "
+                         f"{r['score_rel_diff_max']:.1e} | {100 * r['scores_within_1e-3']:.1f}% |")
+            else:
+                L.append(head + f" - | - | logits max diff {r['max_logit_diff']:.1e} | - |")
         L.append("")
     return L
 

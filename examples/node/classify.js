@@ -57,10 +57,19 @@ function pickModel(manifest, dtype, asked) {
     return asked;
   }
   const contract = dtype === "uint8" ? "uint8-nhwc" : "float-nchw";
+  // The same order as the Python runtime's default_model (dafar.runtime.core), among the ONNX
+  // defence graphs (not victims) that take this input: int8 before float, the L2 detector,
+  // hybrid before detect mode, then the file name.
+  const rank = (e) => [e.precision === "int8" ? 0 : 1, e.detector === "l2" ? 0 : 1, (e.mode || "hybrid") === "hybrid" ? 0 : 1];
   const cands = Object.keys(exports).filter((k) => {
     const e = exports[k];
-    return e.format === "onnx" && e.graph === "dafar" && e.contract === contract;  // the defence, not the victim
-  }).sort((a, b) => (exports[a].precision === "float" ? -1 : 1) - (exports[b].precision === "float" ? -1 : 1) || a.localeCompare(b));
+    return e.format === "onnx" && e.graph === "dafar" && e.contract === contract;
+  }).sort((a, b) => {
+    const ra = rank(exports[a]);
+    const rb = rank(exports[b]);
+    for (let i = 0; i < ra.length; i++) if (ra[i] !== rb[i]) return ra[i] - rb[i];
+    return a < b ? -1 : a > b ? 1 : 0;
+  });
   if (!cands.length) fail(`no ONNX defence graph for ${contract} input in this run (run: dafar export RUN --format onnx)`);
   return cands[0];
 }
