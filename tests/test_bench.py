@@ -35,6 +35,9 @@ def test_latency_stats_and_config_errors():
         BenchConfig(threads=(0,))
     with pytest.raises(ConfigError):
         BenchConfig(runs=2)
+    for bad in (0, True, 1.5):
+        with pytest.raises(ConfigError, match="official_rounds"):
+            BenchConfig(official_rounds=bad)
     assert BenchConfig(device_only=True).torch is False
     assert BenchConfig(device_only=True).gpu_readiness is False  # the analyzer and fp16 need TensorFlow and torch
 
@@ -107,6 +110,11 @@ def test_bench_small_run_writes_records_and_report(run_clone):
     assert lit["stage_ms"]["E + F (the victim)"] > 0 and "D + score + purification" in lit["stage_ms"]
     (off,) = st["official"]
     assert off["model"] == "export/dafar-l2-float-nchw-b1.tflite" and off["official_ratio"] > 1 and "agreement" in off
+    # one official ratio and one of ours per round, ours measured beside the tool's; medians compared
+    rounds = BenchConfig().official_rounds
+    assert len(off["official_ratios"]) == len(off["our_ratios"]) == rounds
+    assert off["our_ratio"] == pytest.approx(float(np.median(off["our_ratios"])))
+    assert off["agreement"] == pytest.approx(off["official_ratio"] / off["our_ratio"] - 1)
     assert "## Where the time goes" in text and (run_clone / "plots" / "bench_stages.png").is_file()
     assert (run_clone / "plots" / "bench_latency.png").is_file()
 

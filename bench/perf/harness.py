@@ -64,6 +64,9 @@ class BenchConfig:
     gpu: bool = option(True, help="skip the CUDA rows")
     stage_profile: bool = option(True, help="skip the per-stage cost profile (ONNX Runtime's profiler; LiteRT sub-graph "
                                             "timings) and LiteRT's official benchmark tool beside ours")
+    # each round: the official tool on the defence, then on the victim (a process each), then ours
+    # on the pair interleaved; the medians over rounds are compared (one round is noise on a VM)
+    official_rounds: int = option(3, help="rounds of LiteRT's official benchmark tool beside ours per defence file")
     gpu_readiness: bool = option(True, help="skip the GPU-readiness checks (the GPU delegate analyzer on each .tflite "
                                             "file; float16 against float32 on the float graphs)")
     # torch has no fast float16 convolutions on a CPU: 1,000 images cost about 20 s on MNIST
@@ -86,6 +89,8 @@ class BenchConfig:
             raise ConfigError(f"runs must be an integer >= 5, got {self.runs!r}")
         if not isinstance(self.warmup, int) or self.warmup < 0:
             raise ConfigError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+        if not isinstance(self.official_rounds, int) or isinstance(self.official_rounds, bool) or self.official_rounds < 1:
+            raise ConfigError(f"official_rounds must be a positive integer, got {self.official_rounds!r}")
         if not isinstance(self.fp16_images, int) or isinstance(self.fp16_images, bool) or self.fp16_images < 1:
             raise ConfigError(f"fp16_images must be a positive integer, got {self.fp16_images!r}")
         if self.min_seconds < 0:
@@ -272,7 +277,7 @@ def run_bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=p
         # the rest of the config, so the report's reproduce line rebuilds it whole
         "models": None if cfg.models is None else list(cfg.models), "accuracy_images": cfg.accuracy_images,
         "memory": cfg.memory, "torch": cfg.torch, "gpu": cfg.gpu, "fp16_images": cfg.fp16_images,
-        "fp16_tflite": cfg.fp16_tflite}, "records": [], "ratios": []}
+        "fp16_tflite": cfg.fp16_tflite, "official_rounds": cfg.official_rounds}, "records": [], "ratios": []}
 
     # ---- cost
     sub = subnet_costs(m)
@@ -517,10 +522,15 @@ def _stage_rows(run_dir: Path, m: dict, models, exports, ratios, cfg: BenchConfi
             out["litert"].append(row)
     pairs = [(r["model"], r["victim"]) for r in ratios
              if r["threads"] == threads and r["batch"] == 1 and r["model"].endswith(".tflite")]
-    ours = {r["model"]: r["latency_ratio"] for r in ratios if r["threads"] == threads and r["batch"] == 1}
-    for row in official_tool(run_dir, pairs, threads, runs=cfg.runs, warmup=cfg.warmup):
-        if row.get("official_ratio") is not None:
-            row["our_ratio"] = ours[row["model"]]
+    chw = tuple(m["input"]["shape"])
+
+    def ours(drel: str, vrel: str) -> float:  # our interleaved ratio, measured right after the tool's
+        md, mv = _measure([_Timed(run_dir, drel, threads, 1, chw), _Timed(run_dir, vrel, threads, 1, chw)], cfg)
+        return float(np.median(md) / np.median(mv))
+
+    for row in official_tool(run_dir, pairs, threads, runs=cfg.runs, warmup=cfg.warmup, rounds=cfg.official_rounds,
+                             ours=ours):
+        if row.get("official_ratio") is not None and row.get("our_ratio"):
             row["agreement"] = row["official_ratio"] / row["our_ratio"] - 1
             log(f"official tool {row['model']}: ratio {row['official_ratio']:.2f}, ours {row['our_ratio']:.2f}")
         out["official"].append(row)

@@ -177,9 +177,12 @@ def _official_once(path: Path, threads: int, runs: int, warmup: int) -> dict:
 
 
 def official_tool(run_dir, pairs: list[tuple[str, str]], threads: int = 1, runs: int = 100, warmup: int = 10,
-                  rounds: int = 2) -> list[dict]:
+                  rounds: int = 2, ours=None) -> list[dict]:
     """LiteRT's own ``benchmark_litert_model.py`` on each (defence, victim) pair of .tflite files,
-    alternating defence and victim ``rounds`` times; the ratio of the medians of its medians."""
+    alternating defence and victim ``rounds`` times.  Each round gives one official ratio (its
+    defence median over its victim median) and, with ``ours(defence, victim) -> ratio``, one of
+    ours measured right after it, so both see the same minutes of a noisy machine; the row holds
+    the per-round ratios and their medians."""
     import importlib.util
 
     try:  # (find_spec of a dotted name imports its parents: without ai_edge_litert it raises)
@@ -190,16 +193,23 @@ def official_tool(run_dir, pairs: list[tuple[str, str]], threads: int = 1, runs:
         return [{"skipped": "ai-edge-litert's benchmark_litert_model.py is not installed (ai-edge-litert >= 2.1)"}]
     rows = []
     for drel, vrel in pairs:
-        med_d, med_v = [], []
+        med_d, med_v, off_r, our_r = [], [], [], []
         try:
             for _ in range(rounds):
                 med_d.append(_official_once(Path(run_dir) / drel, threads, runs, warmup)["median_ms"])
                 med_v.append(_official_once(Path(run_dir) / vrel, threads, runs, warmup)["median_ms"])
+                if med_v[-1] > 0:
+                    off_r.append(med_d[-1] / med_v[-1])
+                if ours is not None:
+                    our_r.append(float(ours(drel, vrel)))
         except (RuntimeError, subprocess.TimeoutExpired, OSError, ValueError, KeyError) as exc:
             rows.append({"model": drel, "victim": vrel, "error": f"{type(exc).__name__}: {exc}"})
             continue
         d, v = float(np.median(med_d)), float(np.median(med_v))
-        rows.append({"model": drel, "victim": vrel, "threads": threads, "official_median_ms": d,
-                     "official_victim_median_ms": v, "official_ratio": d / v if v > 0 else None,
-                     "rounds": rounds, "runs": runs})
+        row = {"model": drel, "victim": vrel, "threads": threads, "official_median_ms": d,
+               "official_victim_median_ms": v, "official_ratio": float(np.median(off_r)) if off_r else None,
+               "official_ratios": off_r, "rounds": rounds, "runs": runs}
+        if our_r:
+            row.update({"our_ratio": float(np.median(our_r)), "our_ratios": our_r})
+        rows.append(row)
     return rows
