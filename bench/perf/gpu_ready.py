@@ -87,6 +87,28 @@ def _outputs(module, x: np.ndarray, names, dtype, batch: int = 250) -> dict[str,
     return {n: np.concatenate(v) for n, v in outs.items()}
 
 
+def _fp32_vs_fp16(full: dict, half: dict, labels: np.ndarray, alpha: float | None) -> dict:
+    """One graph's outputs in fp32 against fp16 (torch half, or fp16 weights on LiteRT): labels
+    and logits, and for a defence graph (``alpha`` given) decisions, FPR and the score's drift."""
+    lf, lh = full["label"].astype(np.int64), half["label"].astype(np.int64)
+    row = {"label_agreement": float(np.mean(lf == lh)), "fp32_label_acc": float(np.mean(lf == labels)),
+           "fp16_label_acc": float(np.mean(lh == labels)),
+           "max_logit_diff": float(np.max(np.abs(full["logits"] - half["logits"])))}
+    if alpha is None:
+        return row
+    s32, s16 = full["score"].astype(np.float64), half["score"].astype(np.float64)
+    rel = np.abs(s16 - s32) / np.maximum(np.abs(s32), 1e-12)
+    p99 = float(np.percentile(rel, 99))
+    return {**row, "alpha": alpha, "decision_agreement": float(np.mean(full["rejected"] == half["rejected"])),
+            "decisions_flipped": int(np.sum(full["rejected"] != half["rejected"])),
+            "fpr_fp32": float(np.mean(full["rejected"])), "fpr_fp16": float(np.mean(half["rejected"])),
+            "score_rel_diff_median": float(np.median(rel)), "score_rel_diff_p99": p99,
+            "score_rel_diff_max": float(rel.max()), "scores_within_1e-3": float(np.mean(rel <= 1e-3)),
+            # clean images whose fp32 score lies within the 99th-percentile drift of alpha: the
+            # ones an fp16 GPU could decide either way
+            "near_alpha": int(np.sum(np.abs(s32 - alpha) <= p99 * alpha))}
+
+
 def fp16_fidelity(run_dir, manifest: dict, images_u8: np.ndarray, labels: np.ndarray) -> list[dict]:
     """float16 against float32 for every float graph the run exported (torch, CPU): one row per
     (graph, detector, mode) with label/decision agreement and the score's relative drift."""
@@ -114,22 +136,7 @@ def fp16_fidelity(run_dir, manifest: dict, images_u8: np.ndarray, labels: np.nda
         full = _outputs(mod, x, names, torch.float32)
         half = _outputs(copy.deepcopy(mod).half(), x, names, torch.float16)
         row = {"graph": graph, "detector": det, "mode": mode, "images": int(len(x)),
-               "label_agreement": float(np.mean(full["label"] == half["label"])),
-               "fp32_label_acc": float(np.mean(full["label"] == labels)),
-               "fp16_label_acc": float(np.mean(half["label"] == labels)),
-               "max_logit_diff": float(np.max(np.abs(full["logits"] - half["logits"])))}
-        if Graph(graph) is Graph.DAFAR:
-            s32, s16 = full["score"].astype(np.float64), half["score"].astype(np.float64)
-            rel = np.abs(s16 - s32) / np.maximum(np.abs(s32), 1e-12)
-            row.update({"alpha": alpha, "decision_agreement": float(np.mean(full["rejected"] == half["rejected"])),
-                        "decisions_flipped": int(np.sum(full["rejected"] != half["rejected"])),
-                        "fpr_fp32": float(np.mean(full["rejected"])), "fpr_fp16": float(np.mean(half["rejected"])),
-                        "score_rel_diff_median": float(np.median(rel)), "score_rel_diff_p99": float(np.percentile(rel, 99)),
-                        "score_rel_diff_max": float(rel.max()),
-                        "scores_within_1e-3": float(np.mean(rel <= 1e-3)),
-                        # clean images whose fp32 score lies within the 99th-percentile drift of
-                        # alpha: the ones an fp16 GPU could decide either way
-                        "near_alpha": int(np.sum(np.abs(s32 - alpha) <= np.percentile(rel, 99) * alpha))})
+               **_fp32_vs_fp16(full, half, labels, alpha if Graph(graph) is Graph.DAFAR else None)}
         rows.append(row)
     return rows
 
@@ -172,19 +179,7 @@ def fp16_tflite_fidelity(run_dir, manifest: dict, images_u8: np.ndarray, labels:
         row = {"model": rel, "fp16_file": str(dst.relative_to(run_dir)), "images": int(len(x)),
                "bytes_fp32": (run_dir / rel).stat().st_size, "bytes_fp16": dst.stat().st_size,
                "dequantize_ops": int(ops.get("DEQUANTIZE", 0)),
-               "label_agreement": float(np.mean(full["label"] == half["label"])),
-               "fp16_label_acc": float(np.mean(half["label"].astype(np.int64) == labels)),
-               "fp32_label_acc": float(np.mean(full["label"].astype(np.int64) == labels))}
-        if graph is Graph.DAFAR:
-            s32, s16 = full["score"].astype(np.float64), half["score"].astype(np.float64)
-            rel_d = np.abs(s16 - s32) / np.maximum(np.abs(s32), 1e-12)
-            row.update({"alpha": e.get("alpha"), "decision_agreement": float(np.mean(full["rejected"] == half["rejected"])),
-                        "decisions_flipped": int(np.sum(full["rejected"] != half["rejected"])),
-                        "fpr_fp32": float(np.mean(full["rejected"])), "fpr_fp16": float(np.mean(half["rejected"])),
-                        "score_rel_diff_median": float(np.median(rel_d)), "score_rel_diff_max": float(rel_d.max()),
-                        "scores_within_1e-3": float(np.mean(rel_d <= 1e-3))})
-        else:
-            row["max_logit_diff"] = float(np.max(np.abs(full["logits"] - half["logits"])))
+               **_fp32_vs_fp16(full, half, labels, e.get("alpha") if graph is Graph.DAFAR else None)}
         log(f"fp16-weights {rel}: labels agree {100 * row['label_agreement']:.2f}%"
             + (f", decisions {100 * row['decision_agreement']:.2f}%, score drift max {row['score_rel_diff_max']:.1e}"
                if "decision_agreement" in row else ""))
