@@ -69,6 +69,11 @@ def test_readme_commands_and_ci_agree():
     assert "dafar" in main_cmd and "pytest" in test_cmd
     ci = (REPO / ".ci" / "run").read_text()
     assert test_cmd.strip() in ci, ".ci/run must run README's test command verbatim"
+    # torch is installed by pip first (pip.conf's find-links holds the CPU build on these machines;
+    # uv reads no pip.conf), so both commands name the same torch as pyproject.toml's pin
+    pin = re.search(r'"torch==([^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    for cmd in (main_cmd, test_cmd):
+        assert f"torch=={pin} " in cmd, f"README's install must pin the torch of pyproject.toml ({pin}): {cmd}"
 
 
 def test_opt_in_checks_are_chosen_by_marker_not_by_folder_name(tmp_path):
