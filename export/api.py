@@ -204,20 +204,36 @@ def _export_onnx(job: _Job, module, x, ref, common, staging: Path, run: RunFolde
                   "validation": report, "seconds": round(time.perf_counter() - t0, 2)}}
 
 
-def _export_tflite(job: _Job, net, x, ref, common, staging: Path, run: RunFolder, cfg: ExportConfig, log) -> dict:
+def _start_conversions(jobs: list[_Job], net, staging: Path, run: RunFolder, cfg: ExportConfig, conversions) -> None:
+    """Every TFLite file's conversion, started now in the background (its static-batch source ONNX
+    built here, with torch, in this thread); :func:`_export_tflite` waits for each in turn."""
+    from .tflite_export import convert_to_tflite
+
+    def convert(src: Path, dst: Path, **kw) -> Path:
+        try:
+            return convert_to_tflite(src, dst, **kw)
+        finally:
+            src.unlink(missing_ok=True)
+
+    for job in jobs:
+        for batch in cfg.tflite_batches:
+            src = source_onnx(net, job.graph, job.detector, job.alpha, run.normalization, run.chw, batch,
+                              staging / f"{job.stem}-b{batch}.src.onnx", job.mode or Mode.HYBRID)
+            conversions.submit((job.stem, batch), convert, src, staging / f"{job.stem}-b{batch}.tflite",
+                               contract=job.contract.value, batch=batch, input_chw=run.chw, output_names=job.names)
+
+
+def _export_tflite(job: _Job, conversions, x, ref, common, staging: Path, run: RunFolder, cfg: ExportConfig,
+                   log) -> dict:
     from dafar.runtime.backends import LiteRTRunner
 
-    from .tflite_export import check_builtin_only, convert_to_tflite, min_runtime_version
+    from .tflite_export import check_builtin_only, min_runtime_version
 
     out: dict = {}
     for batch in cfg.tflite_batches:
         t0 = time.perf_counter()
         rel = f"export/{job.stem}-b{batch}.tflite"
-        src = source_onnx(net, job.graph, job.detector, job.alpha, run.normalization, run.chw, batch,
-                          staging / f"{job.stem}-b{batch}.src.onnx", job.mode or Mode.HYBRID)
-        path = convert_to_tflite(src, staging / Path(rel).name, contract=job.contract.value, batch=batch,
-                                 input_chw=run.chw, output_names=job.names)
-        src.unlink()
+        path = conversions.result((job.stem, batch))  # started by _start_conversions
         ops = check_builtin_only(path)
         try:
             runner = LiteRTRunner(path)
@@ -263,7 +279,12 @@ def export(run_dir: str | os.PathLike, cfg: ExportConfig = ExportConfig(), *, da
             jobs.append(_Job(Graph.VICTIM, None, contract, None, None))
 
     entries: dict[str, dict] = {}
-    with run.staging("export", log) as staging:
+    from .tflite_export import BackgroundConversions
+
+    # (the conversions' `with` is the inner one: it waits for them before staging is cleaned up)
+    with run.staging("export", log) as staging, BackgroundConversions() as conversions:
+        if Format.TFLITE in cfg.formats:
+            _start_conversions(jobs, net, staging, run, cfg, conversions)
         for job in jobs:
             module = graph_module(net, job.graph, job.detector, job.contract, job.alpha, run.normalization,
                                   job.mode or Mode.HYBRID)
@@ -282,7 +303,7 @@ def export(run_dir: str | os.PathLike, cfg: ExportConfig = ExportConfig(), *, da
             if Format.ONNX in cfg.formats:
                 entries.update(_export_onnx(job, module, x, ref, common, staging, run, cfg, log))
             if Format.TFLITE in cfg.formats:
-                entries.update(_export_tflite(job, net, x, ref, common, staging, run, cfg, log))
+                entries.update(_export_tflite(job, conversions, x, ref, common, staging, run, cfg, log))
         # every file passed: move into place, then record them in the manifest, with the class names
         # (one per line, in label order) beside the models, for an app that ships them
         classes = run.manifest.get("dataset", {}).get("classes") or [str(i) for i in range(run.num_classes)]

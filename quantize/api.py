@@ -318,17 +318,41 @@ def _int8_rel(fmt: Format, e: ExportEntry, batch: int) -> str:
     return f"export/{stem[:-len(f'-b{batch}.tflite')]}-int8-b{batch}.tflite"
 
 
-def _convert(fmt: Format, e: ExportEntry, out: Path, calib_x: np.ndarray, layout: Layout, cfg: QuantizeConfig,
-             run: RunFolder, sources: _Sources, staging: Path) -> dict:
-    from .onnx_quant import quantize_onnx
+def _layouts(e: ExportEntry, cfg: QuantizeConfig) -> list[Layout]:
+    return [cfg.layout] + ([Layout.NAIVE] if cfg.compare_naive and e.graph is Graph.DAFAR else [])
+
+
+def _layout_path(dst: Path, layout: Layout, cfg: QuantizeConfig) -> Path:
+    return dst if layout is cfg.layout else dst.with_name(f"naive-{dst.name}")
+
+
+def _start_conversions(jobs, cfg: QuantizeConfig, run: RunFolder, imgs: _Images, sources: _Sources, staging: Path,
+                       conversions) -> None:
+    """Every int8 TFLite file's conversion, started now in the background (each a child process;
+    the source ONNX built here, with torch, in this thread); :func:`_convert` waits for each."""
     from .tflite_quant import quantize_tflite
+
+    for fmt, e in jobs:
+        if fmt is not Format.TFLITE:
+            continue
+        dst = staging / Path(_int8_rel(fmt, e, cfg.tflite_batch)).name
+        calib_x = e.contract.from_pixels(imgs.calib_u8)
+        check_calibration(calib_x, e.contract, run.chw)
+        for layout in _layouts(e, cfg):
+            conversions.submit((e.rel, layout), quantize_tflite, sources.get(e, cfg.tflite_batch),
+                               _layout_path(dst, layout, cfg), contract=e.contract.value, batch=cfg.tflite_batch,
+                               input_chw=run.chw, output_names=e.output_names, calib=calib_x, layout=layout,
+                               work_dir=staging)
+
+
+def _convert(fmt: Format, e: ExportEntry, out: Path, calib_x: np.ndarray, layout: Layout, cfg: QuantizeConfig,
+             run: RunFolder, staging: Path, conversions) -> dict:
+    from .onnx_quant import quantize_onnx
 
     if fmt is Format.ONNX:  # the exported float graph itself
         return quantize_onnx(run.path / e.rel, out, calib_x, layout, cfg.activation_type.value, work_dir=staging,
                              weight_bits=cfg.onnx_weights.bits)
-    return quantize_tflite(sources.get(e, cfg.tflite_batch), out, contract=e.contract.value, batch=cfg.tflite_batch,
-                           input_chw=run.chw, output_names=e.output_names, calib=calib_x, layout=layout,
-                           work_dir=staging)
+    return conversions.result((e.rel, layout))  # started by _start_conversions
 
 
 def _evaluate(e: ExportEntry, out: Path, layout: Layout, cfg: QuantizeConfig, run: RunFolder, imgs: _Images,
@@ -371,7 +395,7 @@ def _evaluate(e: ExportEntry, out: Path, layout: Layout, cfg: QuantizeConfig, ru
     return {"validation": rep, "alpha": alpha_q, "thresholds": thresholds}
 
 
-def _quantize_one(fmt: Format, e: ExportEntry, cfg: QuantizeConfig, run: RunFolder, imgs: _Images, sources: _Sources,
+def _quantize_one(fmt: Format, e: ExportEntry, cfg: QuantizeConfig, run: RunFolder, imgs: _Images, conversions,
                   staging: Path, host: dict, scores: dict) -> tuple[str, dict]:
     """Build, recalibrate, check one int8 file in ``staging``; returns its relative path and manifest entry."""
     from .onnx_quant import onnx_layer_errors
@@ -382,11 +406,10 @@ def _quantize_one(fmt: Format, e: ExportEntry, cfg: QuantizeConfig, run: RunFold
     dst = staging / Path(rel).name
     calib_x = e.contract.from_pixels(imgs.calib_u8)
     check_calibration(calib_x, e.contract, run.chw)
-    layouts = [cfg.layout] + ([Layout.NAIVE] if cfg.compare_naive and e.graph is Graph.DAFAR else [])
     built = {}
-    for layout in layouts:
-        out = dst if layout is cfg.layout else staging / f"naive-{dst.name}"
-        built[layout] = (out, _convert(fmt, e, out, calib_x, layout, cfg, run, sources, staging))
+    for layout in _layouts(e, cfg):
+        out = _layout_path(dst, layout, cfg)
+        built[layout] = (out, _convert(fmt, e, out, calib_x, layout, cfg, run, staging, conversions))
     ref_run = _runner(run.path / e.rel)
     f_test = ref_run(e.contract.from_pixels(imgs.test_u8))
     record = {layout: {"info": info, **_evaluate(e, out, layout, cfg, run, imgs, f_test, ref_run, scores, rel)}
@@ -459,14 +482,22 @@ def quantize_run(run_dir: str | os.PathLike, cfg: QuantizeConfig = QuantizeConfi
     imgs = _images(run, cfg, jobs, data_dir, log)
     entries: dict[str, dict] = {}
     scores: dict[str, np.ndarray] = {}
-    with run.staging("quantize", log) as staging:
-        sources = _Sources(run, staging)
-        bar = tqdm(jobs, desc="quantize", unit="model", leave=False)
-        for fmt, e in bar:
+    from dafar.export.tflite_export import BackgroundConversions
+
+    # (the conversions' `with` is the inner one: it waits for them before staging is cleaned up)
+    with run.staging("quantize", log) as staging, BackgroundConversions() as conversions:
+        _start_conversions(jobs, cfg, run, imgs, _Sources(run, staging), staging, conversions)
+        # ONNX files first: their quantization and checks run here while the TFLite conversions
+        # run in the background; the manifest keeps the jobs' order
+        order = sorted(range(len(jobs)), key=lambda i: jobs[i][0] is Format.TFLITE)
+        done: dict[int, tuple[str, dict]] = {}
+        bar = tqdm(order, desc="quantize", unit="model", leave=False)
+        for i in bar:
+            fmt, e = jobs[i]
             bar.set_postfix_str(Path(_int8_rel(fmt, e, cfg.tflite_batch)).name)
-            rel, entry = _quantize_one(fmt, e, cfg, run, imgs, sources, staging, host, scores)
-            entries[rel] = entry
-            log(f"{rel}: {_summary(entry['validation'])}")
+            done[i] = _quantize_one(fmt, e, cfg, run, imgs, conversions, staging, host, scores)
+            log(f"{done[i][0]}: {_summary(done[i][1]['validation'])}")
+        entries.update(done[i] for i in range(len(jobs)))
         # every model passed: everything that can still fail is written to staging first, then
         # moved into place and registered (a failure between the two left files that did not
         # match the manifest)

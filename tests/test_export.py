@@ -339,3 +339,41 @@ def test_builtin_check_rejects_flex_ops(monkeypatch, tmp_path):
     monkeypatch.setattr(tflite_export, "tflite_op_counts", lambda p: {"CONV_2D": 4, "CUSTOM:FlexMaxPoolWithArgmax": 2})
     with pytest.raises(UnsupportedOpError, match="FlexMaxPoolWithArgmax"):
         tflite_export.check_builtin_only(tmp_path / "m.tflite")
+
+
+def test_background_conversions_raise_where_asked_and_cancel_on_exit():
+    """The export and quantize stages start every TFLite conversion up front (child processes, two
+    at a time) and wait for each where its file is checked: a failure surfaces there with its own
+    type, a key is used once, and leaving the block cancels what has not started."""
+    import threading
+
+    from dafar.errors import ExportError
+    from dafar.export.tflite_export import BackgroundConversions
+
+    gate, ran = threading.Event(), []
+
+    def slow(tag):
+        gate.wait(5)
+        ran.append(tag)
+        return tag
+
+    def bad():
+        raise ExportError("conversion of x.onnx failed")
+
+    with BackgroundConversions(workers=1) as conv:
+        conv.submit("bad", bad)
+        with pytest.raises(ExportError, match="x.onnx"):
+            conv.result("bad")
+        conv.submit("a", slow, "a")
+        with pytest.raises(ValueError, match="twice"):
+            conv.submit("a", slow, "again")
+        conv.submit("b", slow, "b")  # queued behind "a" (one worker)
+        gate.set()
+        assert conv.result("a") == "a"
+    assert ran == ["a", "b"]  # leaving the block waited for the queued one
+    gate.clear()
+    with BackgroundConversions(workers=1) as conv:
+        conv.submit("first", slow, "first")
+        conv.submit("never", slow, "never")  # still pending when the block is left: cancelled
+        threading.Timer(0.5, gate.set).start()  # "first" is released only after the exit began
+    assert ran == ["a", "b", "first"]
