@@ -426,13 +426,9 @@ def _decode_images(items: list[tuple[Path, int]], shape: tuple[int, int, int], d
     mode = "L" if c == 1 else "RGB"
     out = np.empty((len(items), h, w, c), dtype=np.uint8)
     labels = np.empty(len(items), dtype=np.int64)
-    try:
-        from tqdm import tqdm
+    from dafar.progress import progress
 
-        it = tqdm(items, desc=desc, unit="img", mininterval=2.0, leave=False)
-    except ImportError:
-        it = items
-    for i, (path, label) in enumerate(it):
+    for i, (path, label) in enumerate(progress(items, desc=desc, unit="img", mininterval=2.0, leave=False)):
         try:
             with Image.open(path) as im:
                 arr = np.asarray(im.convert(mode))

@@ -300,14 +300,10 @@ def _decode_split(items, size, channels, out_path: Path, skip_bad: bool, desc: s
     h, w = size
     arr = np.memmap(out_path, dtype=np.uint8, mode="w+", shape=(len(items), channels, h, w))
     labels, skipped = [], []
-    try:
-        from tqdm.auto import tqdm
+    from dafar.progress import progress
 
-        it = tqdm(items, desc=desc, unit="img", mininterval=2.0, leave=False)
-    except ImportError:
-        it = items
     n = 0
-    for p, label in it:
+    for p, label in progress(items, desc=desc, unit="img", mininterval=2.0, leave=False):
         try:
             img = read_image(p, channels, size)
         except DataCorruptError as exc:

@@ -252,3 +252,22 @@ def test_installed_package_without_vendored_mnist(tmp_path, monkeypatch, vendore
     _copy_mnist(tmp_path / "cache" / "mnist")
     s = load_mnist()
     assert s.fingerprint == vendored.fingerprint and s.source == str(tmp_path / "cache" / "mnist")
+
+
+def test_progress_bars_are_silent_without_tqdm(monkeypatch):
+    """One fallback for every progress bar (image decoding, the benchmark): a device install has no tqdm."""
+    import sys
+
+    from dafar.progress import progress
+
+    from tqdm import tqdm
+
+    assert isinstance(progress([1, 2]), tqdm)  # tqdm is installed here ([test] pulls [train])
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    items = [1, 2, 3]
+    assert progress(items, desc="x", unit="img") is items
+    bar = progress(total=3, desc="latency")
+    bar.update()
+    bar.set_postfix_str("file")
+    bar.close()

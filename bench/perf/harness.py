@@ -295,10 +295,7 @@ def run_bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=p
     victims = {e.pair_key: rel for rel, e in specs.items() if e.graph is Graph.VICTIM}
     defences = [r for r in models if specs[r].graph is Graph.DAFAR]
     lone = [r for r in models if specs[r].graph is Graph.VICTIM]
-    try:  # a progress bar where tqdm is installed; a device install ([onnx-runtime]) has none
-        from tqdm.auto import tqdm
-    except ImportError:
-        tqdm = _no_bar
+    from dafar.progress import progress as tqdm  # silent on a device install ([onnx-runtime]): no tqdm there
 
     groups = []
     for rel in defences:
@@ -581,25 +578,3 @@ def bench(run_dir, cfg: BenchConfig = BenchConfig(), *, data_dir=None, log=print
 
     summary = run_bench(run_dir, cfg, data_dir=data_dir, log=log)
     return BenchResult(Path(run_dir), summary, write_bench_report(run_dir))
-
-
-def _no_bar(iterable=None, *args, **kwargs):
-    """``tqdm(...)`` where tqdm is not installed (``dafar bench --device-only`` on a device install):
-    the iterable itself, or a silent bar."""
-    return iterable if iterable is not None else _NoBar()
-
-
-class _NoBar:
-    """tqdm's bar interface, silent."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix_str(self, s: str = "", refresh: bool = True) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
