@@ -223,8 +223,7 @@ def _start_conversions(jobs: list[_Job], net, staging: Path, run: RunFolder, cfg
                                contract=job.contract.value, batch=batch, input_chw=run.chw, output_names=job.names)
 
 
-def _export_tflite(job: _Job, conversions, x, ref, common, staging: Path, run: RunFolder, cfg: ExportConfig,
-                   log) -> dict:
+def _export_tflite(job: _Job, conversions, x, ref, common, run: RunFolder, cfg: ExportConfig, log) -> dict:
     from dafar.runtime.backends import LiteRTRunner
 
     from .tflite_export import check_builtin_only, min_runtime_version
@@ -303,7 +302,7 @@ def export(run_dir: str | os.PathLike, cfg: ExportConfig = ExportConfig(), *, da
             if Format.ONNX in cfg.formats:
                 entries.update(_export_onnx(job, module, x, ref, common, staging, run, cfg, log))
             if Format.TFLITE in cfg.formats:
-                entries.update(_export_tflite(job, conversions, x, ref, common, staging, run, cfg, log))
+                entries.update(_export_tflite(job, conversions, x, ref, common, run, cfg, log))
         # every file passed: move into place, then record them in the manifest, with the class names
         # (one per line, in label order) beside the models, for an app that ships them
         classes = run.manifest.get("dataset", {}).get("classes") or [str(i) for i in range(run.num_classes)]

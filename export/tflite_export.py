@@ -79,9 +79,6 @@ class BackgroundConversions:
             raise ValueError(f"conversion {key!r} submitted twice")
         self._futures[key] = self._pool.submit(fn, *args, **kwargs)
 
-    def __contains__(self, key) -> bool:
-        return key in self._futures
-
     def result(self, key):
         """Wait for the conversion under ``key``; its return value, or its exception raised here."""
         return self._futures.pop(key).result()

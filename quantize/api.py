@@ -345,14 +345,16 @@ def _start_conversions(jobs, cfg: QuantizeConfig, run: RunFolder, imgs: _Images,
                                work_dir=staging)
 
 
-def _convert(fmt: Format, e: ExportEntry, out: Path, calib_x: np.ndarray, layout: Layout, cfg: QuantizeConfig,
+def _convert(fmt: Format, e: ExportEntry, out: Path, imgs: _Images, layout: Layout, cfg: QuantizeConfig,
              run: RunFolder, staging: Path, conversions) -> dict:
     from .onnx_quant import quantize_onnx
 
-    if fmt is Format.ONNX:  # the exported float graph itself
-        return quantize_onnx(run.path / e.rel, out, calib_x, layout, cfg.activation_type.value, work_dir=staging,
-                             weight_bits=cfg.onnx_weights.bits)
-    return conversions.result((e.rel, layout))  # started by _start_conversions
+    if fmt is Format.TFLITE:
+        return conversions.result((e.rel, layout))  # started (calibration checked) by _start_conversions
+    calib_x = e.contract.from_pixels(imgs.calib_u8)  # the exported float graph itself, quantized here
+    check_calibration(calib_x, e.contract, run.chw)
+    return quantize_onnx(run.path / e.rel, out, calib_x, layout, cfg.activation_type.value, work_dir=staging,
+                         weight_bits=cfg.onnx_weights.bits)
 
 
 def _evaluate(e: ExportEntry, out: Path, layout: Layout, cfg: QuantizeConfig, run: RunFolder, imgs: _Images,
@@ -404,12 +406,10 @@ def _quantize_one(fmt: Format, e: ExportEntry, cfg: QuantizeConfig, run: RunFold
     t0 = time.perf_counter()
     rel = _int8_rel(fmt, e, cfg.tflite_batch)
     dst = staging / Path(rel).name
-    calib_x = e.contract.from_pixels(imgs.calib_u8)
-    check_calibration(calib_x, e.contract, run.chw)
     built = {}
     for layout in _layouts(e, cfg):
         out = _layout_path(dst, layout, cfg)
-        built[layout] = (out, _convert(fmt, e, out, calib_x, layout, cfg, run, staging, conversions))
+        built[layout] = (out, _convert(fmt, e, out, imgs, layout, cfg, run, staging, conversions))
     ref_run = _runner(run.path / e.rel)
     f_test = ref_run(e.contract.from_pixels(imgs.test_u8))
     record = {layout: {"info": info, **_evaluate(e, out, layout, cfg, run, imgs, f_test, ref_run, scores, rel)}
