@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,14 @@ def convert_to_tflite(onnx_path: str | os.PathLike, out_path: str | os.PathLike,
         require_available(mod, "export", "TFLite conversion")
     out_path = Path(out_path)
     with tempfile.TemporaryDirectory(prefix="dafar-tflite-") as work:
-        spec = {"onnx": str(Path(onnx_path).resolve()), "out": str(out_path.resolve()), "work_dir": work,
+        # onnx2tf rewrites its input file in place (onnxsim three times, then op renaming): it gets a
+        # private copy, so the caller's file is never changed and two conversions of one source running
+        # side by side (BackgroundConversions) cannot read each other's half-written file
+        try:
+            src = Path(shutil.copy(onnx_path, Path(work) / "source.onnx"))
+        except OSError as exc:
+            raise ExportError(f"cannot read the ONNX graph to convert, {onnx_path}: {exc}") from exc
+        spec = {"onnx": str(src), "out": str(out_path.resolve()), "work_dir": work,
                 "contract": contract, "batch": int(batch), "input_chw": list(input_chw),
                 "output_names": list(output_names), **(extra or {})}
         spec_path = Path(work) / "spec.json"

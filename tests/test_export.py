@@ -377,3 +377,33 @@ def test_background_conversions_raise_where_asked_and_cancel_on_exit():
         conv.submit("never", slow, "never")  # still pending when the block is left: cancelled
         threading.Timer(0.5, gate.set).start()  # "first" is released only after the exit began
     assert ran == ["a", "b", "first"]
+
+
+def test_conversions_of_one_source_side_by_side_leave_it_untouched(tmp_path):
+    """onnx2tf rewrites its input file in place (onnxsim, op renaming).  ``dafar quantize`` converts
+    a victim's float-NCHW and uint8-NHWC int8 files from one cached source, two at a time: before each
+    conversion got a private copy, one could read the file while the other rewrote it ("Wire format
+    was corrupt", seen in CI).  Here two conversions of one source run side by side; the source must
+    keep its bytes and both files must run on LiteRT with the victim's labels."""
+    pytest.importorskip("onnx2tf")
+    pytest.importorskip("ai_edge_litert")
+    from dafar.export.api import source_onnx
+    from dafar.export.tflite_export import BackgroundConversions, convert_to_tflite
+    from dafar.runtime.backends import LiteRTRunner, OnnxRuntimeRunner
+
+    norm = {"mean": [0.0], "std": [1.0]}
+    src = source_onnx(_net(), "victim", None, None, norm, (1, 28, 28), 1, tmp_path / "src.onnx")
+    before = sha256_file(src)
+    kw = dict(batch=1, input_chw=(1, 28, 28), output_names=("label", "logits"))
+    with BackgroundConversions(workers=2) as conv:
+        for c in ("float-nchw", "uint8-nhwc"):
+            conv.submit(c, convert_to_tflite, src, tmp_path / f"{c}.tflite", contract=c, **kw)
+        paths = {c: conv.result(c) for c in ("float-nchw", "uint8-nhwc")}
+    assert sha256_file(src) == before
+    u8 = np.random.default_rng(0).integers(0, 256, (8, 1, 28, 28), dtype=np.uint8)
+    ref, a, b = OnnxRuntimeRunner(src), LiteRTRunner(paths["float-nchw"]), LiteRTRunner(paths["uint8-nhwc"])
+    for x in np.split(u8, len(u8)):
+        want = ref.run(x.astype(np.float32) / 255)
+        got_f, got_u = a.run(x.astype(np.float32) / 255), b.run(x.transpose(0, 2, 3, 1).copy())
+        assert got_f["label"] == want["label"] == got_u["label"]
+        np.testing.assert_allclose(got_f["logits"], want["logits"], rtol=1e-4, atol=1e-4)

@@ -406,6 +406,49 @@ def test_a_classifier_trained_alone_then_finished_jointly(tmp_path, capsys):
             TrainConfig.for_profile("imagefolder", "quick", **bad)
 
 
+def test_a_narrower_decoder_from_a_joint_runs_encoder(tmp_path, capsys):
+    """--init-from a joint run with --new-decoder: E and F start from its weights, D at another
+    width starts from its initialisation and trains on its own optimizer; without the flag the
+    width change is refused with a message naming it, and the flag needs --init-from."""
+    from safetensors.numpy import load_file
+
+    from dafar.cli import main
+    from dafar.manifest import load_manifest
+
+    root = make_folder(tmp_path / "data", per_class=(40, 8), bad=False)
+    common = ["--dataset", "imagefolder", "--data-dir", str(root), "--width", "0.5", "--batch-size", "32",
+              "--threads", "2", "--quiet", "--no-detector"]
+    parent = tmp_path / "joint"
+    assert main(["train", *common, "--out", str(parent), "--epochs", "2"]) == 0
+    pm = load_manifest(parent)
+    capsys.readouterr()
+    half = ["--init-from", str(parent), "--decoder-width", "0.5", "--epochs", "2", "--optimizer", "sgd", "--lr", "1e-6",
+            "--decoder-optimizer", "adam", "--decoder-lr", "0.01"]
+    assert main(["train", *common, "--out", str(tmp_path / "refused"), *half]) == 2
+    assert "--new-decoder" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    assert main(["train", *common, "--out", str(tmp_path / "lone"), "--new-decoder"]) == 2
+    assert "--init-from" in capsys.readouterr().err
+    out = tmp_path / "half"
+    assert main(["train", *common, "--out", str(out), *half, "--new-decoder"]) == 0
+    m = load_manifest(out)
+    assert m["architecture"]["decoder_width"] == 0.5
+    assert m["architecture"]["params"]["D"] < 0.5 * pm["architecture"]["params"]["D"]
+    src = m["training"]["init_from"]
+    assert src["decoder"] == {"kept": False, "width": 1.0, "feedback_at": "stage2"} and "mode" not in src
+    assert m["training"]["config"]["new_decoder"] is True
+
+    def tensors(run, names):
+        return {t: v for k in names for t, v in load_file(str(run / f"weights/{k}.safetensors")).items()
+                if "running" not in t and "num_batches" not in t}
+
+    a, b = tensors(parent, "EF"), tensors(out, "EF")  # E and F: the parent's, moved by lr 1e-6 only
+    assert a.keys() == b.keys() and max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-3
+    d = tensors(out, "D")
+    assert all(v.shape != load_file(str(parent / "weights/D.safetensors"))[k].shape for k, v in d.items() if v.ndim > 1)
+    report = (out / "report.md").read_text()
+    assert "its width-1 D at stage2 not kept" in report and "4 joint epochs" in report
+
+
 def test_two_optimizers_resume_bit_identically(tmp_path):
     """The pair of optimizers (E/F and D each with its own) goes through a checkpoint and back:
     training continued from it matches training that never stopped."""

@@ -168,6 +168,10 @@ class TrainConfig:
     init_from: str | None = option(None, metavar="RUN_DIR",
                                    help="start from a finished run's E, F, D weights (continue a schedule, or fine-tune "
                                         "a pretrained model materialized with `dafar pretrained NAME --out DIR`)")
+    # A cheaper defence from a trained one: its E and F (shaped by joint training to be reconstructable)
+    # with a new, narrower or earlier D trained jointly from scratch; D's old weights would not fit.
+    new_decoder: bool = option(False, help="with --init-from a run that has a decoder: keep only its E and F and train "
+                                           "a new D from scratch (for another --decoder-width or --feedback-at)")
     # Polyak averaging: the joint and victim-only phases keep an exponential moving average of their
     # weights (per-step decay, 0 = off); the monitor, the best-epoch choice and the saved weights are
     # the average's.  A cheap ensemble over the last ~1/(1-decay) steps that smooths the noise of a
@@ -333,6 +337,13 @@ class TrainConfig:
             if not isinstance(self.init_from, (str, os.PathLike)) or not str(self.init_from).strip():
                 raise ConfigError(f"init_from must be a run folder path, got {self.init_from!r}")
             object.__setattr__(self, "init_from", str(self.init_from))
+        if not isinstance(self.new_decoder, bool):
+            raise ConfigError(f"new_decoder must be true or false, got {self.new_decoder!r}")
+        if self.new_decoder and self.init_from is None:
+            raise ConfigError("new_decoder keeps E and F of the run named by --init-from: pass --init-from RUN_DIR")
+        if self.new_decoder and self.attach_to is not None:
+            raise ConfigError("new_decoder does not apply to a plug-in run (dafar attach trains a new decoder anyway; "
+                              "--init-from there continues an earlier plug-in decoder)")
         if not (math.isfinite(self.recon_weight) and self.recon_weight > 0):
             raise ConfigError(f"recon_weight must be > 0, got {self.recon_weight!r}")
         if not (math.isfinite(self.z) and self.z > 0):

@@ -200,7 +200,9 @@ def training_sections(run_dir: str | Path, m: dict) -> list[str]:
         L += [f"Started from the weights of `{parent['run']}` (manifest {parent['manifest_sha256'][:12]}, "
               f"{parent['epochs_total']} {kind}, {parent['total_seconds']:.0f} s, victim test accuracy "
               f"{_pct(parent.get('victim_test_acc'))}" + ("" if parent.get("same_data") else "; trained on other data")
-              + f"{'; D from its initialisation' if alone else ''}): this model has seen {seen} in all, "
+              + f"{'; D from its initialisation' if alone or parent.get('decoder') else ''}"
+              + (f"; its width-{parent['decoder']['width']:g} D at {parent['decoder']['feedback_at']} not kept"
+                 if parent.get("decoder") else "") + f"): this model has seen {seen} in all, "
               f"{parent['total_seconds'] + timing['total_seconds']:.0f} s of training.", ""]
     L += _kept_lines(timing)
     adv = m["training"].get("adversarial")

@@ -184,7 +184,7 @@ _ADDED_FIELDS = {f: TrainConfig.__dataclass_fields__[f].default
                  for f in ("dropout", "init_from", "ema", "keep_best", "cutout", "arch", "attach_to", "image_size",
                            "channels", "skip_bad_images", "width", "feedback_at", "victim_weights", "victim_mean",
                            "victim_std", "decoder_width", "optimizer", "classifier_only", "label_smoothing",
-                           "decoder_optimizer", "decoder_lr")}
+                           "decoder_optimizer", "decoder_lr", "new_decoder")}
 
 
 def _same_schedule(saved: dict | None, now: dict) -> bool:
@@ -1141,17 +1141,21 @@ def _parent_run(cfg: TrainConfig) -> dict:
     if classifier and cfg.attach_to is not None:
         raise ConfigError(f"--init-from {pdir}: a classifier trained alone has no decoder to continue; attach to it "
                           f"with --victim {pdir} instead")
-    if not classifier and pspec.decoder_width != cfg.decoder_width:  # D's weights would not fit
+    if classifier and cfg.new_decoder:
+        raise ConfigError(f"--init-from {pdir}: a classifier trained alone has no decoder; --new-decoder does not "
+                          f"apply (its D starts from scratch anyway)")
+    fresh = classifier or cfg.new_decoder  # E and F from the parent, D from its initialisation
+    if not fresh and pspec.decoder_width != cfg.decoder_width:  # D's weights would not fit
         raise ConfigError(f"--init-from {pdir}: its decoder has width {pspec.decoder_width:g}, this run trains "
-                          f"width {cfg.decoder_width:g}")
-    if family != cfg.arch_name.value or arch.get("unpool") != cfg.unpool.value:
+                          f"width {cfg.decoder_width:g} (pass --new-decoder to keep only its E and F)")
+    if family != cfg.arch_name.value or (not cfg.new_decoder and arch.get("unpool") != cfg.unpool.value):
         raise ConfigError(f"--init-from {pdir}: its model is {family}/{arch.get('unpool')}, "
                           f"this run trains {cfg.arch_name.value}/{cfg.unpool.value}")
     want = cfg.feedback_at or FEEDBACK_POSITIONS.get(family, (pspec.feedback_at,))[-1]
-    if not classifier and pspec.feedback_at != want:
+    if not fresh and pspec.feedback_at != want:
         raise ConfigError(f"--init-from {pdir}: its decoder reads E at {pspec.feedback_at}, this run feeds back at "
-                          f"{want}")
-    names = ["weights/E.safetensors", "weights/F.safetensors"] + ([] if classifier else ["weights/D.safetensors"])
+                          f"{want} (pass --new-decoder to keep only its E and F)")
+    names = ["weights/E.safetensors", "weights/F.safetensors"] + ([] if fresh else ["weights/D.safetensors"])
     if cfg.train_victim:
         names.append("weights/victim_only.safetensors")
     missing = [n for n in names if n not in man.get("files", {})]
@@ -1173,8 +1177,10 @@ def _parent_run(cfg: TrainConfig) -> dict:
     }
     if classifier:
         record["mode"] = "classifier"
+    elif cfg.new_decoder:  # the parent's D (its width and position) is not carried over
+        record["decoder"] = {"kept": False, "width": pspec.decoder_width, "feedback_at": pspec.feedback_at}
     return {"dir": pdir, "record": record, "fingerprint": man.get("dataset", {}).get("fingerprint_sha256"),
-            "spec": pspec, "has_decoder": not classifier}
+            "spec": pspec, "has_decoder": not fresh}
 
 
 def is_module_ref(source) -> bool:
