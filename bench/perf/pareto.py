@@ -220,7 +220,8 @@ def _judge(points: list[dict], ref_run: str, cfg: ParetoConfig) -> dict:
             if q["decision_agreement"] is not None and q["decision_agreement"] < cfg.min_decision_agreement:
                 why.append(f"int8 reject decisions agree with float on {100 * q['decision_agreement']:.2f}% < "
                            f"{100 * cfg.min_decision_agreement:g}%")
-            if q["worst_detection_change"] is not None and q["worst_detection_change"] < -cfg.max_detection_drop:
+            # rounded: detection rates are counts over n images, and 0.93 - 0.92 is 0.0100000000000000089
+            if q["worst_detection_change"] is not None and round(q["worst_detection_change"], 9) < -cfg.max_detection_drop:
                 why.append(f"int8 detection {100 * q['worst_detection_change']:+.1f} points against float "
                            f"(more than {100 * cfg.max_detection_drop:g})")
         if fl is None or fl["test_fpr"] is None or ref_fpr is None:
