@@ -62,6 +62,9 @@ def test_judge_and_front_on_made_up_points():
         assert not v["cheap|detect"]["meets"] and msg in " ".join(v["cheap|detect"]["why_not"])
     pts[3]["int8_check"] = {"layout": "mixed", "decision_agreement": 0.997, "worst_detection_change": -0.005}
     assert _judge(pts, "ref", ParetoConfig())["cheap|detect"]["meets"]
+    # exactly the allowed 1 point, as quantize measures it (184/200 -> 186/200: 0.92 - 0.93 in floating point)
+    pts[3]["int8_check"] = {"layout": "mixed", "decision_agreement": 0.997, "worst_detection_change": 0.92 - 0.93}
+    assert 0.92 - 0.93 < -0.01 and _judge(pts, "ref", ParetoConfig())["cheap|detect"]["meets"]
 
 
 def test_pareto_times_each_file_against_its_victim(run_clone, tmp_path):
