@@ -28,6 +28,13 @@ class PipelineResult:
     stages: dict = field(default_factory=dict)
 
 
+def trained_with_edge_profile(run: str | os.PathLike) -> bool:
+    """Whether run folder ``run`` was trained with ``--profile edge`` (as its manifest records)."""
+    from dafar.manifest import load_manifest
+
+    return load_manifest(run, verify=False).get("training", {}).get("config", {}).get("profile") == "edge"
+
+
 def pipeline(out: str | os.PathLike, config=None, *, pretrained: str | None = None, data_dir=None,
              resume: bool = False, overwrite: bool = False, download: bool = True, quantize: bool = True,
              bench: bool = True, full: bool = False, mode: Mode | str = Mode.HYBRID, quiet: bool = False,
@@ -41,8 +48,9 @@ def pipeline(out: str | os.PathLike, config=None, *, pretrained: str | None = No
     exports every detector the model has for both input contracts and both modes (five times the
     files and about five times the export, quantize and bench time).  ``mode`` picks the defence
     graph's mode otherwise: ``hybrid`` (the paper's) or ``detect`` (the victim's label; no second
-    E/F pass).  A config of the ``edge`` profile exports detect graphs and quantizes them with the
-    mixed layout (E and D in int8), the configuration that profile was measured as.
+    E/F pass).  A config of the ``edge`` profile (or a pretrained model trained with it) exports
+    detect graphs and quantizes them with the mixed layout (E and D in int8), the configuration that
+    profile was measured as.
 
     ``check_images`` test images (``None``: all) measure the int8 files against float and every
     file's accuracy in the benchmark; with it the int8 detection check uses 100 adversarial images
@@ -77,8 +85,9 @@ def pipeline(out: str | os.PathLike, config=None, *, pretrained: str | None = No
         modes = tuple(Mode)
     else:  # what dafar.runtime.Defence runs when no model is named
         dets, contracts, modes = (Detector.L2,), (InputContract.UINT8_NHWC,), (Mode(mode),)
-    # the edge profile ships what it was measured as: detect graphs, E and D in int8 (mixed layout)
-    edge = not pretrained and getattr(cfg, "profile", None) is not None and cfg.profile.value == "edge"
+    # the edge profile ships what it was measured as: detect graphs, E and D in int8 (mixed layout);
+    # a pretrained model trained with it (cifar10-mobile-edge) ships the same way
+    edge = trained_with_edge_profile(run)
     if edge and not full:
         modes = (Mode.DETECT,)
     log("== export")

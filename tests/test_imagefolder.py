@@ -486,3 +486,41 @@ def test_two_optimizers_resume_bit_identically(tmp_path):
     train(*again, 6, start=4)
     for p, q in zip(ref[0].parameters(), again[0].parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.slow
+def test_the_edge_profile_on_an_image_folder(tmp_path, monkeypatch):
+    """--profile edge on a user's own images: the mobile network with D after its first stage,
+    l2 only; the pipeline ships detect graphs and asks dafar quantize for the mixed layout, whose
+    own checks then run on it (loosened here for a 3-class model trained 2 epochs on 120 images)."""
+    pytest.importorskip("onnx2tf")
+    from dataclasses import replace
+
+    import dafar.quantize as quantize_stage
+    from dafar import pipeline
+    from dafar.manifest import load_manifest
+    from dafar.quantize import Checks
+    from dafar.train.config import TrainConfig
+
+    asked, real = [], quantize_stage.quantize
+
+    def loosened(run, cfg, **kw):
+        asked.append(cfg)
+        return real(run, replace(cfg, attack_images=0, calib_images=64,
+                                 checks=Checks(min_label_agreement=0.8, max_accuracy_drop=0.2,
+                                               min_decision_agreement=0.8, min_score_correlation=0.5)), **kw)
+
+    monkeypatch.setattr(quantize_stage, "quantize", loosened)
+    root = make_folder(tmp_path / "data", per_class=(40, 12), bad=False)
+    cfg = TrainConfig.for_profile("imagefolder", "edge", epochs=2, width=0.5, batch_size=32, threads=2)
+    res = pipeline(tmp_path / "edge", cfg, data_dir=root, bench=False, check_images=None, quiet=True,
+                   log=lambda *a: None)
+    m = load_manifest(res.run_dir)
+    a = m["architecture"]
+    assert (a["family"], a["feedback_at"], a["decoder_width"]) == ("mobile", "stage1", 1.0)
+    assert m["training"]["config"]["profile"] == "edge" and not res.run_dir.joinpath("weights/C.safetensors").exists()
+    assert [c.layout.value for c in asked] == ["mixed"]
+    defence = {rel: e for rel, e in m["exports"].items() if e["graph"] == "dafar"}
+    assert defence and all(e["mode"] == "detect" for e in defence.values())
+    int8 = [e for e in defence.values() if e.get("precision") == "int8"]
+    assert int8 and all(e["layout"] == "mixed" for e in int8)

@@ -51,8 +51,9 @@ def test_installed_package_carries_no_data_or_weights(tmp_path):
     assert not heavy, f"data or weights in the wheel: {heavy[:5]}"
     assert any(n.startswith("dafar/runtime/") for n in names) and wheel.stat().st_size < 2_000_000
     # the repository still has them, for the editable install README's commands make
-    assert (REPO / "core" / "assets" / "mnist").is_dir() and pretrained.available() == ["cifar10", "cifar10-mobile", "cifar10-mobile-sgd",
-                                                                            "mnist"]
+    assert (REPO / "core" / "assets" / "mnist").is_dir() and pretrained.available() == ["cifar10", "cifar10-mobile",
+                                                                            "cifar10-mobile-edge",
+                                                                            "cifar10-mobile-sgd", "mnist"]
 
 
 def test_materialize_errors(tmp_path):
@@ -153,7 +154,7 @@ def test_cifar10_pretrained_reproduces_its_numbers(tmp_path, shared_cifar):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["cifar10-mobile", "cifar10-mobile-sgd"])
+@pytest.mark.parametrize("name", ["cifar10-mobile", "cifar10-mobile-sgd", "cifar10-mobile-edge"])
 def test_cifar10_mobile_pretrained_reproduces_its_numbers(tmp_path, shared_cifar, name):
     """The published mobile networks (trained through the image-folder path on the JPEG q75 tree;
     -sgd: a classifier trained alone, then jointly with D): the same images, checked by their
@@ -175,6 +176,11 @@ def test_cifar10_mobile_pretrained_reproduces_its_numbers(tmp_path, shared_cifar
         prov = m["provenance"]
         assert prov["epochs"]["classifier"] == 55 and prov["epochs"]["joint"] == 8
         assert prov["total_seconds_in_all"] <= 7200 and m["metrics"]["victim_test_acc"] >= 0.87
+    if name == "cifar10-mobile-edge":  # issue 21: the reference's recipe and epochs, D after the first stage
+        ref = pretrained.describe("cifar10-mobile")
+        assert "--profile edge" in m["provenance"]["command"] and m["architecture"]["feedback_at"] == "stage1"
+        assert m["provenance"]["epochs"]["joint"] == ref["provenance"]["epochs"]["joint"] == 30
+        assert m["provenance"]["seed"] == ref["provenance"]["seed"]
     test = RunFolder.open(run).splits(tmp_path / "tree" / "cifar10-jpg").test  # content fingerprint checked
     _check_recorded_scores(run, m, test)
 
@@ -213,3 +219,12 @@ def test_overwrite_keeps_a_user_file_inside_a_run_folder(tmp_path):
     assert (run / "notes.txt").read_text() == "my notes"
     (run / "notes.txt").unlink()
     assert pretrained.materialize("mnist", run, overwrite=True) == run
+
+
+def test_the_pipeline_ships_an_edge_model_the_way_it_was_measured(tmp_path):
+    """`dafar pipeline --pretrained cifar10-mobile-edge` exports detect graphs with the mixed int8
+    layout, as `--profile edge` does when it trains; other published models keep the defaults."""
+    from dafar.workflow import trained_with_edge_profile
+
+    assert trained_with_edge_profile(pretrained.materialize("cifar10-mobile-edge", tmp_path / "edge"))
+    assert not trained_with_edge_profile(pretrained.materialize("cifar10-mobile", tmp_path / "mobile"))

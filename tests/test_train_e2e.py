@@ -620,14 +620,24 @@ def test_a_mask_free_decoder_attaches_exports_and_quantizes(exported_run, tmp_pa
 
 
 def test_edge_profile_and_default_fpr_config():
-    """--profile edge (MNIST): the cheap defence of issue 21 as one flag; default_fpr validated."""
+    """--profile edge: the cheap defence of issue 21 as one flag on each data set; default_fpr validated."""
     from dafar.train.models import Unpool
 
     c = TrainConfig.for_profile("mnist", "edge")
     assert (c.feedback_at, c.decoder_width, c.unpool, c.default_fpr) == ("pool1", 0.5, Unpool.UPSAMPLE, 0.003)
     assert not c.train_victim and c.epochs == 8
-    with pytest.raises(ConfigError, match="edge profile exists for mnist only"):
-        TrainConfig.for_profile("cifar10", "edge")
+    # CIFAR-10 and image folders: the published mobile recipe with D after the first stage, l2 only
+    for ds in ("cifar10", "imagefolder"):
+        c2 = TrainConfig.for_profile(ds, "edge")
+        assert (c2.arch_name.value, c2.feedback_at, c2.decoder_width, c2.unpool) == ("mobile", "stage1", 1.0,
+                                                                                     Unpool.MASK)
+        assert (c2.epochs, c2.optimizer.value, c2.lr, c2.weight_decay) == (30, "adamw", 3e-3, 0.05)
+        assert not c2.detector and not c2.train_victim and c2.z == 2.0
+    assert TrainConfig.for_profile("cifar10", "edge").augment.value == "crop-flip"
+    assert TrainConfig.for_profile("imagefolder", "edge").augment.value == "none"  # a flip can change a class
+    # the position is the mobile network's: another network says which positions it has
+    with pytest.raises(ConfigError, match="feedback_at must be one of pool1, pool2 for the paper-cifar10"):
+        TrainConfig.for_profile("cifar10", "edge", arch="paper-cifar10")
     for bad in (0, 0.5, -0.1, True, "x"):
         with pytest.raises(ConfigError, match="default_fpr"):
             TrainConfig.for_profile("mnist", "quick", default_fpr=bad)

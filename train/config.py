@@ -98,8 +98,10 @@ class TrainConfig:
     skip_bad_images: bool = option(False, help="image folders: skip unreadable images (counted and named in the "
                                                "manifest) instead of stopping at the first")
     profile: Profile = option(Profile.QUICK, help="quick: 1 epoch, no victim-only model; paper: the full schedule; "
-                                                  "edge (MNIST): the cheap defence (D at pool1, half width, no mask, "
-                                                  "0.3% FPR alpha; dafar pipeline ships detect graphs, mixed int8)")
+                                                  "edge: the cheap defence at <= 1.5x the victim's latency (MNIST: D "
+                                                  "at pool1, half width, no mask, 0.3% FPR alpha; CIFAR-10 and image "
+                                                  "folders: the mobile network, D at stage1, 30 AdamW epochs); dafar "
+                                                  "pipeline ships detect graphs, mixed int8")
     epochs: int = option(1, help="joint E+F+D epochs; the victim-only model uses the same schedule")
     batch_size: int = option(128, help="training batch size")
     # Adam without decay left the mobile network at 83.6% on CIFAR-10; decoupled decay (adamw, one
@@ -419,7 +421,7 @@ class TrainConfig:
             key = (DatasetName(dataset), Profile(profile))
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if key not in PROFILES:  # (edge: measured on MNIST only)
+        if key not in PROFILES:
             have = ", ".join(d.value for d, p in PROFILES if p is key[1])
             raise ConfigError(f"the {key[1].value} profile exists for {have} only, not {key[0].value}")
         base = dict(PROFILES[key])
@@ -480,6 +482,14 @@ PROFILES: dict[tuple[DatasetName, Profile], dict] = {
     (DatasetName.MNIST, Profile.EDGE): dict(epochs=8, batch_size=64, lr=2e-3, detector_epochs=8,
                                             train_victim=False, z=3.0, augment=Augment.SHIFT, feedback_at="pool1",
                                             decoder_width=0.5, unpool=Unpool.UPSAMPLE, default_fpr=0.003),
+    # Issue 21's cheap defence on CIFAR-10 (bench/results/pareto-cifar10/mobile-edge/): the mobile
+    # network's published recipe (cifar10-mobile: 30 joint AdamW epochs) with D after the first
+    # residual stage instead of the second, l2 only; `dafar pipeline` ships detect graphs with the
+    # mixed int8 layout (99.7-99.9% of the reject decisions kept on the mobile network, where the
+    # paper's CIFAR-10 network lost 4.6%).
+    (DatasetName.CIFAR10, Profile.EDGE): dict(arch=Arch.MOBILE, epochs=30, batch_size=128, optimizer=Optimizer.ADAMW,
+                                              lr=3e-3, weight_decay=0.05, detector=False, train_victim=False, z=2.0,
+                                              augment=Augment.CROP_FLIP, feedback_at="stage1"),
     (DatasetName.CIFAR10, Profile.QUICK): dict(epochs=2, lr=2e-3, detector_epochs=5, train_victim=False, z=2.0,
                                                augment=Augment.CROP_FLIP, train_limit=10000),
     (DatasetName.CIFAR10, Profile.PAPER): dict(epochs=30, lr=2e-3, detector_epochs=30, train_victim=True, z=2.0,
@@ -488,6 +498,10 @@ PROFILES: dict[tuple[DatasetName, Profile], dict] = {
     # CIFAR-10 threshold rule (z = 2); no augmentation by default (a flip can change a class's meaning)
     (DatasetName.IMAGEFOLDER, Profile.QUICK): dict(epochs=5, batch_size=64, lr=2e-3, detector_epochs=5,
                                                    train_victim=False, z=2.0, val_size=None),
+    # the same for a user's own images (mobile network by default; no augmentation, as above)
+    (DatasetName.IMAGEFOLDER, Profile.EDGE): dict(epochs=30, batch_size=128, optimizer=Optimizer.ADAMW, lr=3e-3,
+                                                  weight_decay=0.05, detector=False, train_victim=False, z=2.0,
+                                                  val_size=None, feedback_at="stage1"),
     (DatasetName.IMAGEFOLDER, Profile.PAPER): dict(epochs=30, batch_size=64, lr=2e-3, detector_epochs=20,
                                                    train_victim=True, z=2.0, val_size=None),
 }
