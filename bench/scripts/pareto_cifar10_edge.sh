@@ -34,21 +34,9 @@ Q=(--format tflite --min-label-agreement 0.98 --quiet "${DATA[@]}")
 [ -f "$OUT/edge/manifest.json" ] || "$D" train --dataset imagefolder "${DATA[@]}" --profile edge --augment crop-flip \
   --val-size 5000 --seed 0 --threads 2 --quiet --out "$OUT/edge"
 runs=() mixed=()
-for r in joint edge; do
-  # the edge model ships as detect graphs (what `dafar pipeline --profile edge` exports); the reference
-  # also as the paper's hybrid graph
-  modes=(--mode hybrid,detect); [ "$r" = edge ] && modes=(--mode detect)
-  grep -q -- 'detect-uint8-nhwc-b1.tflite' "$OUT/$r/manifest.json" || "$D" export "$OUT/$r" "${EXPORT[@]}" "${modes[@]}"
-  [ -f "$OUT/$r/eval/summary.json" ] || "$D" eval "$OUT/$r" "${EV[@]}"
-  # the mixed layout's copy is taken before the precise int8 files exist (one layout per run folder)
-  [ -d "$OUT/$r-mixed" ] || { cp -r "$OUT/$r" "$OUT/$r-mixed.tmp" && mv "$OUT/$r-mixed.tmp" "$OUT/$r-mixed"; }
-  grep -q -- '-int8-b1.tflite' "$OUT/$r/manifest.json" || "$D" quantize "$OUT/$r" "${Q[@]}"
-  runs+=("$OUT/$r")
-  if grep -q -- '-int8-b1.tflite' "$OUT/$r-mixed/manifest.json" \
-     || "$D" quantize "$OUT/$r-mixed" "${Q[@]}" --layout mixed 2> "$OUT/$r-mixed.err"; then
-    mixed+=("$OUT/$r-mixed")
-  else
-    echo "mixed int8 refused for $r: $(tail -n 3 "$OUT/$r-mixed.err")"
-  fi
-done
+. "$REPO/bench/scripts/pareto_cifar10_runs.sh"
+# the edge model ships as detect graphs (what `dafar pipeline --profile edge` exports); the reference
+# also as the paper's hybrid graph
+measure_run joint hybrid,detect
+measure_run edge detect
 "$D" pareto "${runs[@]}" "${mixed[@]}" --out "$OUT/pareto" --input uint8-nhwc --threads 1,2 --runs 300

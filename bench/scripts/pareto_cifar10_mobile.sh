@@ -24,29 +24,17 @@ if [ ! -d "$TREE/train" ]; then
   mkdir -p "$OUT/cifar-tree" && tar xzf "$REPO/../shared/data/cifar10-jpg/cifar10-jpg.tar.gz" -C "$OUT/cifar-tree"
 fi
 DATA=(--data-dir "$TREE")
-EXPORT=(--detector l2 --input uint8-nhwc --mode hybrid,detect --validate 1000 --quiet "${DATA[@]}")
+EXPORT=(--detector l2 --input uint8-nhwc --validate 1000 --quiet "${DATA[@]}")
 EV=(--no-peers --no-adaptive --no-deployed --images 300 --slow-images 20 --eps 2/255,8/255,16/255 --detector l2
     --quiet "${DATA[@]}")
 Q=(--format tflite --min-label-agreement 0.98 --quiet "${DATA[@]}")
 TRAIN=(train --dataset imagefolder "${DATA[@]}" --arch mobile --profile quick --init-from "$OUT/joint" --new-decoder
        --epochs 8 --batch-size 128 --optimizer adamw --lr 3e-4 --weight-decay 0.05 --decoder-optimizer adam
        --decoder-lr 2e-3 --augment crop-flip --no-detector --val-size 5000 --seed 0 --threads 2 --quiet)
-[ -f "$OUT/joint/manifest.json" ] || "$D" export "$OUT/joint" --pretrained cifar10-mobile "${EXPORT[@]}"
+[ -f "$OUT/joint/manifest.json" ] || "$D" export "$OUT/joint" --pretrained cifar10-mobile "${EXPORT[@]}" --mode hybrid,detect
 [ -f "$OUT/half/manifest.json" ] || "$D" "${TRAIN[@]}" --decoder-width 0.5 --out "$OUT/half"
 [ -f "$OUT/stage1/manifest.json" ] || "$D" "${TRAIN[@]}" --feedback-at stage1 --out "$OUT/stage1"
 runs=() mixed=()
-for r in joint half stage1; do
-  grep -q -- 'detect-uint8-nhwc-b1.tflite' "$OUT/$r/manifest.json" || "$D" export "$OUT/$r" "${EXPORT[@]}"
-  [ -f "$OUT/$r/eval/summary.json" ] || "$D" eval "$OUT/$r" "${EV[@]}"
-  # the mixed layout's copy is taken before the precise int8 files exist (one layout per run folder)
-  [ -d "$OUT/$r-mixed" ] || { cp -r "$OUT/$r" "$OUT/$r-mixed.tmp" && mv "$OUT/$r-mixed.tmp" "$OUT/$r-mixed"; }
-  grep -q -- '-int8-b1.tflite' "$OUT/$r/manifest.json" || "$D" quantize "$OUT/$r" "${Q[@]}"
-  runs+=("$OUT/$r")
-  if grep -q -- '-int8-b1.tflite' "$OUT/$r-mixed/manifest.json" \
-     || "$D" quantize "$OUT/$r-mixed" "${Q[@]}" --layout mixed 2> "$OUT/$r-mixed.err"; then
-    mixed+=("$OUT/$r-mixed")
-  else
-    echo "mixed int8 refused for $r: $(tail -n 3 "$OUT/$r-mixed.err")"
-  fi
-done
+. "$REPO/bench/scripts/pareto_cifar10_runs.sh"
+for r in joint half stage1; do measure_run "$r" hybrid,detect; done
 "$D" pareto "${runs[@]}" "${mixed[@]}" --out "$OUT/pareto" --input uint8-nhwc --threads 1,2 --runs 300

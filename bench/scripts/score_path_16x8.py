@@ -25,7 +25,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +35,8 @@ from dafar.quantize.tflite_quant import quantize_tflite
 from dafar.run import RunFolder
 from dafar.runtime.backends import LiteRTRunner
 from dafar.schema import Detector, Graph, InputContract, Mode
-from dafar.threshold import calibrate, rejects
 from dafar.train.loading import load_dafar
+from score_path_common import compare, interleaved_times
 
 CANDIDATES = (("precise", "int8"), ("mixed", "int8"), ("naive", "int16"))
 
@@ -65,7 +64,6 @@ def main(argv=None) -> int:
     ref = LiteRTRunner(run.path / e.rel)
     ft = ref.run(xt)  # float reference decisions at the float alpha
     rule = run.manifest["thresholds"]["l2"]["rules"][e.threshold_rule]
-    params = {"z": rule["z"]} if rule["rule"] == "mean+zstd" else {"target_fpr": rule["target_fpr"]}
     net, _ = load_dafar(run.path, run.manifest)
     results = {"run": str(run.path), "mode": mode.value, "images": int(len(xt)), "candidates": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,31 +75,14 @@ def main(argv=None) -> int:
             quantize_tflite(src, out, contract=c.value, batch=1, input_chw=run.chw, output_names=e.output_names,
                             calib=c.from_pixels(calib), layout=layout, work_dir=work, activations=acts)
             q = LiteRTRunner(out)
-            qv, qt = q.run(xv), q.run(xt)
-            alpha_q = calibrate(qv["score"], rule["rule"], **params).alpha
-            sf, sq = ft["score"].astype(np.float64), qt["score"].astype(np.float64)
-            rf, rq = rejects(sf, e.alpha), rejects(sq, alpha_q)
-            rel = np.abs(sq - sf) / np.maximum(sf, 1e-9)
-            results["candidates"][f"{layout}-{acts}"] = {
-                "decision_agreement": float(np.mean(rf == rq)), "fpr_float": float(rf.mean()),
-                "fpr_quantized": float(rq.mean()), "score_rel_err_median": float(np.median(rel)),
-                "score_rel_err_p99": float(np.quantile(rel, 0.99)), "score_correlation": float(np.corrcoef(sf, sq)[0, 1]),
-                "label_agreement": float(np.mean(ft["label"] == qt["label"])), "file_bytes": out.stat().st_size}
+            results["candidates"][f"{layout}-{acts}"] = {**compare(ft, q.run(xv), q.run(xt), e.alpha, rule),
+                                                         "file_bytes": out.stat().st_size}
             files[f"{layout}-{acts}"] = out
         # latency: every file and the float victim, interleaved, 1 thread, batch 1
         runners = {"float": LiteRTRunner(run.path / e.rel, threads=1),
                    "victim-float": LiteRTRunner(run.path / victim.rel, threads=1),
                    **{k: LiteRTRunner(p, threads=1) for k, p in files.items()}}
-        x1 = xt[:1]
-        times = {k: [] for k in runners}
-        for r in runners.values():
-            for _ in range(20):
-                r.invoke(x1)
-        for _ in range(a.runs):
-            for k, r in runners.items():
-                t0 = time.perf_counter()
-                r.invoke(x1)
-                times[k].append(time.perf_counter() - t0)
+        times = interleaved_times(runners, xt[:1], a.runs)
     med = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
     results["p50_ms"] = med
     for k in results["candidates"]:

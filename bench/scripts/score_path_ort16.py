@@ -26,7 +26,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,7 @@ from dafar.quantize.onnx_quant import quantize_onnx
 from dafar.run import RunFolder
 from dafar.runtime.backends import OnnxRuntimeRunner
 from dafar.schema import Detector, Graph, InputContract, Mode
-from dafar.threshold import calibrate, rejects
+from score_path_common import compare, interleaved_times
 
 CANDIDATES = (("precise", "uint8"), ("mixed", "uint8"), ("mixed", "uint16"), ("naive", "uint16"))
 
@@ -66,7 +65,6 @@ def main(argv=None) -> int:
     xv, xt = c.from_pixels(sp.val.images[:a.images]), c.from_pixels(sp.test.images[:a.images])
     ft = OnnxRuntimeRunner(run.path / e.rel).run(xt)
     rule = run.manifest["thresholds"]["l2"]["rules"][e.threshold_rule]
-    params = {"z": rule["z"]} if rule["rule"] == "mean+zstd" else {"target_fpr": rule["target_fpr"]}
     results = {"run": str(run.path), "images": int(len(xt)), "candidates": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -76,31 +74,14 @@ def main(argv=None) -> int:
             out = work / f"{layout}-{acts}.onnx"
             info = quantize_onnx(run.path / e.rel, out, calib, layout, acts, work_dir=work)
             q = OnnxRuntimeRunner(out)
-            qv, qt = q.run(xv), q.run(xt)
-            alpha_q = calibrate(qv["score"], rule["rule"], **params).alpha
-            sf, sq = ft["score"].astype(np.float64), qt["score"].astype(np.float64)
-            rf, rq = rejects(sf, e.alpha), rejects(sq, alpha_q)
-            rel = np.abs(sq - sf) / np.maximum(sf, 1e-9)
-            results["candidates"][f"{layout}-{acts}"] = {
-                "decision_agreement": float(np.mean(rf == rq)), "fpr_float": float(rf.mean()),
-                "fpr_quantized": float(rq.mean()), "score_rel_err_median": float(np.median(rel)),
-                "score_rel_err_p99": float(np.quantile(rel, 0.99)), "score_correlation": float(np.corrcoef(sf, sq)[0, 1]),
-                "label_agreement": float(np.mean(ft["label"] == qt["label"])), "file_bytes": out.stat().st_size,
-                "float_nodes": info["float_nodes"]}
+            results["candidates"][f"{layout}-{acts}"] = {**compare(ft, q.run(xv), q.run(xt), e.alpha, rule),
+                                                         "file_bytes": out.stat().st_size,
+                                                         "float_nodes": info["float_nodes"]}
             files[f"{layout}-{acts}"] = out
         runners = {"float": OnnxRuntimeRunner(run.path / e.rel, threads=1),
                    "victim-float": OnnxRuntimeRunner(run.path / victim.rel, threads=1),
                    **{k: OnnxRuntimeRunner(p, threads=1) for k, p in files.items()}}
-        x1 = xt[:1]
-        times = {k: [] for k in runners}
-        for r in runners.values():
-            for _ in range(20):
-                r.invoke(x1)
-        for _ in range(a.runs):  # interleaved: a slow spell of the machine hits every file alike
-            for k, r in runners.items():
-                t0 = time.perf_counter()
-                r.invoke(x1)
-                times[k].append(time.perf_counter() - t0)
+        times = interleaved_times(runners, xt[:1], a.runs)
     med = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
     results["p50_ms"] = med
     results["p90_ms"] = {k: 1e3 * float(np.quantile(v, 0.9)) for k, v in times.items()}
