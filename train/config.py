@@ -462,6 +462,10 @@ class TrainConfig:
         return d
 
 
+# the edge profile of the mobile network (CIFAR-10 and image folders): cifar10-mobile's recipe, D at stage1
+_MOBILE_EDGE = dict(epochs=30, batch_size=128, optimizer=Optimizer.ADAMW, lr=3e-3, weight_decay=0.05, detector=False,
+                    train_victim=False, z=2.0, feedback_at="stage1")
+
 PROFILES: dict[tuple[DatasetName, Profile], dict] = {
     # Batch 64: the same seconds per epoch as 128 on this CPU, and more steps per epoch
     # (one quick epoch: 98.68% vs 98.43% test accuracy).  One epoch over 30,000 of the 55,000
@@ -487,9 +491,7 @@ PROFILES: dict[tuple[DatasetName, Profile], dict] = {
     # residual stage instead of the second, l2 only; `dafar pipeline` ships detect graphs with the
     # mixed int8 layout (99.7-99.9% of the reject decisions kept on the mobile network, where the
     # paper's CIFAR-10 network lost 4.6%).
-    (DatasetName.CIFAR10, Profile.EDGE): dict(arch=Arch.MOBILE, epochs=30, batch_size=128, optimizer=Optimizer.ADAMW,
-                                              lr=3e-3, weight_decay=0.05, detector=False, train_victim=False, z=2.0,
-                                              augment=Augment.CROP_FLIP, feedback_at="stage1"),
+    (DatasetName.CIFAR10, Profile.EDGE): dict(_MOBILE_EDGE, arch=Arch.MOBILE, augment=Augment.CROP_FLIP),
     (DatasetName.CIFAR10, Profile.QUICK): dict(epochs=2, lr=2e-3, detector_epochs=5, train_victim=False, z=2.0,
                                                augment=Augment.CROP_FLIP, train_limit=10000),
     (DatasetName.CIFAR10, Profile.PAPER): dict(epochs=30, lr=2e-3, detector_epochs=30, train_victim=True, z=2.0,
@@ -499,9 +501,7 @@ PROFILES: dict[tuple[DatasetName, Profile], dict] = {
     (DatasetName.IMAGEFOLDER, Profile.QUICK): dict(epochs=5, batch_size=64, lr=2e-3, detector_epochs=5,
                                                    train_victim=False, z=2.0, val_size=None),
     # the same for a user's own images (mobile network by default; no augmentation, as above)
-    (DatasetName.IMAGEFOLDER, Profile.EDGE): dict(epochs=30, batch_size=128, optimizer=Optimizer.ADAMW, lr=3e-3,
-                                                  weight_decay=0.05, detector=False, train_victim=False, z=2.0,
-                                                  val_size=None, feedback_at="stage1"),
+    (DatasetName.IMAGEFOLDER, Profile.EDGE): dict(_MOBILE_EDGE, val_size=None),
     (DatasetName.IMAGEFOLDER, Profile.PAPER): dict(epochs=30, batch_size=64, lr=2e-3, detector_epochs=20,
                                                    train_victim=True, z=2.0, val_size=None),
 }
